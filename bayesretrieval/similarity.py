@@ -1,0 +1,308 @@
+"""Moments of the cosine between two Gaussian embeddings (MATH.md sections 3-4).
+
+Side ``x`` (e.g. an image item) is ``N(mu_x, q_x Sigma_x)`` and side ``y`` (e.g. a text
+query) is ``N(mu_y, q_y Sigma_y)``, independent. Every estimator here works from per-side
+scalars, per-pair dot products and per-covariance-pair constants (MATH.md section 4), so
+an index stores a handful of numbers per item and never a ``D x D`` matrix.
+
+Pure torch functions, float64 throughout; no FAISS, no open_clip.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable
+
+import numpy as np
+import torch
+
+from bayesretrieval.posterior.kronecker import KroneckerPosterior
+
+
+class CosineEstimator(str, Enum):
+    """How the mean and variance of ``cos(x, y)`` are approximated."""
+
+    PUBLISHED = "published"
+    """BayesVLM's ProbCosine with diagonal covariances (to reproduce published numbers)."""
+    KRONECKER = "kronecker"
+    """ProbCosine with the full output-side covariance ``Sigma_B``."""
+    DELTA = "delta"
+    """First-order delta method around the means (MATH.md section 3)."""
+    SECOND_ORDER = "second_order"
+    """Default: radial linearisation around ``E|x|^2`` plus the bilinear and curvature terms."""
+
+
+DEFAULT_ESTIMATOR = CosineEstimator.SECOND_ORDER
+
+
+@dataclass(frozen=True)
+class CovarianceConstants:
+    """Traces that the variance needs for one pair of covariances (shared per modality).
+
+    Attributes:
+        trace_x: ``tr Sigma_x``.
+        trace_y: ``tr Sigma_y``.
+        trace_xy: ``tr(Sigma_x Sigma_y)``.
+        trace_xx: ``tr(Sigma_x^2)``.
+        trace_yy: ``tr(Sigma_y^2)``.
+    """
+
+    trace_x: float
+    trace_y: float
+    trace_xy: float
+    trace_xx: float
+    trace_yy: float
+
+    @classmethod
+    def from_covariances(cls, cov_x: torch.Tensor, cov_y: torch.Tensor) -> "CovarianceConstants":
+        """Compute the traces from two ``(D, D)`` covariances."""
+        cov_x, cov_y = cov_x.to(torch.float64), cov_y.to(torch.float64)
+        return cls(
+            trace_x=float(torch.trace(cov_x)),
+            trace_y=float(torch.trace(cov_y)),
+            trace_xy=float((cov_x * cov_y.T).sum()),
+            trace_xx=float((cov_x * cov_x.T).sum()),
+            trace_yy=float((cov_y * cov_y.T).sum()),
+        )
+
+
+@dataclass
+class SideStatistics:
+    """Per-embedding scalars of one side (MATH.md section 4), each shape ``(N,)``.
+
+    Attributes:
+        scale: ``q = a^T A^-1 a``.
+        norm_sq: ``|mu|^2``.
+        own_quad: ``mu^T Sigma_own mu`` with this side's output covariance.
+        other_quad: ``mu^T Sigma_other mu`` with the other side's output covariance.
+    """
+
+    scale: torch.Tensor
+    norm_sq: torch.Tensor
+    own_quad: torch.Tensor
+    other_quad: torch.Tensor
+
+    def expected_norm_sq(self, own_trace: float) -> torch.Tensor:
+        """``E|x|^2 = |mu|^2 + q tr Sigma_own``, shape ``(N,)``."""
+        return self.norm_sq + self.scale * own_trace
+
+
+@dataclass
+class PairTerms:
+    """Per-pair inner products, each shape ``(N, M)`` for N x-side and M y-side embeddings.
+
+    Attributes:
+        dot: ``mu_x . mu_y``.
+        cross_x: ``mu_x^T Sigma_x mu_y``.
+        cross_y: ``mu_x^T Sigma_y mu_y``.
+    """
+
+    dot: torch.Tensor
+    cross_x: torch.Tensor
+    cross_y: torch.Tensor
+
+
+def side_statistics(
+    means: torch.Tensor, scales: torch.Tensor, own_cov: torch.Tensor, other_cov: torch.Tensor
+) -> SideStatistics:
+    """Compute the per-embedding scalars for a batch.
+
+    Args:
+        means: mean embeddings ``mu``, shape ``(N, D)``.
+        scales: ``q`` per embedding, shape ``(N,)``.
+        own_cov: this side's ``Sigma``, shape ``(D, D)``.
+        other_cov: the other side's ``Sigma``, shape ``(D, D)``.
+
+    Returns:
+        The statistics, float64.
+    """
+    means = _float64(means)
+    return SideStatistics(
+        scale=_float64(scales),
+        norm_sq=(means * means).sum(1),
+        own_quad=((means @ _float64(own_cov)) * means).sum(1),
+        other_quad=((means @ _float64(other_cov)) * means).sum(1),
+    )
+
+
+def pair_terms(
+    means_x: torch.Tensor, means_y: torch.Tensor, cov_x: torch.Tensor, cov_y: torch.Tensor
+) -> PairTerms:
+    """Inner products for all ``(N, M)`` pairs: ``mu_x . mu_y``, ``mu_x^T Sigma mu_y``.
+
+    The query side computes ``Sigma_x mu_y`` and ``Sigma_y mu_y`` once, so each pair costs
+    three dot products.
+    """
+    means_x, means_y = _float64(means_x), _float64(means_y)
+    return PairTerms(
+        dot=means_x @ means_y.T,
+        cross_x=means_x @ (means_y @ _float64(cov_x)).T,
+        cross_y=means_x @ (means_y @ _float64(cov_y)).T,
+    )
+
+
+def _quadratic(bb: torch.Tensor, ab: torch.Tensor, aa: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``(b - t a)^T Sigma (b - t a)`` from ``b'Sb``, ``a'Sb``, ``a'Sa``."""
+    return bb - 2 * t * ab + t * t * aa
+
+
+def _moments_probcosine(x, y, pair, const):
+    """Smith et al. ProbCosine (MATH.md section 3) with the covariances given."""
+    rx2 = x.expected_norm_sq(const.trace_x)[:, None]
+    ry2 = y.expected_norm_sq(const.trace_y)[None, :]
+    qx, qy = x.scale[:, None], y.scale[None, :]
+    dot_var = qx * y.other_quad[None, :] + qy * x.other_quad[:, None] + qx * qy * const.trace_xy
+    return pair.dot / torch.sqrt(rx2 * ry2), dot_var / (rx2 * ry2)
+
+
+def _moments_delta(x, y, pair, const):
+    """First-order delta method: ``grad_x = (yhat - c xhat)/|mu_x|`` and its mirror."""
+    nx2, ny2 = x.norm_sq[:, None], y.norm_sq[None, :]
+    cosine = pair.dot / torch.sqrt(nx2 * ny2)
+    var_x = _quadratic(y.other_quad[None, :] / ny2, pair.cross_x / torch.sqrt(nx2 * ny2),
+                       x.own_quad[:, None] / nx2, cosine) * x.scale[:, None] / nx2
+    var_y = _quadratic(x.other_quad[:, None] / nx2, pair.cross_y / torch.sqrt(nx2 * ny2),
+                       y.own_quad[None, :] / ny2, cosine) * y.scale[None, :] / ny2
+    return cosine, var_x + var_y
+
+
+def _moments_second_order(x, y, pair, const):
+    """Radial linearisation around ``E|x|^2`` plus bilinear and curvature terms.
+
+    With ``r_x^2 = E|x|^2``, ``m = mu_x.mu_y / (r_x r_y)`` and
+    ``g_x = (mu_y - (mu_x.mu_y / r_x^2) mu_x) / (r_x r_y)`` (and its mirror ``g_y``)::
+
+        Var[cos] ~= g_x' S_x g_x + g_y' S_y g_y + tr(S_x S_y) / (r_x^2 r_y^2)
+                    + m^2 / 2 * (tr(S_x^2) / r_x^4 + tr(S_y^2) / r_y^4)
+
+    The last term is the variance of the squared norms' fluctuation, which dominates for
+    near-parallel pairs where the gradient vanishes (MATH.md section 3).
+    """
+    rx2 = x.expected_norm_sq(const.trace_x)[:, None]
+    ry2 = y.expected_norm_sq(const.trace_y)[None, :]
+    qx, qy = x.scale[:, None], y.scale[None, :]
+    mean = pair.dot / torch.sqrt(rx2 * ry2)
+    linear_x = qx * _quadratic(y.other_quad[None, :], pair.cross_x, x.own_quad[:, None], pair.dot / rx2)
+    linear_y = qy * _quadratic(x.other_quad[:, None], pair.cross_y, y.own_quad[None, :], pair.dot / ry2)
+    bilinear = qx * qy * const.trace_xy
+    curvature = 0.5 * mean**2 * (qx**2 * const.trace_xx / rx2**2 + qy**2 * const.trace_yy / ry2**2)
+    return mean, (linear_x + linear_y + bilinear) / (rx2 * ry2) + curvature
+
+
+MomentFunction = Callable[[SideStatistics, SideStatistics, PairTerms, CovarianceConstants], tuple]
+
+_ESTIMATORS: dict[CosineEstimator, MomentFunction] = {
+    CosineEstimator.PUBLISHED: _moments_probcosine,
+    CosineEstimator.KRONECKER: _moments_probcosine,
+    CosineEstimator.DELTA: _moments_delta,
+    CosineEstimator.SECOND_ORDER: _moments_second_order,
+}
+
+
+def uses_diagonal_covariance(estimator: CosineEstimator | str) -> bool:
+    """Whether the estimator replaces every ``Sigma`` by its diagonal (``published``)."""
+    return CosineEstimator(estimator) is CosineEstimator.PUBLISHED
+
+
+def cosine_moments_from_statistics(
+    x: SideStatistics,
+    y: SideStatistics,
+    pair: PairTerms,
+    constants: CovarianceConstants,
+    estimator: CosineEstimator | str = DEFAULT_ESTIMATOR,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of ``cos(x_i, y_j)`` for all pairs from stored scalars.
+
+    The caller is responsible for computing statistics with diagonal covariances when
+    ``uses_diagonal_covariance(estimator)``.
+
+    Returns:
+        ``(mean, var)``, each shape ``(N, M)``, float64; ``var`` is clamped at 0.
+    """
+    mean, var = _ESTIMATORS[CosineEstimator(estimator)](x, y, pair, constants)
+    return mean, var.clamp_min(0.0)
+
+
+def cosine_moments(
+    means_x: torch.Tensor,
+    scales_x: torch.Tensor,
+    cov_x: torch.Tensor,
+    means_y: torch.Tensor,
+    scales_y: torch.Tensor,
+    cov_y: torch.Tensor,
+    estimator: CosineEstimator | str = DEFAULT_ESTIMATOR,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of ``cos(x_i, y_j)`` for ``x_i ~ N(mu_i, q_i Sigma_x)`` etc.
+
+    Args:
+        means_x: ``(N, D)`` means of side x.
+        scales_x: ``(N,)`` scales ``q`` of side x.
+        cov_x: ``(D, D)`` shared output covariance of side x.
+        means_y: ``(M, D)`` means of side y.
+        scales_y: ``(M,)`` scales of side y.
+        cov_y: ``(D, D)`` shared output covariance of side y.
+        estimator: a :class:`CosineEstimator` or its name.
+
+    Returns:
+        ``(mean, var)``, each ``(N, M)``, float64.
+    """
+    if uses_diagonal_covariance(estimator):
+        cov_x, cov_y = torch.diag(torch.diagonal(cov_x)), torch.diag(torch.diagonal(cov_y))
+    x = side_statistics(means_x, scales_x, cov_x, cov_y)
+    y = side_statistics(means_y, scales_y, cov_y, cov_x)
+    pair = pair_terms(means_x, means_y, cov_x, cov_y)
+    constants = CovarianceConstants.from_covariances(cov_x, cov_y)
+    return cosine_moments_from_statistics(x, y, pair, constants, estimator)
+
+
+def probabilistic_logits(
+    image_embeds,
+    image_activations,
+    image_posterior: KroneckerPosterior,
+    text_embeds,
+    text_activations,
+    text_posterior: KroneckerPosterior,
+    logit_scale: float = 100.0,
+    estimator: CosineEstimator | str = "published",
+):
+    """Mean and variance of the image-text logits ``s * cos``.
+
+    Args:
+        image_embeds: unnormalised image means ``(N_images, D)``.
+        image_activations: image activations ``(N_images, h_I)``.
+        image_posterior: posterior over the image projection.
+        text_embeds: unnormalised text means ``(N_texts, D)``.
+        text_activations: text activations ``(N_texts, h_T)``.
+        text_posterior: posterior over the text projection.
+        logit_scale: ``s`` (already exponentiated).
+        estimator: a :class:`CosineEstimator` or its name.
+
+    Returns:
+        ``(mean, var)``, each ``(N_images, N_texts)``; numpy arrays for numpy inputs,
+        float64 torch tensors otherwise.
+    """
+    as_numpy = isinstance(image_embeds, np.ndarray)
+    mean, var = cosine_moments(
+        _float64(image_embeds),
+        image_posterior.activation_scale(image_activations),
+        image_posterior.output_cov,
+        _float64(text_embeds),
+        text_posterior.activation_scale(text_activations),
+        text_posterior.output_cov,
+        estimator,
+    )
+    mean, var = mean * logit_scale, var * logit_scale**2
+    return (mean.numpy(), var.numpy()) if as_numpy else (mean, var)
+
+
+def probit_probabilities(logit_mean: torch.Tensor, logit_var: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Probit-approximated softmax ``softmax(mean / sqrt(1 + pi/8 var))`` (MATH.md section 6)."""
+    return torch.softmax(logit_mean / torch.sqrt(1 + math.pi / 8 * logit_var), dim=dim)
+
+
+def _float64(values) -> torch.Tensor:
+    if isinstance(values, np.ndarray):
+        values = torch.from_numpy(values)
+    return values.detach().to(torch.float64)
