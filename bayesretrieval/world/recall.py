@@ -1,0 +1,105 @@
+"""Text-to-image recall on a world, labelled by the world's relevance function.
+
+A query counts as a hit at ``k`` when at least one of its ``k`` best-scored images is
+relevant to it (``relevance_matrix``). With full-caption queries an image's own
+caption is always relevant to it; identical scenes are relevant too, so duplicates do
+not count as misses.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from bayesretrieval.encoders import ClipEncoder
+from bayesretrieval.world.relevance import relevance_matrix
+from bayesretrieval.world.render import images_to_tensor
+from bayesretrieval.world.world import World
+
+DEFAULT_KS = (1, 5, 10)
+
+
+def recall_at_k(
+    scores: np.ndarray, relevant: np.ndarray, ks: Sequence[int] = DEFAULT_KS
+) -> dict[int, float]:
+    """Fraction of queries with a relevant item among their ``k`` best scores.
+
+    Ties are broken by item order (a stable sort of ``-scores``).
+
+    Args:
+        scores: float array ``(nq, nb)``; higher is better.
+        relevant: bool array ``(nq, nb)``.
+        ks: cut-offs, each in ``[1, nb]``.
+
+    Returns:
+        ``{k: recall}`` for every ``k`` in ``ks``.
+
+    Raises:
+        ValueError: on mismatched shapes, bad cut-offs, or a query without any
+            relevant item (its recall would be undefined).
+    """
+    scores = np.asarray(scores)
+    relevant = np.asarray(relevant, dtype=bool)
+    if scores.ndim != 2 or scores.shape != relevant.shape:
+        raise ValueError(
+            f"scores and relevant must both be (nq, nb), got {scores.shape} and {relevant.shape}"
+        )
+    nq, nb = scores.shape
+    for k in ks:
+        if not 1 <= k <= nb:
+            raise ValueError(f"every k must be in [1, nb={nb}], got {k}")
+    empty = np.flatnonzero(~relevant.any(axis=1))
+    if len(empty):
+        raise ValueError(f"{len(empty)} of {nq} queries have no relevant item (first: {empty[0]})")
+    order = np.argsort(-scores, axis=1, kind="stable")
+    hits = np.take_along_axis(relevant, order, axis=1)
+    first_hit = hits.argmax(axis=1)  # rank of the best-ranked relevant item, (nq,)
+    return {int(k): float((first_hit < k).mean()) for k in ks}
+
+
+def similarity_scores(
+    encoder: ClipEncoder, images: np.ndarray, texts: Sequence[str], batch_size: int = 256
+) -> np.ndarray:
+    """Cosine similarity of every text with every image.
+
+    Args:
+        encoder: the model.
+        images: uint8 array ``(nb, H, W, 3)`` at the model's resolution.
+        texts: ``nq`` query texts.
+        batch_size: encoding batch size.
+
+    Returns:
+        float array ``(nq, nb)``.
+    """
+    cfg = encoder.model.visual.preprocess_cfg
+    size = tuple(cfg["size"])
+    if images.shape[1:3] != size:
+        raise ValueError(f"images are {images.shape[1:3]}, model {encoder.identity.model_name!r} takes {size}")
+    pixels = images_to_tensor(images, cfg["mean"], cfg["std"])
+    xb = torch.nn.functional.normalize(encoder.encode_images(pixels, batch_size).embeds, dim=-1)
+    xq = torch.nn.functional.normalize(encoder.encode_texts(list(texts), batch_size).embeds, dim=-1)
+    return (xq @ xb.T).numpy()
+
+
+def world_recall(
+    encoder: ClipEncoder,
+    world: World,
+    queries: Sequence[str] | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+) -> dict[int, float]:
+    """Text-to-image recall on a world.
+
+    Args:
+        encoder: the model.
+        world: images and their scene records.
+        queries: query texts; defaults to the world's own full captions.
+        ks: cut-offs.
+
+    Returns:
+        ``{k: recall}``.
+    """
+    texts = list(world.captions if queries is None else queries)
+    scores = similarity_scores(encoder, world.images, texts)
+    return recall_at_k(scores, relevance_matrix(texts, world.scenes), ks)
