@@ -10,7 +10,11 @@ from typing import Sequence
 
 from bayesretrieval import __version__
 
-COMMAND_MODULES = ("bayesretrieval.commands.demo",)
+COMMAND_MODULES = (
+    "bayesretrieval.commands.demo",
+    "bayesretrieval.commands.make_world",
+    "bayesretrieval.commands.train_clip",
+)
 
 
 class CommandError(Exception):
