@@ -46,3 +46,49 @@ def monte_carlo_cosine(a, chol_x, b, chol_y, num_draws: int, generator: torch.Ge
         total, total_sq, count = total + cos.sum().item(), total_sq + (cos**2).sum().item(), count + size
     mean = total / count
     return mean, math.sqrt(max(total_sq / count - mean**2, 0.0) * count / (count - 1))
+
+
+def bayesvlm_probcosine(image_mean, image_var, text_mean, text_var):
+    """BayesVLM's ProbCosine from diagonal variances (N, D) and (M, D), written elementwise."""
+    image_norm = (image_mean**2).sum(1) + image_var.sum(1)
+    text_norm = (text_mean**2).sum(1) + text_var.sum(1)
+    normaliser = image_norm[:, None] * text_norm[None, :]
+    mean = image_mean @ text_mean.T / torch.sqrt(normaliser)
+    var = (image_mean**2) @ text_var.T + image_var @ (text_mean**2).T + image_var @ text_var.T
+    return mean, var / normaliser
+
+
+def random_spd(dim: int, generator: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    """A random symmetric positive-definite matrix, float64."""
+    m = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+    return scale * (m @ m.T / dim + 0.1 * torch.eye(dim, dtype=torch.float64))
+
+
+def infonce_ggn_autograd(source, targets, logit_scale: float, label: int = 0):
+    """Gauss-Newton matrix of InfoNCE w.r.t. one unnormalised embedding, all by autograd.
+
+    ``G = J_f^T H_l J_f`` with ``f(g) = s * normalize(targets) @ normalize(g)`` the logits,
+    ``J_f`` its Jacobian and ``H_l`` the Hessian of the cross-entropy in the logits.
+    """
+    targets_hat = targets / targets.norm(dim=1, keepdim=True)
+
+    def logits(g):
+        return logit_scale * targets_hat @ (g / g.norm())
+
+    jac = torch.autograd.functional.jacobian(logits, source)
+    label_tensor = torch.tensor([label])
+    loss_hessian = torch.autograd.functional.hessian(
+        lambda z: torch.nn.functional.cross_entropy(z[None], label_tensor), logits(source)
+    )
+    return jac.T @ loss_hessian @ jac
+
+
+def kronecker_log_evidence_dense(A, B, theta_sq_norm: float, prior_precision: float, n: float):
+    """MATH.md section 2 evidence with the dense Kronecker log-determinant (float64)."""
+    eye_a = torch.eye(A.shape[0], dtype=torch.float64)
+    eye_b = torch.eye(B.shape[0], dtype=torch.float64)
+    p_a = math.sqrt(n) * A + math.sqrt(prior_precision) * eye_a
+    p_b = math.sqrt(n) * B + math.sqrt(prior_precision) * eye_b
+    p = A.shape[0] * B.shape[0]
+    logdet = torch.logdet(torch.kron(p_a, p_b))
+    return float(-0.5 * prior_precision * theta_sq_norm + 0.5 * p * math.log(prior_precision) - 0.5 * logdet)
