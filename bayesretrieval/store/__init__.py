@@ -1,0 +1,94 @@
+"""The index directory: an on-disk contract that other tools and later versions read.
+
+Layout (``FORMAT_VERSION = 1``)::
+
+    INDEX_DIR/
+      manifest.json            points at the current version (replaced atomically)
+      versions/<vNNNNNN>/      one immutable, self-contained version per publication
+      work/                    resumable build state (shards); absent after a clean finish
+      .lock                    advisory lock held by a running build
+
+``manifest.json`` is the current version's own ``manifest.json`` (so its ``version`` key
+names the folder). It is replaced with write-temp + fsync + ``os.replace`` after the
+version folder is complete and fsync'd, so a reader always sees a complete version.
+After publishing, all versions except the current and the previous are deleted: a
+reader that opened the previous version keeps working until the next publication.
+
+A version folder holds:
+
+- ``manifest.json``: :class:`~bayesretrieval.store.format.Manifest`: ``format_version``,
+  ``library_version``, ``version``, ``created_at``, ``source_kind`` (``images`` or
+  ``embeddings``), ``source_root``, ``model`` (open_clip name, pretrained tag or checkpoint
+  path, checkpoint sha256), ``posterior`` (source, fingerprint, ``n``/``lambda`` per
+  modality), ``embed_dim``, ``faiss_factory``, ``faiss_metric`` (``inner_product``),
+  ``faiss_vectors`` (``expected_norm_scaled``), ``item_count``, ``skipped_count``,
+  ``next_item_id`` (ids are never reused), ``variance`` (``none``, ``diag`` or
+  ``lowrank:R``), ``traces`` (``trace_image`` = tr Sigma_I, ``trace_text`` = tr Sigma_T),
+  ``stats`` (``max_scale``, ``max_norm_sq``, ``max_quad_image``, ``max_quad_text``,
+  ``max_quad_image_diag``, ``max_quad_text_diag``, ``min_expected_norm``,
+  ``max_variance_trace``; ``None`` when empty) and ``files`` (sha256 per file).
+- ``items.parquet``: one row per item, sorted by ``item_id``: ``item_id`` int64 (explicit,
+  stable per path across rebuilds), ``path`` (POSIX, relative to the indexed folder; for
+  precomputed input the given path or the id as text), ``file_size``, ``mtime_ns``,
+  ``width``, ``height`` (null when unknown), ``embedding`` (fixed_size_list<float32>[D],
+  the unnormalised mean ``mu = a @ P``), the per-item scalars of MATH.md section 4
+  ``scale`` (q = a^T A^-1 a), ``norm_sq`` (|mu|^2), ``quad_image`` (mu^T Sigma_I mu),
+  ``quad_text`` (mu^T Sigma_T mu), ``quad_image_diag`` and ``quad_text_diag`` (the same
+  with diagonal Sigmas, for the ``published`` estimator), all float64; optional
+  ``variance_diag`` (fixed_size_list<float32>[D]) and ``variance_lowrank``
+  (fixed_size_list<float32>[r*D], row-major r x D). The item's embedding covariance is
+  ``q Sigma_I`` (Kronecker posterior) plus, when present, ``L^T L + diag(variance_diag)``
+  with ``L`` the ``r x D`` factor. (For ``--variance diag|lowrank:R`` on images these
+  columns restate the Kronecker covariance: ``diag`` is ``q diag(Sigma_I)``; ``lowrank``
+  is ``sqrt(q)`` times the top-r eigenpairs of Sigma_I with the diagonal remainder in
+  ``variance_diag``; the query engine must then not add ``q Sigma_I`` twice: the
+  manifest's ``source_kind`` says which.) The manifest JSON minus ``files`` is in the
+  Parquet schema metadata under ``bayesretrieval.manifest``.
+- Random-access arrays, same row order (sorted ids), memory-mappable: ``item_ids.npy``
+  (int64 (N,)), ``means.npy`` (float32 (N, D)), ``scalars.npy`` (float64 (N, 6), column
+  order :data:`SCALAR_COLUMNS`), ``path_offsets.npy`` (int64 (N+1,)) + ``paths.utf8``
+  (concatenated UTF-8 paths), and when present ``variance_diag.npy`` (float32 (N, D)) and
+  ``variance_lowrank.npy`` (float32 (N, r, D)).
+- ``index.faiss``: ``faiss.index_factory(D, "IDMap2," + faiss_factory, METRIC_INNER_PRODUCT)``
+  over ``mu / sqrt(|mu|^2 + q tr Sigma_I)`` with ids = ``item_id``, so FAISS's raw top-k
+  is the ranking by expected cosine to an expected-norm-scaled query.
+- ``posterior/``: the :class:`~bayesretrieval.posterior.PosteriorPair` in the project format.
+- ``skipped.parquet``: ``path``, ``reason`` (a
+  :class:`~bayesretrieval.indexing.decode.SkipReason` value), ``detail``, ``file_size``,
+  ``mtime_ns``.
+
+Read with :class:`IndexReader`; write with :func:`write_version`.
+"""
+
+from bayesretrieval.store.format import (
+    FORMAT_VERSION,
+    SCALAR_COLUMNS,
+    Manifest,
+    VarianceKind,
+    VarianceSpec,
+)
+from bayesretrieval.store.reader import FetchedItems, IndexReader
+from bayesretrieval.store.writer import (
+    ItemArrays,
+    VersionInfo,
+    build_faiss_index,
+    default_faiss_factory,
+    expected_norm,
+    write_version,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SCALAR_COLUMNS",
+    "FetchedItems",
+    "IndexReader",
+    "ItemArrays",
+    "Manifest",
+    "VarianceKind",
+    "VarianceSpec",
+    "VersionInfo",
+    "build_faiss_index",
+    "default_faiss_factory",
+    "expected_norm",
+    "write_version",
+]

@@ -1,0 +1,192 @@
+"""Reading an index directory: manifest, posterior, FAISS index and O(k) item fetches."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bayesretrieval.encoders import ModelIdentity, file_sha256
+from bayesretrieval.posterior import PosteriorPair
+from bayesretrieval.store import format as fmt
+from bayesretrieval.store.format import Manifest
+
+
+@dataclass
+class FetchedItems:
+    """Rows of the index for requested ids, in the order asked for.
+
+    Attributes:
+        item_ids: ``(k,)`` int64.
+        means: ``(k, D)`` float32 unnormalised means.
+        scalars: ``(k, 6)`` float64 in :data:`SCALAR_COLUMNS` order.
+        paths: ``k`` paths relative to the indexed root.
+        variance_diag: ``(k, D)`` float32 or ``None``.
+        variance_lowrank: ``(k, r, D)`` float32 or ``None``.
+    """
+
+    item_ids: np.ndarray
+    means: np.ndarray
+    scalars: np.ndarray
+    paths: list
+    variance_diag: np.ndarray | None = None
+    variance_lowrank: np.ndarray | None = None
+
+    def scalar(self, name: str) -> np.ndarray:
+        """One scalar column by name (``"scale"``, ``"quad_text"``, ...), shape ``(k,)``."""
+        if name not in fmt.SCALAR_COLUMNS:
+            raise ValueError(f"unknown scalar {name!r}; expected one of {fmt.SCALAR_COLUMNS}")
+        return self.scalars[:, fmt.SCALAR_COLUMNS.index(name)]
+
+    def scalar_dict(self) -> dict:
+        """All scalar columns as ``{name: (k,) array}``."""
+        return {name: self.scalars[:, i] for i, name in enumerate(fmt.SCALAR_COLUMNS)}
+
+
+class IndexReader:
+    """A consistent, read-only view of one published version of an index directory.
+
+    The version is fixed when the reader opens; a concurrent build publishes a new
+    version next to it and keeps this one (as ``previous``) until the build after that.
+
+    Args:
+        version_dir: a folder under ``INDEX_DIR/versions/``.
+        mmap: memory-map the ``.npy`` arrays (default) instead of loading them.
+
+    Attributes:
+        manifest: the version's :class:`Manifest`.
+        version_dir: the folder read.
+    """
+
+    def __init__(self, version_dir: str | Path, mmap: bool = True):
+        self.version_dir = Path(version_dir)
+        manifest_file = self.version_dir / fmt.MANIFEST_FILE
+        if not manifest_file.is_file():
+            raise FileNotFoundError(f"not an index version folder (no {fmt.MANIFEST_FILE}): {self.version_dir}")
+        self.manifest = Manifest.from_dict(json.loads(manifest_file.read_text()))
+        mode = "r" if mmap else None
+        self.item_ids = np.load(self.version_dir / fmt.ITEM_IDS_FILE, mmap_mode=mode)
+        self.means = np.load(self.version_dir / fmt.MEANS_FILE, mmap_mode=mode)
+        self.scalars = np.load(self.version_dir / fmt.SCALARS_FILE, mmap_mode=mode)
+        self._path_offsets = np.load(self.version_dir / fmt.PATH_OFFSETS_FILE, mmap_mode=mode)
+        paths_file = self.version_dir / fmt.PATHS_FILE
+        self._paths = np.memmap(paths_file, dtype=np.uint8, mode="r") if paths_file.stat().st_size else np.zeros(0, np.uint8)
+        spec = self.manifest.variance_spec
+        self.variance_diag = np.load(self.version_dir / fmt.VARIANCE_DIAG_FILE, mmap_mode=mode) if spec.has_diag else None
+        self.variance_lowrank = (
+            np.load(self.version_dir / fmt.VARIANCE_LOWRANK_FILE, mmap_mode=mode) if spec.has_lowrank else None
+        )
+        if len(self.item_ids) != self.manifest.item_count:
+            raise ValueError(
+                f"{self.version_dir}: manifest says {self.manifest.item_count} items, "
+                f"{fmt.ITEM_IDS_FILE} has {len(self.item_ids)}"
+            )
+
+    @classmethod
+    def open(cls, index_dir: str | Path, mmap: bool = True) -> "IndexReader":
+        """Open the version ``INDEX_DIR/manifest.json`` currently points to.
+
+        Raises:
+            FileNotFoundError: if ``index_dir`` holds no published index.
+            ValueError: if the format version is not the one this library reads.
+        """
+        index_dir = Path(index_dir)
+        manifest_file = index_dir / fmt.MANIFEST_FILE
+        if not manifest_file.is_file():
+            raise FileNotFoundError(f"no index at {index_dir} (missing {fmt.MANIFEST_FILE})")
+        data = json.loads(manifest_file.read_text())
+        Manifest.from_dict(data)
+        return cls(index_dir / fmt.VERSIONS_DIR / data["version"], mmap=mmap)
+
+    def __len__(self) -> int:
+        return int(self.manifest.item_count)
+
+    @property
+    def embed_dim(self) -> int:
+        """``D``."""
+        return int(self.manifest.embed_dim)
+
+    @property
+    def model(self) -> ModelIdentity:
+        """Identity of the encoder the index was built with."""
+        return ModelIdentity.from_dict(self.manifest.model)
+
+    @cached_property
+    def posterior(self) -> PosteriorPair:
+        """The posterior stored with the index (project format)."""
+        return PosteriorPair.load(self.version_dir / fmt.POSTERIOR_DIR)
+
+    @cached_property
+    def faiss_index(self) -> faiss.Index:
+        """The FAISS index (ids are item ids) over expected-norm-scaled means."""
+        return faiss.read_index(str(self.version_dir / fmt.FAISS_FILE))
+
+    @property
+    def trace_image(self) -> float:
+        """``tr Sigma_I`` of the stored posterior."""
+        return float(self.manifest.traces["trace_image"])
+
+    def expected_norm(self, scalars: np.ndarray | None = None) -> np.ndarray:
+        """``sqrt(|mu|^2 + q tr Sigma_I)`` for ``scalars`` ``(k, 6)`` (all items by default)."""
+        scalars = self.scalars if scalars is None else scalars
+        return np.sqrt(scalars[:, 1] + scalars[:, 0] * self.trace_image)
+
+    def positions(self, item_ids) -> np.ndarray:
+        """Row positions of ``item_ids`` ``(k,)`` in the arrays, ``-1`` where absent."""
+        ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
+        if len(self.item_ids) == 0:
+            return np.full(len(ids), -1, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.item_ids, ids), len(self.item_ids) - 1)
+        found = np.asarray(self.item_ids[pos]) == ids
+        return np.where(found, pos, -1)
+
+    def fetch(self, item_ids) -> FetchedItems:
+        """Means, scalars, paths (and variance columns) of ``item_ids`` ``(k,)`` in O(k log N).
+
+        Raises:
+            ValueError: naming the ids that are not in the index (``-1`` included).
+        """
+        ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
+        pos = self.positions(ids)
+        if np.any(pos < 0):
+            missing = ids[pos < 0][:10].tolist()
+            raise ValueError(f"item ids not in index {self.manifest.version}: {missing}")
+        order = np.argsort(pos, kind="stable")
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        sorted_pos = pos[order]
+        gather = lambda a: None if a is None else np.asarray(a[sorted_pos])[inverse]  # noqa: E731
+        paths = [self._path(int(p)) for p in pos]
+        return FetchedItems(
+            ids.copy(), gather(self.means), gather(self.scalars), paths,
+            gather(self.variance_diag), gather(self.variance_lowrank),
+        )
+
+    def _path(self, position: int) -> str:
+        start, stop = int(self._path_offsets[position]), int(self._path_offsets[position + 1])
+        return bytes(self._paths[start:stop]).decode("utf-8")
+
+    def read_items(self, columns: list | None = None, filters=None) -> pa.Table:
+        """Read ``items.parquet`` (all or some columns; pyarrow ``filters`` for metadata filters)."""
+        return pq.read_table(self.version_dir / fmt.ITEMS_FILE, columns=columns, filters=filters)
+
+    def read_skipped(self) -> pa.Table:
+        """The table of skipped inputs: ``path``, ``reason``, ``detail``, ``file_size``, ``mtime_ns``."""
+        return pq.read_table(self.version_dir / fmt.SKIPPED_FILE)
+
+    def verify(self) -> None:
+        """Check every file of the version against the manifest's sha256.
+
+        Raises:
+            ValueError: naming the first file whose checksum differs.
+        """
+        for name, expected in self.manifest.files.items():
+            got = file_sha256(self.version_dir / name)
+            if got != expected:
+                raise ValueError(f"{self.version_dir / name}: sha256 {got}, manifest says {expected}")

@@ -1,0 +1,325 @@
+"""Writing and atomically publishing one immutable version of an index directory."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bayesretrieval import __version__
+from bayesretrieval.encoders import file_sha256
+from bayesretrieval.posterior import PosteriorPair
+from bayesretrieval.store import format as fmt
+from bayesretrieval.store.format import Manifest, VarianceSpec
+
+ROW_GROUP_ROWS = 65536
+FLAT_MAX_ITEMS = 100_000
+IVF_FLAT_MAX_ITEMS = 2_000_000
+
+
+@dataclass
+class ItemArrays:
+    """Columns of the items table, one row per item (any order; the writer sorts by id).
+
+    Attributes:
+        item_ids: ``(N,)`` int64, unique.
+        paths: ``N`` POSIX paths relative to the indexed root (or ids as text).
+        file_size: ``(N,)`` int64, -1 where unknown (stored as null).
+        mtime_ns: ``(N,)`` int64, -1 where unknown (stored as null).
+        width: ``(N,)`` int32, -1 where unknown (stored as null).
+        height: ``(N,)`` int32, -1 where unknown (stored as null).
+        means: ``(N, D)`` float32 unnormalised mean embeddings ``mu = a @ P``.
+        scalars: ``(N, 6)`` float64 in :data:`~bayesretrieval.store.format.SCALAR_COLUMNS` order.
+        variance_diag: ``(N, D)`` float32 or ``None``.
+        variance_lowrank: ``(N, r, D)`` float32 or ``None``.
+    """
+
+    item_ids: np.ndarray
+    paths: list
+    file_size: np.ndarray
+    mtime_ns: np.ndarray
+    width: np.ndarray
+    height: np.ndarray
+    means: np.ndarray
+    scalars: np.ndarray
+    variance_diag: np.ndarray | None = None
+    variance_lowrank: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.item_ids.shape[0])
+
+    def take(self, order: np.ndarray) -> "ItemArrays":
+        """Rows in ``order`` (positions), as a new :class:`ItemArrays`."""
+        pick = lambda a: None if a is None else a[order]  # noqa: E731
+        return ItemArrays(
+            self.item_ids[order], [self.paths[i] for i in order], self.file_size[order],
+            self.mtime_ns[order], self.width[order], self.height[order], self.means[order],
+            self.scalars[order], pick(self.variance_diag), pick(self.variance_lowrank),
+        )
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """What the manifest records besides what the arrays give.
+
+    Attributes:
+        source_kind: ``"images"`` or ``"embeddings"``.
+        source_root: the indexed folder or file.
+        model: :meth:`ModelIdentity.to_dict` of the encoder.
+        variance: the variance columns carried.
+        faiss_factory: factory string, or ``None`` for :func:`default_faiss_factory`.
+        next_item_id: the next unused id (at least ``max(item_ids) + 1``).
+    """
+
+    source_kind: str
+    source_root: str
+    model: dict
+    variance: VarianceSpec
+    faiss_factory: str | None
+    next_item_id: int
+
+
+def default_faiss_factory(num_items: int) -> str:
+    """FAISS factory string by collection size: exact ``Flat`` for small ones, then IVF.
+
+    ``nlist`` is the power of two nearest ``4 sqrt(N)``; above two million items the
+    lists hold 8-bit scalar-quantised vectors (results are reranked from stored means).
+    """
+    if num_items <= FLAT_MAX_ITEMS:
+        return "Flat"
+    nlist = 2 ** round(math.log2(4 * math.sqrt(num_items)))
+    return f"IVF{nlist},Flat" if num_items <= IVF_FLAT_MAX_ITEMS else f"IVF{nlist},SQ8"
+
+
+def expected_norm(scalars: np.ndarray, trace_image: float) -> np.ndarray:
+    """``sqrt(|mu|^2 + q tr Sigma_I)`` per row of a ``(N, 6)`` scalars array (MATH.md s.4)."""
+    return np.sqrt(scalars[:, 1] + scalars[:, 0] * trace_image)
+
+
+def build_faiss_index(vectors: np.ndarray, item_ids: np.ndarray, factory: str) -> faiss.Index:
+    """An inner-product ``IDMap2,<factory>`` index over ``vectors`` ``(N, d)`` with ids."""
+    index = faiss.index_factory(vectors.shape[1], f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if not index.is_trained:
+        if len(vectors) == 0:
+            raise ValueError(f"FAISS factory {factory!r} needs training data, the index is empty")
+        index.train(vectors)
+    if len(vectors):
+        index.add_with_ids(vectors, np.ascontiguousarray(item_ids, dtype=np.int64))
+    return index
+
+
+def write_version(
+    index_dir: str | Path, items: ItemArrays, skipped: pa.Table, posterior: PosteriorPair, info: VersionInfo
+) -> Manifest:
+    """Write a new version folder and publish it as current, atomically.
+
+    The version is written to a hidden staging folder, fsync'd, renamed into
+    ``versions/``, and only then ``manifest.json`` is replaced (write temp + fsync +
+    ``os.replace``). Afterwards every version but the current and the previous one is
+    deleted.
+
+    Returns:
+        The published manifest.
+    """
+    index_dir = Path(index_dir)
+    versions = index_dir / fmt.VERSIONS_DIR
+    versions.mkdir(parents=True, exist_ok=True)
+    previous = _current_version_name(index_dir)
+    name = _next_version_name(previous)
+    items = items.take(np.argsort(items.item_ids, kind="stable"))
+    _check_items(items, posterior, info)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{name}-", dir=versions))
+    try:
+        manifest = _write_staging(staging, name, items, skipped, posterior, info)
+        _fsync_tree(staging)
+        os.replace(staging, versions / name)
+        _fsync_path(versions)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    write_text_atomic(index_dir / fmt.MANIFEST_FILE, manifest.to_json())
+    collect_garbage(index_dir, keep={name, previous})
+    return manifest
+
+
+def _check_items(items: ItemArrays, posterior: PosteriorPair, info: VersionInfo) -> None:
+    n, d = len(items), posterior.image.out_features
+    if items.means.shape != (n, d):
+        raise ValueError(f"means have shape {items.means.shape}, expected ({n}, {d})")
+    if items.scalars.shape != (n, len(fmt.SCALAR_COLUMNS)):
+        raise ValueError(f"scalars have shape {items.scalars.shape}, expected ({n}, 6)")
+    if n and np.any(np.diff(items.item_ids) == 0):
+        raise ValueError("item_ids are not unique")
+    if n and info.next_item_id <= int(items.item_ids[-1]):
+        raise ValueError(f"next_item_id {info.next_item_id} <= largest item id {items.item_ids[-1]}")
+    for label, array, wanted in (
+        ("variance_diag", items.variance_diag, info.variance.has_diag),
+        ("variance_lowrank", items.variance_lowrank, info.variance.has_lowrank),
+    ):
+        if (array is not None) != wanted:
+            raise ValueError(f"variance {info.variance}: {label} is {'present' if array is not None else 'missing'}")
+    if items.variance_lowrank is not None and items.variance_lowrank.shape[1:] != (info.variance.rank, d):
+        raise ValueError(
+            f"variance_lowrank has shape {items.variance_lowrank.shape[1:]} per item, "
+            f"expected ({info.variance.rank}, {d})"
+        )
+
+
+def _write_staging(staging, name, items, skipped, posterior, info) -> Manifest:
+    trace_image = float(posterior.image.output_cov.trace())
+    norms = expected_norm(items.scalars, trace_image)
+    factory = info.faiss_factory or default_faiss_factory(len(items))
+    manifest = Manifest(
+        format_version=fmt.FORMAT_VERSION,
+        library_version=__version__,
+        version=name,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        source_kind=info.source_kind,
+        source_root=info.source_root,
+        model=info.model,
+        posterior=posterior.identity(),
+        embed_dim=int(items.means.shape[1]),
+        faiss_factory=factory,
+        faiss_metric=fmt.FAISS_METRIC,
+        faiss_vectors=fmt.FAISS_VECTORS,
+        item_count=len(items),
+        skipped_count=skipped.num_rows,
+        next_item_id=int(info.next_item_id),
+        variance=str(info.variance),
+        traces={"trace_image": trace_image, "trace_text": float(posterior.text.output_cov.trace())},
+        stats=_collection_stats(items, norms),
+    )
+    _write_items_parquet(staging / fmt.ITEMS_FILE, items, manifest)
+    np.save(staging / fmt.ITEM_IDS_FILE, items.item_ids.astype(np.int64))
+    np.save(staging / fmt.MEANS_FILE, items.means.astype(np.float32))
+    np.save(staging / fmt.SCALARS_FILE, items.scalars.astype(np.float64))
+    encoded = [p.encode("utf-8") for p in items.paths]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+    np.save(staging / fmt.PATH_OFFSETS_FILE, offsets)
+    (staging / fmt.PATHS_FILE).write_bytes(b"".join(encoded))
+    if items.variance_diag is not None:
+        np.save(staging / fmt.VARIANCE_DIAG_FILE, items.variance_diag.astype(np.float32))
+    if items.variance_lowrank is not None:
+        np.save(staging / fmt.VARIANCE_LOWRANK_FILE, items.variance_lowrank.astype(np.float32))
+    vectors = items.means / np.maximum(norms, 1e-30)[:, None]
+    faiss.write_index(build_faiss_index(vectors, items.item_ids, factory), str(staging / fmt.FAISS_FILE))
+    posterior.save(staging / fmt.POSTERIOR_DIR)
+    pq.write_table(skipped.cast(fmt.SKIPPED_SCHEMA), staging / fmt.SKIPPED_FILE)
+    files = {
+        p.relative_to(staging).as_posix(): file_sha256(p)
+        for p in sorted(staging.rglob("*"))
+        if p.is_file()
+    }
+    manifest = Manifest(**{**manifest.to_dict(), "files": files})
+    (staging / fmt.MANIFEST_FILE).write_text(manifest.to_json())
+    return manifest
+
+
+def _collection_stats(items: ItemArrays, norms: np.ndarray) -> dict:
+    empty = len(items) == 0
+    stats = {
+        f"max_{col}": None if empty else float(items.scalars[:, i].max())
+        for i, col in enumerate(fmt.SCALAR_COLUMNS)
+    }
+    stats["min_expected_norm"] = None if empty else float(norms.min())
+    trace = np.zeros(len(items))
+    if items.variance_diag is not None:
+        trace += items.variance_diag.astype(np.float64).sum(1)
+    if items.variance_lowrank is not None:
+        trace += np.square(items.variance_lowrank.astype(np.float64)).sum((1, 2))
+    stats["max_variance_trace"] = None if empty else float(trace.max())
+    return stats
+
+
+def _nullable(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+    return pa.array(values, type=arrow_type, mask=values < 0)
+
+
+def _fixed_list(matrix: np.ndarray) -> pa.Array:
+    width = int(np.prod(matrix.shape[1:]))
+    flat = np.ascontiguousarray(matrix, dtype=np.float32).reshape(len(matrix), width)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), width)
+
+
+def _write_items_parquet(path: Path, items: ItemArrays, manifest: Manifest) -> None:
+    schema = fmt.items_schema(manifest.embed_dim, manifest.variance_spec)
+    schema = schema.with_metadata({fmt.PARQUET_METADATA_KEY: manifest.to_json().encode()})
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, max(len(items), 1), ROW_GROUP_ROWS):
+            rows = slice(start, start + ROW_GROUP_ROWS)
+            columns = [
+                pa.array(items.item_ids[rows], pa.int64()),
+                pa.array(items.paths[rows], pa.string()),
+                _nullable(items.file_size[rows], pa.int64()),
+                _nullable(items.mtime_ns[rows], pa.int64()),
+                _nullable(items.width[rows], pa.int32()),
+                _nullable(items.height[rows], pa.int32()),
+                _fixed_list(items.means[rows]),
+                *[pa.array(items.scalars[rows, i], pa.float64()) for i in range(len(fmt.SCALAR_COLUMNS))],
+            ]
+            if items.variance_diag is not None:
+                columns.append(_fixed_list(items.variance_diag[rows]))
+            if items.variance_lowrank is not None:
+                columns.append(_fixed_list(items.variance_lowrank[rows]))
+            writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+
+
+def _current_version_name(index_dir: Path) -> str | None:
+    manifest = index_dir / fmt.MANIFEST_FILE
+    if not manifest.is_file():
+        return None
+    return json.loads(manifest.read_text()).get("version")
+
+
+def _next_version_name(previous: str | None) -> str:
+    number = int(previous[1:]) + 1 if previous and previous[1:].isdigit() else 1
+    return f"v{number:06d}"
+
+
+def collect_garbage(index_dir: str | Path, keep: set) -> None:
+    """Delete version folders (and leftover staging folders) not named in ``keep``."""
+    versions = Path(index_dir) / fmt.VERSIONS_DIR
+    for entry in versions.iterdir() if versions.is_dir() else ():
+        if entry.name not in keep:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` atomically: temp file in the same folder, fsync, rename."""
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    _fsync_path(path.parent)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True):
+        _fsync_path(path)
+    _fsync_path(root)

@@ -1,0 +1,170 @@
+"""The index directory format: write a version, read it back, publish atomically."""
+
+import json
+
+import faiss
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair
+from bayesretrieval.store import (
+    SCALAR_COLUMNS,
+    IndexReader,
+    ItemArrays,
+    VarianceSpec,
+    VersionInfo,
+    default_faiss_factory,
+    write_version,
+)
+from bayesretrieval.store import format as fmt
+from bayesretrieval.store.format import SKIPPED_SCHEMA
+
+
+def random_spd(dim: int, generator: torch.Generator) -> torch.Tensor:
+    """A random symmetric positive definite ``(dim, dim)`` matrix."""
+    m = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+    return m @ m.T / dim + 0.1 * torch.eye(dim, dtype=torch.float64)
+
+
+def random_posterior(embed_dim: int, image_width: int, text_width: int | None = None, seed: int = 0) -> PosteriorPair:
+    """A small random Kronecker posterior pair for tests (random SPD factors)."""
+    g = torch.Generator().manual_seed(seed)
+    text_width = text_width or image_width
+    image = KroneckerPosterior.from_factors(
+        random_spd(image_width, g), random_spd(embed_dim, g), 10.0, 5.0, "image"
+    )
+    text = KroneckerPosterior.from_factors(random_spd(text_width, g), random_spd(embed_dim, g), 10.0, 5.0, "text")
+    return PosteriorPair(image, text, source="random-test")
+
+
+def random_items(n: int, d: int, seed: int = 0, variance: VarianceSpec = VarianceSpec()) -> ItemArrays:
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(np.arange(10, 10 + 3 * n, 3))[:n].astype(np.int64)
+    return ItemArrays(
+        item_ids=ids,
+        paths=[f"dir é/img {i}.jpg" for i in ids],
+        file_size=rng.integers(1, 1000, n),
+        mtime_ns=rng.integers(1, 10**18, n),
+        width=np.full(n, 64, np.int32),
+        height=np.full(n, -1, np.int32),
+        means=rng.normal(size=(n, d)).astype(np.float32),
+        scalars=np.abs(rng.normal(size=(n, 6))),
+        variance_diag=rng.random((n, d)).astype(np.float32) if variance.has_diag else None,
+        variance_lowrank=rng.normal(size=(n, variance.rank, d)).astype(np.float32) if variance.has_lowrank else None,
+    )
+
+
+def info(variance=VarianceSpec(), next_id=10_000, factory=None) -> VersionInfo:
+    return VersionInfo("images", "/data/images", {"model_name": "bayes-tiny", "pretrained": None,
+                                                   "checkpoint_sha256": None}, variance, factory, next_id)
+
+
+def empty_skipped() -> pa.Table:
+    return SKIPPED_SCHEMA.empty_table()
+
+
+def test_round_trip_with_lowrank(tmp_path):
+    d = 8
+    posterior = random_posterior(d, 6)
+    spec = VarianceSpec.parse("lowrank:2")
+    items = random_items(50, d, variance=spec)
+    skipped = pa.table({"path": ["bad.jpg"], "reason": ["empty_file"], "detail": [""],
+                        "file_size": [0], "mtime_ns": [5]})
+    manifest = write_version(tmp_path, items, skipped, posterior, info(spec))
+    reader = IndexReader.open(tmp_path)
+    reader.verify()
+    assert manifest.version == "v000001" and reader.manifest == manifest
+    assert np.all(np.diff(reader.item_ids) > 0)
+    want = items.item_ids[[3, 0, 3, 17]]
+    got = reader.fetch(want)
+    rows = [int(np.flatnonzero(items.item_ids == i)[0]) for i in want]
+    np.testing.assert_array_equal(got.item_ids, want)
+    np.testing.assert_array_equal(got.means, items.means[rows])
+    np.testing.assert_array_equal(got.scalars, items.scalars[rows])
+    np.testing.assert_array_equal(got.variance_lowrank, items.variance_lowrank[rows])
+    np.testing.assert_array_equal(got.variance_diag, items.variance_diag[rows])
+    assert got.paths == [items.paths[r] for r in rows]
+    np.testing.assert_array_equal(got.scalar("quad_text"), items.scalars[rows, 3])
+    with pytest.raises(ValueError, match=r"not in index v000001: \[-1\]"):
+        reader.fetch([want[0], -1])
+    assert reader.read_skipped().to_pylist()[0]["reason"] == "empty_file"
+    assert reader.posterior.fingerprint == posterior.fingerprint
+
+
+def test_parquet_and_faiss_open_with_standard_tools(tmp_path):
+    d = 8
+    posterior = random_posterior(d, 6)
+    items = random_items(30, d)
+    write_version(tmp_path, items, empty_skipped(), posterior, info())
+    reader = IndexReader.open(tmp_path)
+    frame = pd.read_parquet(reader.version_dir / "items.parquet")
+    assert list(frame.columns[:7]) == ["item_id", "path", "file_size", "mtime_ns", "width", "height", "embedding"]
+    assert set(SCALAR_COLUMNS) <= set(frame.columns)
+    assert frame["height"].isna().all() and frame["item_id"].is_monotonic_increasing
+    meta = pq.read_schema(reader.version_dir / "items.parquet").metadata[fmt.PARQUET_METADATA_KEY]
+    assert json.loads(meta)["embed_dim"] == d
+    index = faiss.read_index(str(reader.version_dir / "index.faiss"))
+    assert index.ntotal == 30 and index.metric_type == faiss.METRIC_INNER_PRODUCT
+    # FAISS top-k is the ranking by mu . y / E-norm: compare with brute force.
+    query = np.random.default_rng(1).normal(size=(1, d)).astype(np.float32)
+    _, ids = index.search(query, 5)
+    trace = float(posterior.image.output_cov.trace())
+    enorm = np.sqrt(items.scalars[:, 1] + items.scalars[:, 0] * trace)
+    brute = items.item_ids[np.argsort(-(items.means @ query[0]) / enorm)[:5]]
+    np.testing.assert_array_equal(ids[0], brute)
+    assert reader.manifest.stats["min_expected_norm"] == pytest.approx(enorm.min())
+    assert reader.manifest.stats["max_quad_text"] == pytest.approx(items.scalars[:, 3].max())
+
+
+def test_publish_keeps_previous_version_readable(tmp_path):
+    d = 8
+    posterior = random_posterior(d, 6)
+    write_version(tmp_path, random_items(5, d, seed=1), empty_skipped(), posterior, info())
+    old = IndexReader.open(tmp_path)
+    old_means = np.array(old.means)
+    write_version(tmp_path, random_items(7, d, seed=2), empty_skipped(), posterior, info())
+    assert len(IndexReader.open(tmp_path)) == 7
+    np.testing.assert_array_equal(old.fetch(old.item_ids[:2]).means, old_means[:2])
+    assert old.read_items(columns=["item_id"]).num_rows == 5
+    write_version(tmp_path, random_items(9, d, seed=3), empty_skipped(), posterior, info())
+    assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == ["v000002", "v000003"]
+
+
+def test_empty_index_and_errors(tmp_path):
+    d = 8
+    posterior = random_posterior(d, 6)
+    write_version(tmp_path, random_items(0, d), empty_skipped(), posterior, info())
+    reader = IndexReader.open(tmp_path)
+    assert len(reader) == 0 and reader.faiss_index.ntotal == 0
+    assert reader.manifest.stats["max_scale"] is None
+    with pytest.raises(ValueError, match=r"means have shape \(4, 5\), expected \(4, 8\)"):
+        items = random_items(4, 5)
+        write_version(tmp_path, items, empty_skipped(), posterior, info())
+    with pytest.raises(ValueError, match="variance diag: variance_diag is missing"):
+        write_version(tmp_path, random_items(4, d), empty_skipped(), posterior, info(VarianceSpec.parse("diag")))
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    data["format_version"] = 99
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="index format version 99, this library reads version 1"):
+        IndexReader.open(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["diag", "none", "lowrank:3"])
+def test_variance_spec_round_trip(text):
+    assert str(VarianceSpec.parse(text)) == text
+
+
+@pytest.mark.parametrize("text", ["lowrank", "lowrank:0", "diag:2", "full"])
+def test_variance_spec_rejects(text):
+    with pytest.raises(ValueError, match=repr(text)):
+        VarianceSpec.parse(text)
+
+
+def test_default_factory_by_size():
+    assert default_faiss_factory(1000) == "Flat"
+    assert default_faiss_factory(10**6).startswith("IVF") and default_faiss_factory(10**6).endswith(",Flat")
+    assert default_faiss_factory(10**7).endswith(",SQ8")
