@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "bayesretrieval.commands.demo",
     "bayesretrieval.commands.make_world",
     "bayesretrieval.commands.train_clip",
+    "bayesretrieval.commands.fit_posterior",
 )
 
 

@@ -1,0 +1,147 @@
+"""``bayesretrieval fit-posterior``: estimate the Laplace posterior of an open_clip model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bayesretrieval.cli import CommandError
+from bayesretrieval.encoders import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipEncoder
+from bayesretrieval.posterior.curvature import DEFAULT_SOURCE_BATCH
+from bayesretrieval.posterior.fit import DEFAULT_CHUNK_SIZE, PosteriorFitter, encode_pairs
+from bayesretrieval.posterior.pairs import PairReader
+from bayesretrieval.posterior.prior import PriorObjective
+
+DESCRIPTION = """\
+Fit the Kronecker-factored Laplace posterior over CLIP's two projections (MATH.md
+section 2) on your own image-caption pairs, and write it in the project format
+(--output) and optionally in BayesVLM's directory format (--bayesvlm-output).
+
+Pairs are a CSV/TSV/Parquet table with an image-path and a caption column (relative
+paths are taken from the table's folder) or a folder of images with a .txt caption
+beside each (img2dataset's layout). Missing or unreadable images are skipped and
+counted. Pairs are used in chunks of --chunk-size (the InfoNCE classes); the pairs after
+the last full chunk are left out. Encoding and curvature can run separately:
+--save-encoded FILE.parquet [--encode-only], then --encoded FILE.parquet."""
+
+
+def _one_or_pair(values: list[float] | None, name: str):
+    if values is None or len(values) == 1:
+        return values[0] if values else None
+    if len(values) == 2:
+        return tuple(values)
+    raise CommandError(f"{name} takes one value or two (image, text), got {len(values)}")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``fit-posterior`` subcommand."""
+    parser = subparsers.add_parser(
+        "fit-posterior",
+        help="fit the Laplace posterior of an open_clip model on image-caption pairs",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--pairs", type=Path, help="pairs table (.csv/.tsv/.parquet) or folder")
+    inputs.add_argument("--encoded", type=Path, help="encoded-pairs Parquet from --save-encoded")
+    parser.add_argument("-o", "--output", type=Path, help="posterior directory (project format)")
+    parser.add_argument("--bayesvlm-output", type=Path, help="also write BayesVLM's directory layout")
+    parser.add_argument("--save-encoded", type=Path, help="write activations and embeddings (Parquet)")
+    parser.add_argument("--encode-only", action="store_true", help="only encode (needs --save-encoded)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip architecture")
+    parser.add_argument(
+        "--pretrained",
+        default=DEFAULT_PRETRAINED,
+        help="open_clip tag or checkpoint path; 'none' for random weights",
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="pairs per chunk (C)")
+    parser.add_argument(
+        "--pseudo-data-count", "-n", type=float, nargs="+", default=[1.0], help="n (one, or image text)"
+    )
+    parser.add_argument(
+        "--prior-precision",
+        "--lambda",
+        type=float,
+        nargs="+",
+        help="lambda (one, or image text); default: type-II maximum likelihood",
+    )
+    parser.add_argument(
+        "--objective",
+        choices=[o.value for o in PriorObjective],
+        default=PriorObjective.KRONECKER.value,
+        help="evidence maximised for lambda",
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="pairs encoded per batch")
+    parser.add_argument("--workers", type=int, default=2, help="image-decoding threads")
+    parser.add_argument("--source-batch", type=int, default=DEFAULT_SOURCE_BATCH)
+    parser.add_argument("--image-column", help="image-path column of a table")
+    parser.add_argument("--caption-column", help="caption column of a table")
+    parser.add_argument("--separator", help="CSV separator (default: tab for .tsv, else comma)")
+    parser.add_argument("--force", action="store_true", help="replace existing outputs")
+    parser.set_defaults(run=run)
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    if args.encode_only:
+        if args.pairs is None or args.save_encoded is None:
+            raise CommandError("--encode-only needs --pairs and --save-encoded")
+    elif args.output is None:
+        raise CommandError("--output is required (or --encode-only with --save-encoded)")
+    if args.encoded is not None and args.save_encoded is not None:
+        raise CommandError("--save-encoded needs --pairs, not --encoded")
+    outputs = [p for p in (args.output, args.bayesvlm_output, args.save_encoded) if p is not None]
+    if len({p.resolve() for p in outputs}) != len(outputs):
+        raise CommandError("--output, --bayesvlm-output and --save-encoded must be different paths")
+    existing = [str(p) for p in outputs if p.exists()]
+    if existing and not args.force:
+        raise CommandError(f"{', '.join(existing)} already exists; pass --force to replace")
+
+
+def _skip_summary(counts: dict[str, int]) -> str:
+    parts = [f"{count} {reason.replace('_', ' ')}" for reason, count in counts.items() if count]
+    return f"skipped {', '.join(parts)}" if parts else "nothing skipped"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``fit-posterior``."""
+    _check_outputs(args)
+    reader = None
+    if args.pairs is not None:
+        reader = PairReader(args.pairs, args.image_column, args.caption_column, args.separator)
+    encoder = None
+    if reader is not None:
+        pretrained = None if args.pretrained.lower() == "none" else args.pretrained
+        encoder = ClipEncoder.from_pretrained(args.model, pretrained, device=args.device)
+    if args.encode_only:
+        encode_pairs(encoder, reader, args.save_encoded, args.batch_size, args.workers, progress_bar=True)
+        print(f"wrote {args.save_encoded} (encoded pairs); {_skip_summary(reader.skip_counts())}")
+        return 0
+    fitter = PosteriorFitter(
+        chunk_size=args.chunk_size,
+        pseudo_data_count=_one_or_pair(args.pseudo_data_count, "--pseudo-data-count"),
+        prior_precision=_one_or_pair(args.prior_precision, "--prior-precision"),
+        objective=args.objective,
+        source_batch=args.source_batch,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        progress_bar=True,
+    )
+    if reader is not None:
+        fitter.fit(encoder, reader, encoded_out=args.save_encoded)
+    else:
+        fitter.fit_encoded(args.encoded)
+    fitter.save(args.output, args.bayesvlm_output)
+    lam_image, lam_text = fitter.prior_precision_
+    print(
+        f"fitted on {fitter.num_pairs_} pairs in chunks of {args.chunk_size} "
+        f"({fitter.num_dropped_} after the last full chunk left out; {_skip_summary(fitter.skip_counts_)})"
+    )
+    print(f"lambda image {lam_image:.6g}, text {lam_text:.6g}")
+    written = [f"{args.output} (project format)"]
+    if args.bayesvlm_output is not None:
+        written.append(f"{args.bayesvlm_output} (BayesVLM format)")
+    if args.save_encoded is not None:
+        written.append(f"{args.save_encoded} (encoded pairs)")
+    print(f"wrote {', '.join(written)}")
+    return 0
