@@ -164,8 +164,10 @@ def optimize_prior_precision(
     best = int(np.argmin([loss(x) for x in grid]))
     if best in (0, GRID_POINTS - 1):
         raise ValueError(
-            f"{objective.value} objective is optimal at the search bound lambda = "
-            f"{math.exp(grid[best]):.4g}; widen log10_bounds {log10_bounds}"
+            f"{objective.value} objective has no optimum inside log10_bounds {log10_bounds} "
+            f"(best at the bound lambda = {math.exp(grid[best]):.4g}); rank-deficient factors "
+            "(fewer pairs than the activation width) can cause this: fit on more pairs, "
+            "widen the bounds, or give lambda explicitly"
         )
     result = minimize_scalar(
         loss, bounds=(grid[best - 1], grid[best + 1]), method="bounded", options={"xatol": 1e-10}
