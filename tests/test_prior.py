@@ -80,7 +80,7 @@ def test_bad_inputs_are_errors():
     spectrum = FactorSpectrum.from_factors(_random_factor(3, 4), _random_factor(3, 5), 1.0)
     with pytest.raises(ValueError, match="pseudo_data_count must be positive, got 0"):
         optimize_prior_precision(spectrum, 0)
-    with pytest.raises(ValueError, match="search bound"):
+    with pytest.raises(ValueError, match="no optimum inside log10_bounds"):
         optimize_prior_precision(spectrum, 1.0, log10_bounds=(-4.0, -3.0))
     with pytest.raises(ValueError, match="'nope' is not a valid PriorObjective"):
         optimize_prior_precision(spectrum, 1.0, "nope")
