@@ -36,13 +36,15 @@ A version folder holds:
   ``quad_text`` (mu^T Sigma_T mu), ``quad_image_diag`` and ``quad_text_diag`` (the same
   with diagonal Sigmas, for the ``published`` estimator), all float64; optional
   ``variance_diag`` (fixed_size_list<float32>[D]) and ``variance_lowrank``
-  (fixed_size_list<float32>[r*D], row-major r x D). The item's embedding covariance is
-  ``q Sigma_I`` (Kronecker posterior) plus, when present, ``L^T L + diag(variance_diag)``
-  with ``L`` the ``r x D`` factor. (For ``--variance diag|lowrank:R`` on images these
-  columns restate the Kronecker covariance: ``diag`` is ``q diag(Sigma_I)``; ``lowrank``
-  is ``sqrt(q)`` times the top-r eigenpairs of Sigma_I with the diagonal remainder in
-  ``variance_diag``; the query engine must then not add ``q Sigma_I`` twice: the
-  manifest's ``source_kind`` says which.) The manifest JSON minus ``files`` is in the
+  (fixed_size_list<float32>[r*D], row-major r x D). When present these columns are a
+  complete, alternative description of the item's embedding covariance,
+  ``L^T L + diag(variance_diag)`` with ``L`` the ``r x D`` factor (``variance_diag`` is all
+  zeros when only a factor was given); they are never added to ``q Sigma_I``. For images
+  built with ``--variance diag`` they hold ``q diag(Sigma_I)``; with ``lowrank:R``, ``L`` is
+  ``sqrt(q)`` times the top-R eigenpairs ``sqrt(lambda_j) v_j`` of Sigma_I and
+  ``variance_diag`` the diagonal remainder. Precomputed embeddings from another
+  probabilistic model carry their own, with ``scale`` 0 unless the input gave ``scale`` or
+  ``activation``. The manifest JSON minus ``files`` is in the
   Parquet schema metadata under ``bayesretrieval.manifest``.
 - Random-access arrays, same row order (sorted ids), memory-mappable: ``item_ids.npy``
   (int64 (N,)), ``means.npy`` (float32 (N, D)), ``scalars.npy`` (float64 (N, 6), column

@@ -1,0 +1,247 @@
+"""The build-index job: walk, plan, decode + encode in resumable shards, publish a version."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bayesretrieval.encoders import ClipEncoder
+from bayesretrieval.indexing.assemble import concat_items, items_from_previous, items_from_results, skipped_table
+from bayesretrieval.indexing.decode import DEFAULT_MAX_PIXELS
+from bayesretrieval.indexing.encode import DecodeDataset, draft_size_for, encode_samples, image_loader
+from bayesretrieval.indexing.existing import index_lock, previous_items
+from bayesretrieval.indexing.plan import BuildPlan, PreviousItems, plan_build
+from bayesretrieval.indexing.scalars import ScalarComputer
+from bayesretrieval.indexing.sources import walk_images
+from bayesretrieval.indexing.work import WorkFolder, result_schema
+from bayesretrieval.posterior import PosteriorPair
+from bayesretrieval.store import IndexReader, Manifest, VarianceSpec, VersionInfo, write_version
+from bayesretrieval.store.format import FORMAT_VERSION
+
+
+def default_workers() -> int:
+    """Loader processes: one per spare core, at most 8 (0 means decode in the main process)."""
+    return min(8, max(1, (os.cpu_count() or 2) - 1))
+
+
+@dataclass
+class BuildConfig:
+    """Knobs of a build.
+
+    Attributes:
+        batch_size: images per encoder call.
+        workers: decoding processes (``None``: :func:`default_workers`; 0: in-process).
+        faiss_factory: FAISS factory string, ``None`` for a size-based default.
+        variance: optional variance columns: ``"none"``, ``"diag"`` or ``"lowrank:R"``.
+        rebuild: re-encode everything and replace an index made with other settings.
+        max_pixels: images with more pixels are skipped as ``too_large``.
+        shard_batches: batches per durable shard (the work a crash can lose).
+    """
+
+    batch_size: int = 64
+    workers: int | None = None
+    faiss_factory: str | None = None
+    variance: VarianceSpec | str = "none"
+    rebuild: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    shard_batches: int = 8
+
+    def __post_init__(self):
+        self.variance = VarianceSpec.parse(self.variance)
+        for name in ("batch_size", "shard_batches", "max_pixels"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class BuildProgress:
+    """Reported after every batch.
+
+    Attributes:
+        done: files of this build's work list finished (including resumed ones).
+        total: files in this build's work list.
+        skipped: of ``done``, how many were skipped.
+    """
+
+    done: int
+    total: int
+    skipped: int
+
+
+@dataclass
+class BuildReport:
+    """What a build did.
+
+    Attributes:
+        manifest: the manifest of the index now current.
+        published: whether a new version was published (``False`` when nothing changed).
+        encoded: files decoded and encoded by this run.
+        resumed: files taken from the shards of an interrupted earlier run.
+        reused: unchanged items carried over from the previous version.
+        removed: previous items whose files are gone.
+        skipped: skipped inputs of the current index, by reason.
+        seconds: wall time.
+    """
+
+    manifest: Manifest
+    published: bool
+    encoded: int
+    resumed: int
+    reused: int
+    removed: int
+    skipped: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def indexed(self) -> int:
+        """Items in the current index."""
+        return int(self.manifest.item_count)
+
+
+def build_index(
+    image_dir: str | Path,
+    index_dir: str | Path,
+    encoder: ClipEncoder,
+    posterior: PosteriorPair,
+    config: BuildConfig | None = None,
+    on_progress: Callable[[BuildProgress], None] | None = None,
+) -> BuildReport:
+    """Index the images under ``image_dir`` into ``index_dir`` (create or update).
+
+    Unchanged files (same path, size and mtime) keep their rows and ids; new and changed
+    files are encoded; deleted ones are dropped. Encoded batches go to durable shards in
+    ``INDEX_DIR/work`` first, so a killed build resumes where it stopped, and the new
+    version is published atomically (see :mod:`bayesretrieval.store`).
+
+    Args:
+        image_dir: folder of images (walked recursively).
+        index_dir: the index directory (created if missing).
+        encoder: the CLIP encoder.
+        posterior: the posterior pair for the encoder's projections.
+        config: build settings.
+        on_progress: called after every batch.
+
+    Returns:
+        The :class:`BuildReport`.
+
+    Raises:
+        IndexMismatchError: the existing index was made differently (unless ``rebuild``).
+        IndexBusyError: another build holds the lock.
+        ValueError: the posterior does not fit the encoder.
+    """
+    config = config or BuildConfig()
+    started = time.perf_counter()
+    image_dir, index_dir = Path(image_dir), Path(index_dir)
+    posterior.check_encoder(encoder)
+    files, problems = walk_images(image_dir)
+    with index_lock(index_dir):
+        previous = previous_items(index_dir, encoder.identity, posterior, config.variance, "images", config.rebuild)
+        plan = plan_build(files, previous, reuse_items=not config.rebuild)
+        walk_skips = [{"path": p.path, "reason": p.reason, "detail": p.detail} for p in problems]
+        if not config.rebuild and _unchanged(previous, plan, walk_skips, config):
+            manifest = previous.reader.manifest
+            return BuildReport(manifest, False, 0, 0, len(plan.keep_positions), 0,
+                               _count_reasons(previous.skipped), time.perf_counter() - started)
+        computer = ScalarComputer(posterior, config.variance)
+        schema = result_schema(computer.embed_dim, config.variance)
+        work = WorkFolder(index_dir, _work_settings(encoder, posterior, config))
+        work.open()
+        finished = _ShardResults.read(work, schema)
+        remaining = [f for f in plan.todo if not finished.has(f)]
+        resumed = len(plan.todo) - len(remaining)
+        _encode_into_shards(image_dir, remaining, encoder, computer, work, schema, config,
+                            on_progress, len(plan.todo), resumed)
+        items, encode_skips = _new_rows(_ShardResults.read(work, schema), plan, computer.embed_dim, config.variance)
+        kept = items_from_previous(previous, plan.keep_positions) if previous.reader else None
+        skip_rows = walk_skips + plan.kept_skips + encode_skips
+        info = VersionInfo("images", str(image_dir.resolve()), encoder.identity.to_dict(), config.variance,
+                           config.faiss_factory or _previous_factory(previous), plan.next_item_id)
+        manifest = write_version(index_dir, concat_items([p for p in (kept, items) if p is not None]),
+                                 skipped_table(skip_rows), posterior, info)
+        work.clear()
+    return BuildReport(manifest, True, len(remaining), resumed, len(plan.keep_positions), plan.removed,
+                       _count_reasons(skip_rows), time.perf_counter() - started)
+
+
+def _unchanged(previous: PreviousItems, plan: BuildPlan, walk_skips: list, config: BuildConfig) -> bool:
+    if previous.reader is None or plan.todo or plan.removed:
+        return False
+    if config.faiss_factory and config.faiss_factory != previous.reader.manifest.faiss_factory:
+        return False
+    now = {(r["path"], r["reason"]) for r in walk_skips + plan.kept_skips}
+    return now == {(r["path"], r["reason"]) for r in previous.skipped}
+
+
+def _previous_factory(previous: PreviousItems) -> str | None:
+    """Keep an explicitly chosen factory across incremental builds; else size-based default."""
+    return None if previous.reader is None else previous.reader.manifest.faiss_factory
+
+
+def _work_settings(encoder: ClipEncoder, posterior: PosteriorPair, config: BuildConfig) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": encoder.identity.to_dict(),
+        "posterior": posterior.fingerprint,
+        "variance": str(config.variance),
+        "max_pixels": int(config.max_pixels),
+        "preprocess": repr(encoder.preprocess),
+    }
+
+
+@dataclass
+class _ShardResults:
+    """The rows of the work shards, looked up by path (the last row per path wins)."""
+
+    table: pa.Table
+    rows: dict
+
+    @classmethod
+    def read(cls, work: WorkFolder, schema: pa.Schema) -> "_ShardResults":
+        table = work.read(schema)
+        keys = zip(table.column("path").to_pylist(), table.column("file_size").to_pylist(),
+                   table.column("mtime_ns").to_pylist())
+        return cls(table, {p: (s, m, i) for i, (p, s, m) in enumerate(keys)})
+
+    def has(self, source) -> bool:
+        hit = self.rows.get(source.path)
+        return hit is not None and (hit[0], hit[1]) == (source.file_size, source.mtime_ns)
+
+
+def _new_rows(results: _ShardResults, plan: BuildPlan, embed_dim: int, variance: VarianceSpec):
+    rows = np.asarray([results.rows[f.path][2] for f in plan.todo], np.int64)
+    picked = results.table.take(pa.array(rows, pa.int64()))
+    ok = pc.is_null(picked.column("reason")).to_numpy(zero_copy_only=False)
+    items = items_from_results(picked.filter(pa.array(ok)), plan.todo_ids[ok], embed_dim, variance)
+    skips = picked.filter(pa.array(~ok)).select(["path", "reason", "detail", "file_size", "mtime_ns"])
+    return items, skips.to_pylist()
+
+
+def _encode_into_shards(image_dir, files, encoder, computer, work, schema, config, on_progress, total, done):
+    workers = default_workers() if config.workers is None else config.workers
+    dataset = DecodeDataset(image_dir, files, encoder.preprocess, config.max_pixels, draft_size_for(encoder))
+    pending, skipped = [], 0
+    for samples in image_loader(dataset, config.batch_size, workers if files else 0):
+        pending.append(encode_samples(samples, encoder, computer, schema))
+        done += len(samples)
+        skipped += sum(s.pixels is None for s in samples)
+        if len(pending) >= config.shard_batches:
+            work.append(pa.concat_tables(pending))
+            pending = []
+        if on_progress is not None:
+            on_progress(BuildProgress(done, total, skipped))
+    if pending:
+        work.append(pa.concat_tables(pending))
+
+
+def _count_reasons(rows: list) -> dict:
+    return dict(sorted(Counter(r["reason"] for r in rows).items()))

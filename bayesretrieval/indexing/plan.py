@@ -1,0 +1,129 @@
+"""Deciding what a (re-)build must do: keep, encode, drop; and which id each file gets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from bayesretrieval.indexing.sources import SourceFile
+from bayesretrieval.store import IndexReader
+
+ITEM_META_COLUMNS = ["item_id", "path", "file_size", "mtime_ns", "width", "height"]
+
+
+@dataclass
+class PreviousItems:
+    """What an existing index knows about its files, row-aligned with its arrays.
+
+    Attributes:
+        item_ids: ``(N,)`` int64 (sorted, as in the version's arrays).
+        paths: ``N`` relative paths.
+        file_size: ``(N,)`` int64, -1 where unknown.
+        mtime_ns: ``(N,)`` int64, -1 where unknown.
+        width: ``(N,)`` int32, -1 where unknown.
+        height: ``(N,)`` int32, -1 where unknown.
+        skipped: the version's ``skipped.parquet`` rows as dicts.
+        next_item_id: the next unused id.
+        reader: the open index the rows come from (``None`` when there is none).
+    """
+
+    item_ids: np.ndarray
+    paths: list
+    file_size: np.ndarray
+    mtime_ns: np.ndarray
+    width: np.ndarray
+    height: np.ndarray
+    skipped: list = field(default_factory=list)
+    next_item_id: int = 0
+    reader: IndexReader | None = None
+
+    @classmethod
+    def empty(cls) -> "PreviousItems":
+        """No previous index."""
+        zeros = np.zeros(0, np.int64)
+        return cls(zeros, [], zeros, zeros, zeros.astype(np.int32), zeros.astype(np.int32))
+
+    @classmethod
+    def from_reader(cls, reader: IndexReader) -> "PreviousItems":
+        """Read the metadata columns of an open index."""
+        table = reader.read_items(columns=ITEM_META_COLUMNS)
+        column = lambda name, dtype: _filled(table.column(name), dtype)  # noqa: E731
+        return cls(
+            item_ids=column("item_id", np.int64),
+            paths=table.column("path").to_pylist(),
+            file_size=column("file_size", np.int64),
+            mtime_ns=column("mtime_ns", np.int64),
+            width=column("width", np.int32),
+            height=column("height", np.int32),
+            skipped=reader.read_skipped().to_pylist(),
+            next_item_id=int(reader.manifest.next_item_id),
+            reader=reader,
+        )
+
+
+def _filled(column: pa.ChunkedArray, dtype) -> np.ndarray:
+    return np.asarray(column.fill_null(-1).to_numpy(zero_copy_only=False), dtype=dtype)
+
+
+@dataclass
+class BuildPlan:
+    """The outcome of comparing the walked files with the previous index.
+
+    Attributes:
+        keep_positions: ``(K,)`` rows of the previous arrays that stay as they are.
+        todo: files to decode and encode, sorted by path.
+        todo_ids: ``(len(todo),)`` the id each of them gets.
+        kept_skips: previous skip rows for files that did not change.
+        removed: number of previous items whose file is gone.
+        next_item_id: the next unused id after this build.
+    """
+
+    keep_positions: np.ndarray
+    todo: list
+    todo_ids: np.ndarray
+    kept_skips: list
+    removed: int
+    next_item_id: int
+
+
+def plan_build(files: list[SourceFile], previous: PreviousItems, reuse_items: bool) -> BuildPlan:
+    """Compare the walk with the previous index.
+
+    A file is unchanged when its path, size and mtime match. Ids are stable per path: a
+    file keeps the id its path had (even when changed, or on a rebuild), and new paths get
+    fresh ids in path order from ``previous.next_item_id``, so the result depends only on
+    the previous index and the folder's content.
+
+    Args:
+        files: the walk's result, sorted by path.
+        previous: the previous index (or :meth:`PreviousItems.empty`).
+        reuse_items: ``False`` for a rebuild (re-encode every file, still keeping ids).
+
+    Returns:
+        The plan.
+    """
+    by_path = {p: i for i, p in enumerate(previous.paths)}
+    skip_by_path = {row["path"]: row for row in previous.skipped}
+    keep, todo, todo_ids, kept_skips = [], [], [], []
+    next_id = int(previous.next_item_id)
+    for source in files:
+        pos = by_path.get(source.path)
+        stamp = (source.file_size, source.mtime_ns)
+        if reuse_items and pos is not None and (previous.file_size[pos], previous.mtime_ns[pos]) == stamp:
+            keep.append(pos)
+            continue
+        skip = skip_by_path.get(source.path)
+        if reuse_items and skip is not None and (skip["file_size"], skip["mtime_ns"]) == stamp:
+            kept_skips.append(skip)
+            continue
+        if pos is not None:
+            todo_ids.append(int(previous.item_ids[pos]))
+        else:
+            todo_ids.append(next_id)
+            next_id += 1
+        todo.append(source)
+    walked = {f.path for f in files}
+    removed = sum(1 for p in previous.paths if p not in walked)
+    return BuildPlan(np.asarray(keep, np.int64), todo, np.asarray(todo_ids, np.int64), kept_skips, removed, next_id)

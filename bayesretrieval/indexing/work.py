@@ -1,0 +1,96 @@
+"""Resumable build state: encoded batches appended as fsync'd Parquet shards.
+
+A build writes each group of finished batches to ``INDEX_DIR/work/shards/`` (temp file,
+fsync, rename), so a build killed at any point loses at most the batches since the last
+shard. The next run reads the shards back and encodes only what they lack. Shards are
+keyed by ``(path, file_size, mtime_ns)``; a changed file is encoded again. The work
+folder remembers the settings it was made with and is discarded when they differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bayesretrieval.store import format as fmt
+from bayesretrieval.store.writer import write_text_atomic
+
+SETTINGS_FILE = "settings.json"
+SHARDS_DIR = "shards"
+
+
+def result_schema(embed_dim: int, variance: fmt.VarianceSpec) -> pa.Schema:
+    """Schema of a shard: items columns (no id) plus ``reason``/``detail`` for skips.
+
+    Rows with a non-null ``reason`` are skipped inputs; their numeric columns are zeros.
+    """
+    items = fmt.items_schema(embed_dim, variance)
+    fields = [f for f in items if f.name != "item_id"]
+    return pa.schema(fields + [pa.field("reason", pa.string()), pa.field("detail", pa.string())])
+
+
+class WorkFolder:
+    """The ``work/`` folder of one index directory.
+
+    Args:
+        index_dir: the index directory.
+        settings: JSON-ready dict of everything that changes the encoded values (model,
+            posterior fingerprint, variance columns, decoding limits).
+    """
+
+    def __init__(self, index_dir: str | Path, settings: dict):
+        self.root = Path(index_dir) / fmt.WORK_DIR
+        self.shards = self.root / SHARDS_DIR
+        self.settings = settings
+
+    def open(self) -> int:
+        """Prepare the folder, discarding stale state; return the number of usable shards."""
+        settings_file = self.root / SETTINGS_FILE
+        if settings_file.is_file() and json.loads(settings_file.read_text()) != self.settings:
+            shutil.rmtree(self.root)
+        self.shards.mkdir(parents=True, exist_ok=True)
+        if not settings_file.is_file():
+            write_text_atomic(settings_file, json.dumps(self.settings, sort_keys=True))
+        for leftover in self.shards.glob(".*"):
+            leftover.unlink()
+        return len(self._shard_files())
+
+    def _shard_files(self) -> list[Path]:
+        return sorted(self.shards.glob("shard-*.parquet"))
+
+    def read(self, schema: pa.Schema) -> pa.Table:
+        """All rows of all shards (later shards win for a repeated key)."""
+        tables = [pq.read_table(path, schema=schema) for path in self._shard_files()]
+        return pa.concat_tables(tables) if tables else schema.empty_table()
+
+    def append(self, table: pa.Table) -> Path:
+        """Write ``table`` as the next shard, durably (temp file, fsync, rename, fsync dir)."""
+        files = self._shard_files()
+        number = int(files[-1].stem.split("-")[1]) + 1 if files else 0
+        target = self.shards / f"shard-{number:06d}.parquet"
+        fd, temp = tempfile.mkstemp(prefix=".shard-", suffix=".parquet", dir=self.shards)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                pq.write_table(table, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, target)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(self.shards, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return target
+
+    def clear(self) -> None:
+        """Remove the folder (after a successful publication)."""
+        shutil.rmtree(self.root, ignore_errors=True)
