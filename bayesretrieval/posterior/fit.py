@@ -154,20 +154,16 @@ def _to_matrix(column: pa.Array) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _atomic_parquet(path: Path, metadata: EncodedMetadata, first: EncodedPairs):
-    """Yield a writer of encoded pairs; publish ``path`` by rename only on success."""
-    schema = pa.schema(
-        [pa.field(name, pa.list_(pa.float32(), int(t.shape[1]))) for name, t in zip(ENCODED_COLUMNS, first.tensors())],
-        metadata={ENCODED_METADATA_KEY: metadata.to_json()},
-    )
+def _staged_file(path: Path | None) -> Iterator[Path | None]:
+    """Yield a temp path beside ``path``; rename it to ``path`` only if the block succeeds."""
+    if path is None:
+        yield None
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(handle)
     try:
-        with pq.ParquetWriter(temp, schema) as writer:
-            yield lambda part: writer.write_table(
-                pa.Table.from_arrays([_fixed_size_lists(t) for t in part.tensors()], schema=schema)
-            )
+        yield Path(temp)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
@@ -175,13 +171,18 @@ def _atomic_parquet(path: Path, metadata: EncodedMetadata, first: EncodedPairs):
 
 
 def _tee_to_parquet(stream: Iterable[EncodedPairs], path: Path, metadata: EncodedMetadata) -> Iterator[EncodedPairs]:
+    """Yield ``stream`` unchanged while writing it to ``path`` (closed when exhausted)."""
     iterator = iter(stream)
     first = next(iterator, None)
     if first is None:
         raise ValueError(f"{metadata.source}: no readable pairs to encode")
-    with _atomic_parquet(path, metadata, first) as write:
+    schema = pa.schema(
+        [pa.field(name, pa.list_(pa.float32(), int(t.shape[1]))) for name, t in zip(ENCODED_COLUMNS, first.tensors())],
+        metadata={ENCODED_METADATA_KEY: metadata.to_json()},
+    )
+    with pq.ParquetWriter(path, schema) as writer:
         for part in itertools.chain([first], iterator):
-            write(part)
+            writer.write_table(pa.Table.from_arrays([_fixed_size_lists(t) for t in part.tensors()], schema=schema))
             yield part
 
 
@@ -295,11 +296,13 @@ class PosteriorFitter:
         self._check_enough(total, "candidate pairs")
         metadata = EncodedMetadata.from_encoder(encoder, reader.name)
         stream = iter_encoded(encoder, reader, self.batch_size, self.num_workers)
-        if encoded_out is not None:
-            stream = _tee_to_parquet(stream, Path(encoded_out), metadata)
-        with tqdm(total=total, unit="pair", desc="fit posterior", disable=not self.progress_bar) as bar:
-            counted = _count_progress(stream, bar, reader)
-            self._fit_stream(counted, metadata, "readable pairs")
+        with (
+            _staged_file(None if encoded_out is None else Path(encoded_out)) as staged,
+            tqdm(total=total, unit="pair", desc="fit posterior", disable=not self.progress_bar) as bar,
+        ):
+            if staged is not None:
+                stream = _tee_to_parquet(stream, staged, metadata)
+            self._fit_stream(_count_progress(stream, bar, reader), metadata, "readable pairs")
         self.skip_counts_ = reader.skip_counts()
         return self
 
@@ -402,8 +405,11 @@ def encode_pairs(
     reader = pairs if isinstance(pairs, PairReader) else PairReader(Path(pairs))
     total = len(reader)
     metadata = EncodedMetadata.from_encoder(encoder, reader.name)
-    stream = _tee_to_parquet(iter_encoded(encoder, reader, batch_size, num_workers), Path(path), metadata)
-    with tqdm(total=total, unit="pair", desc="encode pairs", disable=not progress_bar) as bar:
-        for _ in _count_progress(stream, bar, reader):
+    stream = iter_encoded(encoder, reader, batch_size, num_workers)
+    with (
+        _staged_file(Path(path)) as staged,
+        tqdm(total=total, unit="pair", desc="encode pairs", disable=not progress_bar) as bar,
+    ):
+        for _ in _count_progress(_tee_to_parquet(stream, staged, metadata), bar, reader):
             pass
     return reader
