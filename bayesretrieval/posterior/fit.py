@@ -75,9 +75,8 @@ class EncodedPairs:
 
     def split(self, index: int) -> tuple["EncodedPairs", "EncodedPairs"]:
         """Return rows ``[:index]`` and ``[index:]``."""
-        return EncodedPairs(*(t[:index] for t in self.tensors())), EncodedPairs(
-            *(t[index:] for t in self.tensors())
-        )
+        head, tail = zip(*((t[:index], t[index:]) for t in self.tensors()))
+        return EncodedPairs(*head), EncodedPairs(*tail)
 
 
 @dataclass(frozen=True)
@@ -111,9 +110,7 @@ class EncodedMetadata:
 
     def theta_sq_norm(self, modality: Modality) -> float:
         """``|theta|^2`` of one tower's projection."""
-        return {Modality.IMAGE: self.image_projection_sq_norm, Modality.TEXT: self.text_projection_sq_norm}[
-            modality
-        ]
+        return getattr(self, f"{Modality(modality).value}_projection_sq_norm")
 
     def to_json(self) -> bytes:
         """JSON for the Parquet schema metadata."""
@@ -149,16 +146,13 @@ def _fixed_size_lists(matrix: torch.Tensor) -> pa.FixedSizeListArray:
 
 
 def _to_matrix(column: pa.Array) -> torch.Tensor:
-    width = column.type.list_size
-    return torch.from_numpy(column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).copy())
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return torch.from_numpy(values.reshape(-1, column.type.list_size).copy())
 
 
 @contextlib.contextmanager
-def _staged_file(path: Path | None) -> Iterator[Path | None]:
+def _staged_file(path: Path) -> Iterator[Path]:
     """Yield a temp path beside ``path``; rename it to ``path`` only if the block succeeds."""
-    if path is None:
-        yield None
-        return
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(handle)
@@ -286,32 +280,23 @@ class PosteriorFitter:
 
         Returns:
             ``self``.
-
-        Raises:
-            ValueError: for fewer readable pairs than one chunk, or bad hyper-parameters.
         """
         self._validate()
-        reader = pairs if isinstance(pairs, PairReader) else PairReader(Path(pairs))
+        reader = _as_reader(pairs)
         total = len(reader)
         self._check_enough(total, "candidate pairs")
-        metadata = EncodedMetadata.from_encoder(encoder, reader.name)
-        stream = iter_encoded(encoder, reader, self.batch_size, self.num_workers)
+        staging = contextlib.nullcontext() if encoded_out is None else _staged_file(Path(encoded_out))
         with (
-            _staged_file(None if encoded_out is None else Path(encoded_out)) as staged,
+            staging as staged,
             tqdm(total=total, unit="pair", desc="fit posterior", disable=not self.progress_bar) as bar,
         ):
-            if staged is not None:
-                stream = _tee_to_parquet(stream, staged, metadata)
-            self._fit_stream(_count_progress(stream, bar, reader), metadata, "readable pairs")
+            metadata, stream = _encoded_stream(encoder, reader, staged, bar, self.batch_size, self.num_workers)
+            self._fit_stream(stream, metadata, "readable pairs")
         self.skip_counts_ = reader.skip_counts()
         return self
 
     def fit_encoded(self, path: str | Path) -> "PosteriorFitter":
-        """Fit from an encoded-pairs Parquet file written by :func:`encode_pairs`.
-
-        Returns:
-            ``self``.
-        """
+        """Fit from an encoded-pairs Parquet file (:func:`encode_pairs`); returns ``self``."""
         self._validate()
         metadata, num_rows, batches = read_encoded(path)
         self._check_enough(num_rows, "encoded pairs")
@@ -352,6 +337,19 @@ class PosteriorFitter:
         return self.posterior_.save(directory)
 
 
+def _as_reader(pairs: PairReader | str | Path) -> PairReader:
+    return pairs if isinstance(pairs, PairReader) else PairReader(Path(pairs))
+
+
+def _encoded_stream(encoder, reader, staged, bar, batch_size, num_workers):
+    """Return the encoder's metadata and its encoded pairs, teed to ``staged`` if given."""
+    metadata = EncodedMetadata.from_encoder(encoder, reader.name)
+    stream = iter_encoded(encoder, reader, batch_size, num_workers)
+    if staged is not None:
+        stream = _tee_to_parquet(stream, staged, metadata)
+    return metadata, _count_progress(stream, bar, reader)
+
+
 def _count_progress(stream: Iterable[EncodedPairs], bar, reader: PairReader | None = None):
     skipped = 0
     for part in stream:
@@ -375,20 +373,6 @@ def _add_chunks(stream: Iterable[EncodedPairs], curvature: ChunkCurvature) -> in
     return buffered
 
 
-def fit_posterior(
-    encoder: ClipEncoder,
-    pairs: PairReader | str | Path,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    pseudo_data_count: float | tuple[float, float] = 1.0,
-    prior_precision: float | tuple[float, float] | None = None,
-    objective: PriorObjective | str = PriorObjective.KRONECKER,
-    **options,
-) -> PosteriorPair:
-    """Fit and return the posterior; see :class:`PosteriorFitter` for the arguments."""
-    fitter = PosteriorFitter(chunk_size, pseudo_data_count, prior_precision, objective, **options)
-    return fitter.fit(encoder, pairs).posterior_
-
-
 def encode_pairs(
     encoder: ClipEncoder,
     pairs: PairReader | str | Path,
@@ -402,14 +386,12 @@ def encode_pairs(
     Returns:
         The reader, whose :meth:`PairReader.skip_counts` tells what was skipped.
     """
-    reader = pairs if isinstance(pairs, PairReader) else PairReader(Path(pairs))
+    reader = _as_reader(pairs)
     total = len(reader)
-    metadata = EncodedMetadata.from_encoder(encoder, reader.name)
-    stream = iter_encoded(encoder, reader, batch_size, num_workers)
     with (
         _staged_file(Path(path)) as staged,
         tqdm(total=total, unit="pair", desc="encode pairs", disable=not progress_bar) as bar,
     ):
-        for _ in _count_progress(_tee_to_parquet(stream, staged, metadata), bar, reader):
+        for _ in _encoded_stream(encoder, reader, staged, bar, batch_size, num_workers)[1]:
             pass
     return reader
