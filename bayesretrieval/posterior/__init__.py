@@ -7,15 +7,30 @@ from bayesretrieval.posterior.io import (
     load_posterior,
     save_bayesvlm_directory,
 )
+from bayesretrieval.posterior.curvature import ChunkCurvature, infonce_ggn, infonce_ggn_sum
+from bayesretrieval.posterior.fit import PosteriorFitter, encode_pairs, read_encoded
 from bayesretrieval.posterior.kronecker import KroneckerPosterior, Modality, symmetrize
+from bayesretrieval.posterior.pairs import PairReader, SkipReason
+from bayesretrieval.posterior.prior import FactorSpectrum, PriorObjective, optimize_prior_precision
 
 __all__ = [
+    "ChunkCurvature",
+    "FactorSpectrum",
     "KroneckerPosterior",
     "Modality",
+    "PairReader",
+    "PosteriorFitter",
     "PosteriorPair",
+    "PriorObjective",
+    "SkipReason",
+    "encode_pairs",
+    "infonce_ggn",
+    "infonce_ggn_sum",
     "load_bayesvlm_base",
     "load_bayesvlm_posterior",
     "load_posterior",
+    "optimize_prior_precision",
+    "read_encoded",
     "save_bayesvlm_directory",
     "symmetrize",
 ]
