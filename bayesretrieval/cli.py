@@ -15,6 +15,8 @@ COMMAND_MODULES = (
     "bayesretrieval.commands.make_world",
     "bayesretrieval.commands.train_clip",
     "bayesretrieval.commands.fit_posterior",
+    "bayesretrieval.commands.build_index",
+    "bayesretrieval.commands.export",
 )
 
 

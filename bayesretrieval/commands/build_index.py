@@ -1,0 +1,136 @@
+"""``bayesretrieval build-index``: an uncertainty-aware index over an image folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bayesretrieval.cli import CommandError
+from bayesretrieval.encoders import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipEncoder, ModelIdentity, file_sha256
+from bayesretrieval.indexing import BuildConfig, BuildReport, IndexBusyError, build_index
+from bayesretrieval.indexing.decode import DEFAULT_MAX_PIXELS
+from bayesretrieval.indexing.embeddings_input import build_index_from_embeddings
+from bayesretrieval.indexing.pipeline import default_workers
+from bayesretrieval.posterior import PosteriorPair, load_posterior
+from bayesretrieval.posterior.hub import load_published_posterior
+
+BAYESVLM = "bayesvlm"
+
+DESCRIPTION = """\
+Encode every image under SOURCE (recursively) with an open_clip model, compute each
+image's posterior scalars (MATH.md section 4) and write INDEX_DIR: Parquet items table,
+memory-mappable arrays, a FAISS index over expected-norm-scaled means, the posterior,
+and a table of skipped files with reasons. SOURCE may instead be a Parquet file of
+precomputed embeddings (id or path, embedding, optional variance_diag/variance_lowrank).
+
+Re-running updates the index: only new and changed files (size, mtime) are encoded,
+deleted ones are dropped, ids stay. A killed build resumes from its shards in
+INDEX_DIR/work. Readers always see a complete version. A model, posterior or format
+mismatch with the existing index is an error unless --rebuild.
+
+--posterior bayesvlm fetches BayesVLM's published factors for ViT-B-32/laion2b_s34b_b79k
+(sha256-verified, cached); offline, pass the folder holding them instead."""
+
+
+def _one_or_pair(values: list[float] | None, name: str):
+    if not values:
+        return None
+    if len(values) > 2:
+        raise CommandError(f"{name} takes one value or two (image, text), got {len(values)}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``build-index`` subcommand."""
+    parser = subparsers.add_parser(
+        "build-index",
+        help="index an image folder (or precomputed embeddings) with per-item uncertainty",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("source", type=Path, metavar="SOURCE", help="image folder, or embeddings .parquet")
+    parser.add_argument("index_dir", type=Path, metavar="INDEX_DIR", help="index directory (created or updated)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip architecture")
+    parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED,
+                        help="open_clip tag or checkpoint path; 'none' for random weights")
+    parser.add_argument("--posterior", default=BAYESVLM,
+                        help="posterior path (project format, BayesVLM directory or BayesVLM-Base "
+                             "safetensors) or 'bayesvlm' for the published factors")
+    parser.add_argument("--pseudo-data-count", "-n", type=float, nargs="+", help="override n (one, or image text)")
+    parser.add_argument("--prior-precision", "--lambda", type=float, nargs="+",
+                        help="override lambda (one, or image text)")
+    parser.add_argument("--faiss", dest="faiss_factory", help="FAISS factory string (default: Flat up to 100k items, then IVF)")
+    parser.add_argument("--variance", default="none", help="extra per-item variance columns: none, diag, lowrank:R")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="image-decoding processes (0: in-process)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images as too_large")
+    parser.add_argument("--device", default="cpu", help="torch device for the encoder")
+    parser.add_argument("--rebuild", action="store_true", help="re-encode everything, replacing a mismatched index")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+
+
+def resolve_posterior(spec: str, model_name: str, pretrained: str | None, n, lam) -> PosteriorPair:
+    """Load ``--posterior``: ``bayesvlm`` (published, fetched) or a path in any supported format."""
+    if spec == BAYESVLM:
+        return load_published_posterior(model_name, pretrained, pseudo_data_count=n, prior_precision=lam)
+    return load_posterior(Path(spec), n, lam)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``build-index``."""
+    pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
+    n = _one_or_pair(args.pseudo_data_count, "--pseudo-data-count")
+    lam = _one_or_pair(args.prior_precision, "--prior-precision")
+    if not args.source.exists():
+        raise CommandError(f"source not found: {args.source}")
+    posterior = resolve_posterior(args.posterior, args.model, pretrained, n, lam)
+    config = BuildConfig(args.batch_size, args.workers, args.faiss_factory, args.variance, args.rebuild, args.max_pixels)
+    try:
+        if args.source.is_file():
+            sha = file_sha256(pretrained) if pretrained and Path(pretrained).is_file() else None
+            report = build_index_from_embeddings(
+                args.source, args.index_dir, posterior, ModelIdentity(args.model, pretrained, sha), config
+            )
+        else:
+            encoder = ClipEncoder.from_pretrained(args.model, pretrained, device=args.device)
+            report = _build_with_progress(args, encoder, posterior, config)
+    except IndexBusyError as err:
+        raise CommandError(str(err)) from None
+    print(summary(report))
+    return 0
+
+
+def _build_with_progress(args, encoder, posterior, config) -> BuildReport:
+    bar = tqdm(unit="img", dynamic_ncols=True, disable=args.no_progress, desc="encoding")
+
+    def update(progress) -> None:
+        if bar.total != progress.total:
+            bar.reset(total=progress.total)
+            bar.update(progress.done)
+        else:
+            bar.update(progress.done - bar.n)
+        bar.set_postfix(skipped=progress.skipped, refresh=False)
+
+    try:
+        return build_index(args.source, args.index_dir, encoder, posterior, config, on_progress=update)
+    finally:
+        bar.close()
+
+
+def summary(report: BuildReport) -> str:
+    """A few lines for the end of the command: counts, skips by reason, time."""
+    manifest = report.manifest
+    lines = [
+        f"index {manifest.version}: {report.indexed} items"
+        + ("" if report.published else " (nothing changed, not republished)"),
+        f"  encoded {report.encoded}, resumed {report.resumed}, unchanged {report.reused}, removed {report.removed}",
+    ]
+    skipped = sum(report.skipped.values())
+    detail = ", ".join(f"{reason} {count}" for reason, count in report.skipped.items())
+    lines.append(f"  skipped {skipped}" + (f" ({detail})" if detail else ""))
+    rate = report.encoded / report.seconds if report.seconds > 0 else 0.0
+    lines.append(f"  {report.seconds:.1f} s ({rate:.1f} images/s encoded)")
+    return "\n".join(lines)
