@@ -95,7 +95,7 @@ def _decode_open_file(handle, max_pixels: int, draft_size: int | None) -> Image.
         except UnidentifiedImageError as err:
             raise ImageSkipped(SkipReason.NOT_AN_IMAGE, str(err)) from None
         except (OSError, SyntaxError, ValueError) as err:
-            raise ImageSkipped(SkipReason.CORRUPT, str(err)) from None
+            raise ImageSkipped(_damage_reason(err), str(err)) from None
         width, height = image.size
         if width * height > max_pixels:
             raise ImageSkipped(SkipReason.TOO_LARGE, f"{width}x{height} pixels, limit {max_pixels}")
@@ -105,11 +105,15 @@ def _decode_open_file(handle, max_pixels: int, draft_size: int | None) -> Image.
             image.seek(0)
             image.load()
         except OSError as err:
-            reason = SkipReason.TRUNCATED if "truncat" in str(err).lower() else SkipReason.CORRUPT
-            raise ImageSkipped(reason, str(err)) from None
+            raise ImageSkipped(_damage_reason(err), str(err)) from None
         except (SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
             raise ImageSkipped(SkipReason.CORRUPT, f"{type(err).__name__}: {err}") from None
         return _to_rgb(ImageOps.exif_transpose(image))
+
+
+def _damage_reason(err: Exception) -> SkipReason:
+    """``truncated`` when Pillow says the data ended early, else ``corrupt``."""
+    return SkipReason.TRUNCATED if "truncat" in str(err).lower() else SkipReason.CORRUPT
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
