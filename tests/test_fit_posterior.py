@@ -182,3 +182,13 @@ def test_command_fits_and_refuses_bad_input(pair_folder, tmp_path, monkeypatch, 
     assert status == 0
     for fitted, published in zip(load_posterior(out), load_posterior(bvlm)):
         torch.testing.assert_close(fitted.output_cov, published.output_cov, rtol=1e-5, atol=1e-8)
+
+
+def test_command_reads_a_written_world(tmp_path, monkeypatch, capsys):
+    from bayesretrieval.world import make_world, write_world
+
+    root = write_world(make_world(20, seed=3, part="train"), tmp_path / "world")
+    argv = ["--pairs", str(root / "world.parquet"), "--image-root", str(root / "images"), "-o", str(tmp_path / "p")]
+    status = _run_cli(monkeypatch, *argv, "--model", TINY_MODEL, "--pretrained", "none", "--chunk-size", "10", "--lambda", "1")
+    assert status == 0
+    assert "fitted on 20 pairs in chunks of 10 (0 after the last full chunk left out; nothing skipped)" in capsys.readouterr().out

@@ -18,8 +18,8 @@ section 2) on your own image-caption pairs, and write it in the project format
 (--output) and optionally in BayesVLM's directory format (--bayesvlm-output).
 
 Pairs are a CSV/TSV/Parquet table with an image-path and a caption column (relative
-paths are taken from the table's folder) or a folder of images with a .txt caption
-beside each (img2dataset's layout). Missing or unreadable images are skipped and
+paths start from --image-root, default the table's folder) or a folder of images with
+a .txt caption beside each (img2dataset's layout). Missing or unreadable images are skipped and
 counted. Pairs are used in chunks of --chunk-size (the InfoNCE classes); the pairs after
 the last full chunk are left out. Encoding and curvature can run separately:
 --save-encoded FILE.parquet [--encode-only], then --encoded FILE.parquet."""
@@ -78,6 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-column", help="image-path column of a table")
     parser.add_argument("--caption-column", help="caption column of a table")
     parser.add_argument("--separator", help="CSV separator (default: tab for .tsv, else comma)")
+    parser.add_argument("--image-root", type=Path, help="folder relative table paths start from")
     parser.add_argument("--force", action="store_true", help="replace existing outputs")
     parser.set_defaults(run=run)
 
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     _check_outputs(args)
     reader = None
     if args.pairs is not None:
-        reader = PairReader(args.pairs, args.image_column, args.caption_column, args.separator)
+        reader = PairReader(args.pairs, args.image_column, args.caption_column, args.separator, args.image_root)
     encoder = None
     if reader is not None:
         pretrained = None if args.pretrained.lower() == "none" else args.pretrained

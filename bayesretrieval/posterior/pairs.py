@@ -3,7 +3,7 @@
 Layouts:
 
 - CSV/TSV or Parquet table with an image-path column and a caption column. Relative
-  paths are resolved against the table's folder.
+  paths are resolved against ``image_root`` (default: the table's folder).
 - A folder of images with a caption ``.txt`` beside each (``00000/000000001.jpg`` with
   ``00000/000000001.txt``, the layout img2dataset writes), searched recursively.
 
@@ -181,6 +181,8 @@ class PairReader:
         caption_column: caption column of a table (default: the first of
             ``CAPTION_COLUMNS`` present).
         separator: CSV field separator (default ``\\t`` for ``.tsv``, else ``,``).
+        image_root: folder that relative image paths of a table start from (default: the
+            table's folder).
 
     Attributes:
         layout: the detected :class:`PairLayout`.
@@ -195,6 +197,7 @@ class PairReader:
     image_column: str | None = None
     caption_column: str | None = None
     separator: str | None = None
+    image_root: Path | None = None
     layout: PairLayout = field(init=False)
     skipped: list[SkippedPair] = field(init=False, default_factory=list)
 
@@ -203,6 +206,9 @@ class PairReader:
         if not self.path.exists():
             raise FileNotFoundError(f"pairs not found: {self.path}")
         self.layout = PairLayout.detect(self.path)
+        self.image_root = self.path.parent if self.image_root is None else Path(self.image_root)
+        if not self.image_root.is_dir():
+            raise NotADirectoryError(f"image root is not a folder: {self.image_root}")
         if self.layout in _TABLE_READERS:
             columns = _TABLE_READERS[self.layout][0](self.path, self.separator)
             self.image_column = _table_columns(columns, self.image_column, IMAGE_COLUMNS, "image-path", self.path)
@@ -250,7 +256,7 @@ class PairReader:
 
     def _table_pairs(self) -> Iterator[Pair]:
         columns = [self.image_column, self.caption_column]
-        root = self.path.parent
+        root = self.image_root
         for frame in _TABLE_READERS[self.layout][1](self.path, self.separator, columns):
             for image, text in zip(frame[self.image_column], frame[self.caption_column]):
                 image_path = root / str(image)
