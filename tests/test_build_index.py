@@ -1,0 +1,218 @@
+"""build-index end to end on real files with the tiny model: values, updates, mismatches."""
+
+import argparse
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+import open_clip
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from bayesretrieval.encoders import TINY_MODEL, ClipEncoder, register_model_configs
+from bayesretrieval.indexing import BuildConfig, IndexMismatchError, build_index, decode_image
+from bayesretrieval.similarity import side_statistics
+from bayesretrieval.store import SCALAR_COLUMNS, IndexReader
+from test_store import random_posterior
+
+D = 64
+
+
+def write_images(folder: Path, names, seed: int = 0) -> None:
+    """Random-noise images (alternating PNG/JPEG sizes) under ``folder``."""
+    rng = np.random.default_rng(seed)
+    for name in names:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = (70 + rng.integers(0, 30), 60 + rng.integers(0, 30))
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def save_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A fixed random bayes-tiny checkpoint, so separate processes share weights."""
+    register_model_configs()
+    torch.manual_seed(seed)
+    torch.save(open_clip.create_model(TINY_MODEL).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def encoder(checkpoint) -> ClipEncoder:
+    return ClipEncoder.from_pretrained(TINY_MODEL, checkpoint)
+
+
+@pytest.fixture(scope="module")
+def posterior():
+    return random_posterior(D, 64)
+
+
+def fast(**kwargs) -> BuildConfig:
+    return BuildConfig(**{"batch_size": 4, "workers": 0, **kwargs})
+
+
+def by_path(reader: IndexReader) -> dict:
+    fetched = reader.fetch(reader.item_ids)
+    return {p: (int(i), fetched.means[k], fetched.scalars[k]) for k, (p, i) in enumerate(zip(fetched.paths, fetched.item_ids))}
+
+
+def test_index_values_match_independent_computation(tmp_path, encoder, posterior):
+    names = [f"d{i % 3}/img {i}.png" for i in range(9)]
+    write_images(tmp_path / "img", names)
+    (tmp_path / "img" / "broken.jpg").write_bytes(b"nope")
+    report = build_index(tmp_path / "img", tmp_path / "idx", encoder, posterior, fast(workers=1))
+    assert report.indexed == 9 and report.skipped == {"not_an_image": 1} and report.encoded == 10
+    reader = IndexReader.open(tmp_path / "idx")
+    reader.verify()
+    rows = reader.read_items().to_pylist()
+    assert [r["path"] for r in sorted(rows, key=lambda r: r["path"])] == sorted(names)
+    # Ids follow path order; the skipped "broken.jpg" (first in order) used id 0.
+    assert [r["item_id"] for r in rows] == list(range(1, 10)) and reader.manifest.next_item_id == 10
+    pixels = torch.stack([encoder.preprocess(decode_image(tmp_path / "img" / r["path"])) for r in rows])
+    enc = encoder.encode_images(pixels)
+    np.testing.assert_allclose(np.stack([r["embedding"] for r in rows]), enc.embeds.numpy(), rtol=1e-5, atol=1e-6)
+    sigma_i, sigma_t = posterior.image.output_cov, posterior.text.output_cov
+    q = posterior.image.activation_scale(enc.activations.double())
+    ref = side_statistics(enc.embeds.double(), q, sigma_i, sigma_t)
+    ref_diag = side_statistics(enc.embeds.double(), q, torch.diag(sigma_i.diagonal()), torch.diag(sigma_t.diagonal()))
+    want = torch.stack([ref.scale, ref.norm_sq, ref.own_quad, ref.other_quad, ref_diag.own_quad, ref_diag.other_quad], 1)
+    got = np.stack([[r[c] for c in SCALAR_COLUMNS] for r in rows])
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4)
+    with Image.open(tmp_path / "img" / rows[0]["path"]) as first:
+        assert (rows[0]["width"], rows[0]["height"]) == first.size
+    # FAISS raw top-k == brute-force ranking by expected cosine to a query.
+    query = np.random.default_rng(3).normal(size=(1, D)).astype(np.float32)
+    _, ids = faiss.read_index(str(reader.version_dir / "index.faiss")).search(query, 9)
+    expected_norm = np.sqrt(want[:, 1].numpy() + want[:, 0].numpy() * float(sigma_i.trace()))
+    order = np.argsort(-(enc.embeds.numpy() @ query[0]) / expected_norm)
+    np.testing.assert_array_equal(ids[0], np.array([r["item_id"] for r in rows])[order])
+
+
+def test_incremental_update_keeps_ids_and_reencodes_only_changes(tmp_path, encoder, posterior):
+    img = tmp_path / "img"
+    write_images(img, [f"a{i}.png" for i in range(6)])
+    first = build_index(img, tmp_path / "idx", encoder, posterior, fast())
+    before = by_path(IndexReader.open(tmp_path / "idx"))
+    old_reader = IndexReader.open(tmp_path / "idx")
+    write_images(img, ["new/b0.png", "new/b1.png"], seed=5)
+    write_images(img, ["a2.png"], seed=9)
+    os.utime(img / "a2.png", ns=(1, 1))
+    (img / "a4.png").unlink()
+    report = build_index(img, tmp_path / "idx", encoder, posterior, fast())
+    assert (report.encoded, report.reused, report.removed, report.indexed) == (3, 4, 1, 7)
+    after = by_path(IndexReader.open(tmp_path / "idx"))
+    for path in ("a0.png", "a1.png", "a3.png", "a5.png"):
+        assert after[path][0] == before[path][0]
+        np.testing.assert_array_equal(after[path][1], before[path][1])
+    assert after["a2.png"][0] == before["a2.png"][0]
+    assert not np.allclose(after["a2.png"][1], before["a2.png"][1])
+    assert "a4.png" not in after
+    assert sorted(after[p][0] for p in ("new/b0.png", "new/b1.png")) == [6, 7]
+    assert first.manifest.next_item_id == 6 and report.manifest.next_item_id == 8
+    # A reader opened before the update still reads its own version consistently.
+    assert len(old_reader) == 6 and old_reader.fetch([before["a4.png"][0]]).paths == ["a4.png"]
+    assert old_reader.read_items(columns=["path"]).num_rows == 6
+    # A clean build over the final folder gives the same embeddings.
+    build_index(img, tmp_path / "clean", encoder, posterior, fast())
+    clean = by_path(IndexReader.open(tmp_path / "clean"))
+    assert sorted(clean) == sorted(after)
+    for path in clean:
+        np.testing.assert_allclose(clean[path][1], after[path][1], rtol=1e-5, atol=1e-6)
+    again = build_index(img, tmp_path / "idx", encoder, posterior, fast())
+    assert not again.published and again.manifest.version == report.manifest.version
+
+
+def test_mismatches_name_both_sides_unless_rebuild(tmp_path, encoder, posterior, checkpoint):
+    img = tmp_path / "img"
+    write_images(img, ["x.png", "y.png"])
+    build_index(img, tmp_path / "idx", encoder, posterior, fast())
+    ids = {p: v[0] for p, v in by_path(IndexReader.open(tmp_path / "idx")).items()}
+    other = random_posterior(D, 64, seed=7)
+    other.source = "other-posterior"
+    with pytest.raises(IndexMismatchError, match=r"posterior: index has random-test \(\w+\), command uses other-posterior"):
+        build_index(img, tmp_path / "idx", encoder, other, fast())
+    with pytest.raises(IndexMismatchError, match="variance columns: index has none, command asks for diag"):
+        build_index(img, tmp_path / "idx", encoder, posterior, fast(variance="diag"))
+    random_weights = ClipEncoder.from_pretrained(TINY_MODEL, None)
+    with pytest.raises(IndexMismatchError, match=rf"model: index has bayes-tiny/{checkpoint} \(sha256 \w+\), command uses bayes-tiny/None"):
+        build_index(img, tmp_path / "idx", random_weights, posterior, fast())
+    report = build_index(img, tmp_path / "idx", encoder, other, fast(rebuild=True))
+    assert report.encoded == 2 and report.manifest.posterior["source"] == "other-posterior"
+    assert {p: v[0] for p, v in by_path(IndexReader.open(tmp_path / "idx")).items()} == ids
+
+
+@pytest.mark.parametrize("rank", [3, D])
+def test_variance_columns_restate_the_kronecker_covariance(tmp_path, encoder, posterior, rank):
+    img = tmp_path / "img"
+    write_images(img, ["p.png", "q.png", "r.png"])
+    build_index(img, tmp_path / "diag", encoder, posterior, fast(variance="diag"))
+    build_index(img, tmp_path / "low", encoder, posterior, fast(variance=f"lowrank:{rank}"))
+    diag, low = IndexReader.open(tmp_path / "diag"), IndexReader.open(tmp_path / "low")
+    sigma = posterior.image.output_cov.numpy()
+    q = diag.fetch(diag.item_ids).scalar("scale")
+    np.testing.assert_allclose(diag.fetch(diag.item_ids).variance_diag, q[:, None] * np.diag(sigma)[None], rtol=1e-5)
+    fetched = low.fetch(low.item_ids)
+    for k in range(len(q)):
+        factor = fetched.variance_lowrank[k].astype(np.float64)
+        cov = factor.T @ factor + np.diag(fetched.variance_diag[k])
+        np.testing.assert_allclose(np.diag(cov), q[k] * np.diag(sigma), rtol=1e-4)
+        if rank == D:
+            np.testing.assert_allclose(cov, q[k] * sigma, rtol=1e-3, atol=1e-6 * q[k])
+    assert pq.read_schema(low.version_dir / "items.parquet").field("variance_lowrank").type.list_size == rank * D
+
+
+def test_bad_file_corpus_end_to_end(tmp_path, encoder, posterior, monkeypatch):
+    from bayesretrieval.indexing import decode as decode_module
+    from bayesretrieval.indexing.decode import SkipReason
+    from test_indexing_decode import make_bad_corpus
+
+    img = tmp_path / "img"
+    expected = make_bad_corpus(img)
+    (img / "locked.jpg").write_bytes((img / "plain.jpg").read_bytes())
+    expected["locked.jpg"] = SkipReason.UNREADABLE
+    real_open = open
+
+    def guarded_open(file, *args, **kwargs):  # root ignores chmod 000: simulate EACCES
+        if str(file).endswith("locked.jpg"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(decode_module, "open", guarded_open, raising=False)
+    report = build_index(img, tmp_path / "idx", encoder, posterior, fast(max_pixels=50_000_000))
+    reader = IndexReader.open(tmp_path / "idx")
+    skipped = {r["path"]: r["reason"] for r in reader.read_skipped().to_pylist()}
+    indexed = {r["path"]: (r["width"], r["height"]) for r in reader.read_items(columns=["path", "width", "height"]).to_pylist()}
+    for name, outcome in expected.items():
+        if isinstance(outcome, SkipReason):
+            assert skipped.get(name) == outcome.value, name
+        else:
+            assert indexed.get(name) == outcome[:2], name
+    assert set(skipped) | set(indexed) == set(expected)
+    assert sum(report.skipped.values()) == len(skipped) and np.isfinite(reader.scalars).all()
+
+
+def test_command_prints_summary(tmp_path, checkpoint, posterior, capsys):
+    from bayesretrieval.commands import build_index as command
+
+    write_images(tmp_path / "img", ["one.png", "two.jpg"])
+    (tmp_path / "img" / "empty.png").write_bytes(b"")
+    posterior.save(tmp_path / "posterior")
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    argv = ["build-index", str(tmp_path / "img"), str(tmp_path / "idx"), "--model", TINY_MODEL,
+            "--pretrained", str(checkpoint), "--posterior", str(tmp_path / "posterior"), "--workers", "0",
+            "--no-progress", "--faiss", "Flat"]
+    args = parser.parse_args(argv)
+    assert args.run(args) == 0
+    out = capsys.readouterr().out
+    assert "index v000001: 2 items" in out and "skipped 1 (empty_file 1)" in out and "images/s" in out
+    args = parser.parse_args(argv)
+    assert args.run(args) == 0
+    assert "nothing changed" in capsys.readouterr().out
