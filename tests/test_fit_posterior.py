@@ -141,7 +141,7 @@ def test_too_few_pairs_says_how_many_and_writes_nothing(pair_folder, encoder, tm
     encoded = tmp_path / "encoded.parquet"
     with pytest.raises(ValueError, match="chunk_size=30 needs at least 30 pairs"):
         PosteriorFitter(chunk_size=30).fit(encoder, pair_folder, encoded_out=encoded)
-    with pytest.raises(ValueError, match="22 readable pairs, fewer than one chunk: chunk_size=23"):
+    with pytest.raises(ValueError, match=r"22 readable pairs \(skipped 1 unreadable, 1 no_caption\), fewer than one chunk: chunk_size=23"):
         PosteriorFitter(chunk_size=23).fit(encoder, pair_folder, encoded_out=encoded)
     assert list(tmp_path.iterdir()) == []
 
@@ -192,3 +192,12 @@ def test_command_reads_a_written_world(tmp_path, monkeypatch, capsys):
     status = _run_cli(monkeypatch, *argv, "--model", TINY_MODEL, "--pretrained", "none", "--chunk-size", "10", "--lambda", "1")
     assert status == 0
     assert "fitted on 20 pairs in chunks of 10 (0 after the last full chunk left out; nothing skipped)" in capsys.readouterr().out
+
+
+def test_no_readable_pairs_names_the_skips(tmp_path, encoder):
+    pd.DataFrame({"image": [f"gone{i}.png" for i in range(4)], "caption": ["x"] * 4}).to_csv(tmp_path / "p.csv", index=False)
+    with pytest.raises(ValueError, match=r"0 readable pairs \(skipped 4 missing; relative paths start at "):
+        PosteriorFitter(chunk_size=2).fit(encoder, tmp_path / "p.csv", encoded_out=tmp_path / "e.parquet")
+    with pytest.raises(ValueError, match="no readable pairs"):
+        encode_pairs(encoder, tmp_path / "p.csv", tmp_path / "e.parquet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv"]

@@ -24,7 +24,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -47,14 +47,7 @@ ENCODED_COLUMNS = ("image_activation", "image_embed", "text_activation", "text_e
 
 @dataclass
 class EncodedPairs:
-    """Aligned activations and unnormalised embeddings of pairs (row ``i`` is pair ``i``).
-
-    Attributes:
-        image_activations: ``(N, h_I)``.
-        image_embeds: ``(N, D)``.
-        text_activations: ``(N, h_T)``.
-        text_embeds: ``(N, D)``.
-    """
+    """Aligned activations ``(N, h)`` and unnormalised embeddings ``(N, D)`` of both towers."""
 
     image_activations: torch.Tensor
     image_embeds: torch.Tensor
@@ -169,7 +162,7 @@ def _tee_to_parquet(stream: Iterable[EncodedPairs], path: Path, metadata: Encode
     iterator = iter(stream)
     first = next(iterator, None)
     if first is None:
-        raise ValueError(f"{metadata.source}: no readable pairs to encode")
+        return
     schema = pa.schema(
         [pa.field(name, pa.list_(pa.float32(), int(t.shape[1]))) for name, t in zip(ENCODED_COLUMNS, first.tensors())],
         metadata={ENCODED_METADATA_KEY: metadata.to_json()},
@@ -291,7 +284,7 @@ class PosteriorFitter:
             tqdm(total=total, unit="pair", desc="fit posterior", disable=not self.progress_bar) as bar,
         ):
             metadata, stream = _encoded_stream(encoder, reader, staged, bar, self.batch_size, self.num_workers)
-            self._fit_stream(stream, metadata, "readable pairs")
+            self._fit_stream(stream, metadata, lambda: f"readable pairs ({_skip_note(reader)})")
         self.skip_counts_ = reader.skip_counts()
         return self
 
@@ -301,15 +294,15 @@ class PosteriorFitter:
         metadata, num_rows, batches = read_encoded(path)
         self._check_enough(num_rows, "encoded pairs")
         with tqdm(total=num_rows, unit="pair", desc="fit posterior", disable=not self.progress_bar) as bar:
-            self._fit_stream(_count_progress(batches, bar), metadata, "encoded pairs")
+            self._fit_stream(_count_progress(batches, bar), metadata, lambda: "encoded pairs")
         self.skip_counts_ = {}
         return self
 
-    def _fit_stream(self, stream: Iterable[EncodedPairs], metadata: EncodedMetadata, what: str) -> None:
+    def _fit_stream(self, stream: Iterable[EncodedPairs], metadata: EncodedMetadata, what: Callable[[], str]) -> None:
         counts, lambdas, objective = self._validate()
         curvature = ChunkCurvature(metadata.logit_scale, self.chunk_size, self.source_batch)
         self.num_dropped_ = _add_chunks(stream, curvature)
-        self._check_enough(curvature.num_pairs + self.num_dropped_, what)
+        self._check_enough(curvature.num_pairs + self.num_dropped_, what())
         posteriors = []
         for modality, n, lam in zip(Modality, counts, lambdas):
             A, B = curvature.factors(modality)
@@ -335,6 +328,13 @@ class PosteriorFitter:
         if bayesvlm_directory is not None:
             save_bayesvlm_directory(self.posterior_, bayesvlm_directory)
         return self.posterior_.save(directory)
+
+
+def _skip_note(reader: PairReader) -> str:
+    skips = reader.skip_counts()
+    counts = ", ".join(f"{n} {reason}" for reason, n in skips.items() if n)
+    root = f"; relative paths start at {reader.image_root}" if skips["missing"] else ""
+    return f"skipped {counts}{root}" if counts else "nothing skipped"
 
 
 def _as_reader(pairs: PairReader | str | Path) -> PairReader:
@@ -392,6 +392,7 @@ def encode_pairs(
         _staged_file(Path(path)) as staged,
         tqdm(total=total, unit="pair", desc="encode pairs", disable=not progress_bar) as bar,
     ):
-        for _ in _encoded_stream(encoder, reader, staged, bar, batch_size, num_workers)[1]:
-            pass
+        encoded = sum(len(p) for p in _encoded_stream(encoder, reader, staged, bar, batch_size, num_workers)[1])
+        if encoded == 0:
+            raise ValueError(f"{reader.path}: no readable pairs ({_skip_note(reader)})")
     return reader
