@@ -92,3 +92,12 @@ def kronecker_log_evidence_dense(A, B, theta_sq_norm: float, prior_precision: fl
     p = A.shape[0] * B.shape[0]
     logdet = torch.logdet(torch.kron(p_a, p_b))
     return float(-0.5 * prior_precision * theta_sq_norm + 0.5 * p * math.log(prior_precision) - 0.5 * logdet)
+
+
+def auroc_pairwise(negative, positive) -> float:
+    """AUROC by comparing every (negative, positive) pair; ties count one half."""
+    wins = 0.0
+    for p in positive:
+        for n in negative:
+            wins += 1.0 if p > n else 0.5 if p == n else 0.0
+    return wins / (len(positive) * len(negative))
