@@ -101,3 +101,19 @@ def auroc_pairwise(negative, positive) -> float:
         for n in negative:
             wins += 1.0 if p > n else 0.5 if p == n else 0.0
     return wins / (len(positive) * len(negative))
+
+
+def brute_force_top_k(scores, item_ids, k: int, allowed=None):
+    """Top-k of every row of ``scores`` ``(nq, N)`` by (score desc, item id asc), one query at a time.
+
+    Returns ``(ids, values)``, each a list of ``nq`` arrays of length ``min(k, eligible)``.
+    """
+    ids_out, values_out = [], []
+    for row in scores:
+        pairs = sorted(
+            (-float(value), int(item)) for value, item in zip(row, item_ids)
+            if allowed is None or int(item) in allowed
+        )[:k]
+        ids_out.append([item for _, item in pairs])
+        values_out.append([-value for value, _ in pairs])
+    return ids_out, values_out
