@@ -133,7 +133,7 @@ def test_given_n_and_lambda_are_used(pair_folder, encoder):
     fitter = PosteriorFitter(chunk_size=10, pseudo_data_count=(2.0, 5.0), prior_precision=7.0)
     pair = fitter.fit(encoder, pair_folder).posterior_
     assert [(p.pseudo_data_count, p.prior_precision) for p in pair] == [(2.0, 7.0), (5.0, 7.0)]
-    assert pair.source == f"fitted:{pair_folder.name}"
+    assert pair.source == f"fitted:{pair_folder.name};N=20;C=10"
     assert pair.model == encoder.identity
 
 

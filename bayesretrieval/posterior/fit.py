@@ -313,7 +313,8 @@ class PosteriorFitter:
         self.metadata_ = metadata
         self.num_pairs_ = curvature.num_pairs
         self.prior_precision_ = tuple(p.prior_precision for p in posteriors)
-        self.posterior_ = PosteriorPair(*posteriors, source=f"fitted:{metadata.source}", model=metadata.model)
+        source = f"fitted:{metadata.source};N={curvature.num_pairs};C={self.chunk_size}"
+        self.posterior_ = PosteriorPair(*posteriors, source=source, model=metadata.model)
 
     def save(self, directory: str | Path, bayesvlm_directory: str | Path | None = None) -> Path:
         """Write the posterior in the project format, and optionally BayesVLM's layout.
