@@ -148,13 +148,14 @@ def build_index(
         previous = previous_items(index_dir, encoder.identity, posterior, config.variance, "images", config.rebuild)
         plan = plan_build(files, previous, reuse_items=not config.rebuild)
         walk_skips = [{"path": p.path, "reason": p.reason, "detail": p.detail} for p in problems]
+        work = WorkFolder(index_dir, _work_settings(encoder, posterior, config))
         if not config.rebuild and _unchanged(previous, plan, walk_skips, config):
+            work.clear()  # left by a build killed between publishing and cleaning up
             manifest = previous.reader.manifest
             return BuildReport(manifest, False, 0, 0, len(plan.keep_positions), 0,
                                _count_reasons(previous.skipped), time.perf_counter() - started)
         computer = ScalarComputer(posterior, config.variance)
         schema = result_schema(computer.embed_dim, config.variance)
-        work = WorkFolder(index_dir, _work_settings(encoder, posterior, config))
         work.open()
         finished = _ShardResults.read(work, schema)
         remaining = [f for f in plan.todo if not finished.has(f)]

@@ -143,6 +143,8 @@ def write_version(
     try:
         manifest = _write_staging(staging, name, items, skipped, posterior, info)
         _fsync_tree(staging)
+        if (versions / name).exists():  # never published: left by a build killed before the swap
+            shutil.rmtree(versions / name)
         os.replace(staging, versions / name)
         _fsync_path(versions)
     except BaseException:
