@@ -12,7 +12,7 @@ from bayesretrieval import cli
 from bayesretrieval.encoders import TINY_MODEL, ClipEncoder
 from bayesretrieval.posterior import load_bayesvlm_posterior, load_posterior
 from bayesretrieval.posterior.curvature import infonce_ggn
-from bayesretrieval.posterior.fit import PosteriorFitter, encode_pairs
+from bayesretrieval.posterior.fit import PosteriorFitter, encode_pairs, fit_posterior
 from bayesretrieval.posterior.pairs import PairLayout, PairReader
 
 NUM_GOOD = 22
@@ -130,8 +130,7 @@ def test_encoded_parquet_round_trip_gives_the_same_posterior(pair_folder, encode
 
 
 def test_given_n_and_lambda_are_used(pair_folder, encoder):
-    fitter = PosteriorFitter(chunk_size=10, pseudo_data_count=(2.0, 5.0), prior_precision=7.0)
-    pair = fitter.fit(encoder, pair_folder).posterior_
+    pair = fit_posterior(encoder, pair_folder, chunk_size=10, pseudo_data_count=(2.0, 5.0), prior_precision=7.0)
     assert [(p.pseudo_data_count, p.prior_precision) for p in pair] == [(2.0, 7.0), (5.0, 7.0)]
     assert pair.source == f"fitted:{pair_folder.name};N=20;C=10"
     assert pair.model == encoder.identity

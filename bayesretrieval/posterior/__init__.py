@@ -8,7 +8,7 @@ from bayesretrieval.posterior.io import (
     save_bayesvlm_directory,
 )
 from bayesretrieval.posterior.curvature import ChunkCurvature, infonce_ggn, infonce_ggn_sum
-from bayesretrieval.posterior.fit import PosteriorFitter, encode_pairs, read_encoded
+from bayesretrieval.posterior.fit import PosteriorFitter, encode_pairs, fit_posterior, read_encoded
 from bayesretrieval.posterior.kronecker import KroneckerPosterior, Modality, symmetrize
 from bayesretrieval.posterior.pairs import PairReader, SkipReason
 from bayesretrieval.posterior.prior import FactorSpectrum, PriorObjective, optimize_prior_precision
@@ -24,6 +24,7 @@ __all__ = [
     "PriorObjective",
     "SkipReason",
     "encode_pairs",
+    "fit_posterior",
     "infonce_ggn",
     "infonce_ggn_sum",
     "load_bayesvlm_base",

@@ -93,13 +93,8 @@ class EncodedMetadata:
     @classmethod
     def from_encoder(cls, encoder: ClipEncoder, source: str) -> "EncodedMetadata":
         """Read the scale and projection norms off an encoder."""
-        return cls(
-            encoder.identity,
-            encoder.logit_scale,
-            float(encoder.image_projection.double().pow(2).sum()),
-            float(encoder.text_projection.double().pow(2).sum()),
-            source,
-        )
+        norms = [float(p.double().pow(2).sum()) for p in (encoder.image_projection, encoder.text_projection)]
+        return cls(encoder.identity, encoder.logit_scale, *norms, source)
 
     def theta_sq_norm(self, modality: Modality) -> float:
         """``|theta|^2`` of one tower's projection."""
@@ -174,11 +169,7 @@ def _tee_to_parquet(stream: Iterable[EncodedPairs], path: Path, metadata: Encode
 
 
 def read_encoded(path: str | Path, rows_per_batch: int = 4096) -> tuple[EncodedMetadata, int, Iterator[EncodedPairs]]:
-    """Open an encoded-pairs Parquet file.
-
-    Returns:
-        ``(metadata, num_rows, batches)``, the batches streamed ``rows_per_batch`` at a time.
-    """
+    """Open an encoded-pairs file: ``(metadata, num_rows, batches of rows_per_batch rows)``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"encoded pairs not found: {path}")
@@ -372,6 +363,13 @@ def _add_chunks(stream: Iterable[EncodedPairs], curvature: ChunkCurvature) -> in
             curvature.add_chunk(*chunk.tensors())
             buffer, buffered = [rest], len(rest)
     return buffered
+
+
+def fit_posterior(
+    encoder: ClipEncoder, pairs: PairReader | str | Path, chunk_size: int = DEFAULT_CHUNK_SIZE, **options
+) -> PosteriorPair:
+    """Fit and return the posterior; ``options`` are :class:`PosteriorFitter` arguments."""
+    return PosteriorFitter(chunk_size, **options).fit(encoder, pairs).posterior_
 
 
 def encode_pairs(
