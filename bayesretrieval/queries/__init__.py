@@ -1,0 +1,35 @@
+"""The search engine: FAISS candidates, exact certified rerank, scores, filters, calibration.
+
+Layers, each usable alone:
+
+- :mod:`~bayesretrieval.queries.uncertainty`: cosine moments of (query, candidate) pairs
+  for the KFAC scalars, a per-item diagonal variance or a low-rank factor;
+- :mod:`~bayesretrieval.queries.scorers`: the ranking scores, by name;
+- :mod:`~bayesretrieval.queries.bounds` and :mod:`~bayesretrieval.queries.candidates`: FAISS
+  candidates grown until the MATH.md section 5 certificate holds;
+- :mod:`~bayesretrieval.queries.filters`: subsets through FAISS ID selectors;
+- :mod:`~bayesretrieval.queries.calibration`: the probit link and its storage;
+- :mod:`~bayesretrieval.queries.searcher`: :class:`Searcher`, the whole engine;
+- :mod:`~bayesretrieval.queries.report`: the HTML results page.
+"""
+
+from bayesretrieval.queries.calibration import LogisticCalibration, ProbitCalibration
+from bayesretrieval.queries.candidates import CandidateSearch, SearchOutcome, StoredRows
+from bayesretrieval.queries.filters import ItemFilter
+from bayesretrieval.queries.scorers import ScoreName, make_scorer
+from bayesretrieval.queries.searcher import RESULT_COLUMNS, Searcher
+from bayesretrieval.queries.uncertainty import UncertaintyForm
+
+__all__ = [
+    "RESULT_COLUMNS",
+    "CandidateSearch",
+    "ItemFilter",
+    "LogisticCalibration",
+    "ProbitCalibration",
+    "ScoreName",
+    "SearchOutcome",
+    "Searcher",
+    "StoredRows",
+    "UncertaintyForm",
+    "make_scorer",
+]

@@ -1,0 +1,191 @@
+"""Upper bounds on the scores of items FAISS has not returned (MATH.md section 5).
+
+FAISS returns candidates by ``f = mu_x . mu_y / (r_I r_y)`` with ``r_I^2 = |mu_x|^2 + q tr Sigma_I``
+(the stored vectors) and ``r_y^2 = E|y|^2``. Any item not returned has ``f <= f_min``, the
+smallest inner product returned (plus float32 slack). Every score here is ``f`` times a
+positive per-item factor times a per-query factor, or is bounded by such a product plus a
+bound on the standard deviation, so collection-wide extremes of a few per-item ratios
+turn ``f_min`` into a bound on the score of every unreturned item.
+
+The extremes are computed once, when an index is opened, from the memory-mapped arrays
+(``O(N)`` for the scalars, ``O(N D)`` when per-item variance columns are present).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bayesretrieval.queries.uncertainty import ModelCovariances, QuerySide, UncertaintyForm
+from bayesretrieval.similarity import CosineEstimator
+
+CHUNK_ROWS = 262_144
+
+
+@dataclass(frozen=True)
+class CollectionBounds:
+    """Extremes over the collection of the per-item ratios the bounds need.
+
+    With ``r_I^2 = |mu|^2 + q tr Sigma_I`` (FAISS's normaliser), ``t`` the item's covariance
+    trace (``q tr Sigma_I`` for ``kfac``, ``tr S_i`` for the per-item forms) and
+    ``r_S^2 = |mu|^2 + t``:
+
+    Attributes:
+        noise_ratio_max: ``max t / r_S^2`` (how much of ``E|x|^2`` is noise).
+        plain_noise_ratio_max: ``max t / |mu|^2``.
+        mean_factor_min: ``min r_I / r_S``; ``E[cos] = f * (r_I / r_S)``.
+        mean_factor_max: ``max r_I / r_S``.
+        map_factor_min: ``min r_I / |mu|``; ``cos(mu_x, mu_y) = f * (r_I / |mu|) * (r_y / |mu_y|)``.
+        map_factor_max: ``max r_I / |mu|``.
+    """
+
+    noise_ratio_max: float
+    plain_noise_ratio_max: float
+    mean_factor_min: float
+    mean_factor_max: float
+    map_factor_min: float
+    map_factor_max: float
+
+    @classmethod
+    def compute(cls, scalars, trace_image: float, form: UncertaintyForm | str = UncertaintyForm.KFAC,
+                variance_diag=None, variance_lowrank=None) -> "CollectionBounds":
+        """Scan the stored arrays in chunks.
+
+        Args:
+            scalars: ``(N, 6)`` stored scalars (memory-mapped is fine).
+            trace_image: ``tr Sigma_I``.
+            form: which item covariance the scores use.
+            variance_diag: ``(N, D)`` or ``None`` (needed for the per-item forms).
+            variance_lowrank: ``(N, r, D)`` or ``None`` (needed for ``lowrank``).
+
+        Returns:
+            The extremes; an empty collection gives all-zero ratios and unit factors.
+        """
+        form = UncertaintyForm(form)
+        parts = []
+        for start in range(0, len(scalars), CHUNK_ROWS):
+            rows = slice(start, start + CHUNK_ROWS)
+            block = np.asarray(scalars[rows], dtype=np.float64)
+            norm_sq = np.maximum(block[:, 1], 1e-300)
+            faiss_sq = norm_sq + block[:, 0] * trace_image
+            if form is UncertaintyForm.KFAC:
+                trace = block[:, 0] * trace_image
+            else:
+                trace = np.asarray(variance_diag[rows], dtype=np.float64).sum(1)
+                if form is UncertaintyForm.LOWRANK:
+                    trace = trace + np.square(np.asarray(variance_lowrank[rows], dtype=np.float64)).sum((1, 2))
+            own_sq = norm_sq + trace
+            parts.append(np.stack([
+                trace / own_sq, trace / norm_sq, np.sqrt(faiss_sq / own_sq), np.sqrt(faiss_sq / norm_sq)
+            ], axis=1))
+        if not parts:
+            return cls(0.0, 0.0, 1.0, 1.0, 1.0, 1.0)
+        table = np.concatenate(parts)
+        return cls(
+            noise_ratio_max=float(table[:, 0].max()), plain_noise_ratio_max=float(table[:, 1].max()),
+            mean_factor_min=float(table[:, 2].min()), mean_factor_max=float(table[:, 2].max()),
+            map_factor_min=float(table[:, 3].min()), map_factor_max=float(table[:, 3].max()),
+        )
+
+
+@dataclass
+class ScoreBounds:
+    """Upper bounds for one batch of queries on what any unreturned item can reach.
+
+    Attributes:
+        mean: ``(nq,)`` bound on ``E[cos]``.
+        var: ``(nq,)`` bound on ``Var[cos]`` over the whole collection.
+        map_cosine: ``(nq,)`` bound on the cosine of the means.
+    """
+
+    mean: np.ndarray
+    var: np.ndarray
+    map_cosine: np.ndarray
+
+
+def _scaled_bound(f_bound: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Bound on ``f * c`` for ``f <= f_bound`` and ``c`` in ``[low, high]`` (``c > 0``)."""
+    return np.where(f_bound > 0, f_bound * high, f_bound * low)
+
+
+def score_bounds(
+    f_bound: np.ndarray,
+    query: QuerySide,
+    covs: ModelCovariances,
+    extremes: CollectionBounds,
+    form: UncertaintyForm | str,
+    estimator: CosineEstimator | str,
+    spectra: tuple[float, float],
+) -> ScoreBounds:
+    """Bounds for items with FAISS inner product at most ``f_bound`` ``(nq,)``.
+
+    Args:
+        f_bound: ``(nq,)`` largest FAISS inner product an unreturned item can have.
+        query: the prepared queries.
+        covs: the covariances the estimator uses.
+        extremes: the collection's ratio extremes.
+        form: the item uncertainty form.
+        estimator: the cosine estimator.
+        spectra: largest eigenvalues ``(lambda_max Sigma_I, lambda_max Sigma_Q)``.
+
+    Returns:
+        The bounds, each ``(nq,)``.
+    """
+    estimator = CosineEstimator(estimator)
+    f_bound = np.asarray(f_bound, dtype=np.float64)
+    y = query.stats
+    map_factor = (query.expected_norm / torch.sqrt(y.norm_sq)).numpy()
+    map_bound = _scaled_bound(f_bound, extremes.map_factor_min, extremes.map_factor_max) * map_factor
+    if estimator is CosineEstimator.DELTA:
+        mean_bound = map_bound
+    else:
+        mean_bound = _scaled_bound(f_bound, extremes.mean_factor_min, extremes.mean_factor_max)
+    var_bound = _VARIANCE_BOUNDS[estimator](y, covs, extremes, UncertaintyForm(form), spectra)
+    return ScoreBounds(mean_bound, var_bound.numpy(), map_bound)
+
+
+def _item_unit_terms(covs, form, spectra):
+    """``(lambda_max, tr(S Sigma_Q), tr(S^2))`` per unit of the item-noise ratio."""
+    if form is UncertaintyForm.KFAC:
+        trace = covs.constants.trace_x
+        return spectra[0] / trace, covs.constants.trace_xy / trace, covs.constants.trace_xx / trace**2
+    return 1.0, spectra[1], 1.0
+
+
+def _second_order_variance_bound(y, covs, extremes, form, spectra) -> torch.Tensor:
+    """Bound on the second-order (and ProbCosine) variance over all items.
+
+    With ``rho = max t / r_S^2`` and ``r_y^2 = E|y|^2``, by Cauchy-Schwarz on each term of
+    :func:`bayesretrieval.similarity._moments_second_order`::
+
+        Var <= 4 rho lam_I |mu_y|^2 / r_y^2 + 4 q_y lam_Q / r_y^2 + rho q_y tr(S Sigma_Q) / r_y^2
+               + (rho^2 tr(S^2) + q_y^2 tr(Sigma_Q^2) / r_y^4) / 2
+
+    (per unit of noise). ProbCosine's variance is a subset of these terms.
+    """
+    lam_item, trace_xy, trace_xx = _item_unit_terms(covs, form, spectra)
+    rho = extremes.noise_ratio_max
+    ry2 = y.expected_norm_sq(covs.constants.trace_y)
+    return (4 * rho * lam_item * y.norm_sq / ry2 + 4 * y.scale * spectra[1] / ry2 + rho * y.scale * trace_xy / ry2
+            + 0.5 * (rho**2 * trace_xx + y.scale**2 * covs.constants.trace_yy / ry2**2))
+
+
+def _delta_variance_bound(y, covs, extremes, form, spectra) -> torch.Tensor:
+    """Bound on the delta-method variance: ``|grad_x| <= 2 / |mu_x|`` and its mirror."""
+    lam_item, _, _ = _item_unit_terms(covs, form, spectra)
+    return 4 * extremes.plain_noise_ratio_max * lam_item + 4 * y.scale * spectra[1] / y.norm_sq
+
+
+_VARIANCE_BOUNDS = {
+    CosineEstimator.PUBLISHED: _second_order_variance_bound,
+    CosineEstimator.KRONECKER: _second_order_variance_bound,
+    CosineEstimator.SECOND_ORDER: _second_order_variance_bound,
+    CosineEstimator.DELTA: _delta_variance_bound,
+}
+
+
+def largest_eigenvalues(covs: ModelCovariances) -> tuple[float, float]:
+    """``(lambda_max Sigma_I, lambda_max Sigma_Q)`` of the covariances in use."""
+    return tuple(float(torch.linalg.eigvalsh(c)[-1]) for c in (covs.item_cov, covs.query_cov))

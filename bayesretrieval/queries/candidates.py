@@ -1,0 +1,215 @@
+"""FAISS candidates, exact rerank from stored means and scalars, and the exactness certificate.
+
+FAISS returns ``kc`` candidates per query by the expected cosine of the stored vectors;
+the candidates' means and scalars are gathered from the (memory-mapped) arrays in
+``O(kc)`` and scored exactly in float64. A query's top-``k`` is certified when its
+``k``-th score is above the bound on any unreturned item's score (MATH.md section 5,
+:mod:`bayesretrieval.queries.bounds`); uncertified queries are searched again with four
+times as many candidates, up to a limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from bayesretrieval.queries.bounds import CollectionBounds, largest_eigenvalues, score_bounds
+from bayesretrieval.queries.scorers import Scorer
+from bayesretrieval.queries.uncertainty import (
+    Candidates,
+    ModelCovariances,
+    PairMoments,
+    QuerySide,
+    UncertaintyForm,
+    candidate_moments,
+)
+from bayesretrieval.similarity import CosineEstimator
+
+GROWTH = 4
+DEFAULT_MAX_CANDIDATES = 65_536
+
+
+class StoredRows:
+    """Random access to the stored rows by item id (sorted ids, memory-mapped arrays welcome).
+
+    Args:
+        item_ids: ``(N,)`` int64, sorted.
+        means: ``(N, D)`` float32.
+        scalars: ``(N, 6)`` float64.
+        variance_diag: ``(N, D)`` or ``None``.
+        variance_lowrank: ``(N, r, D)`` or ``None``.
+    """
+
+    def __init__(self, item_ids, means, scalars, variance_diag=None, variance_lowrank=None):
+        self.item_ids, self.means, self.scalars = item_ids, means, scalars
+        self.variance_diag, self.variance_lowrank = variance_diag, variance_lowrank
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def gather(self, I: np.ndarray, form: UncertaintyForm) -> Candidates:
+        """Rows for ids ``I`` ``(nq, kc)`` (``-1`` allowed), as :class:`Candidates`.
+
+        Raises:
+            ValueError: if an id is not stored (index and arrays disagree).
+        """
+        flat = I.reshape(-1)
+        valid = flat >= 0
+        pos = np.searchsorted(self.item_ids, flat[valid])
+        if pos.size and (pos.max() >= len(self.item_ids) or np.any(np.asarray(self.item_ids[pos]) != flat[valid])):
+            raise ValueError("FAISS returned ids missing from the stored arrays (corrupt index)")
+        rows = np.zeros(flat.size, dtype=np.int64)
+        rows[valid] = pos
+
+        def take(array, fill):
+            if array is None:
+                return None
+            out = np.asarray(array[rows])
+            out[~valid] = fill
+            return out.reshape(*I.shape, *out.shape[1:])
+
+        keep_variance = UncertaintyForm(form) is not UncertaintyForm.KFAC
+        return Candidates(
+            I, take(self.means, 0), take(self.scalars, 1),
+            take(self.variance_diag, 0) if keep_variance else None,
+            take(self.variance_lowrank, 0) if UncertaintyForm(form) is UncertaintyForm.LOWRANK else None,
+        )
+
+
+@dataclass
+class SearchOutcome:
+    """Certified top-``k`` of a batch of queries.
+
+    Attributes:
+        item_ids: ``(nq, k)`` int64, ``-1`` padding when fewer items are eligible.
+        scores: ``(nq, k)`` float64.
+        mean: ``(nq, k)`` ``E[cos]``.
+        var: ``(nq, k)`` ``Var[cos]``.
+        map_cosine: ``(nq, k)`` cosine of the means.
+        certified: ``(nq,)`` whether the certificate held (no unreturned item can enter).
+        exact: ``(nq,)`` certified and FAISS's ranking exhaustive: equal to a brute-force rerank.
+        candidates: ``(nq,)`` candidate-set size the last round used.
+    """
+
+    item_ids: np.ndarray
+    scores: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+    map_cosine: np.ndarray
+    certified: np.ndarray
+    exact: np.ndarray
+    candidates: np.ndarray
+
+
+def is_exhaustive(index: faiss.Index, nprobe: int | None) -> bool:
+    """Whether FAISS's ranking is exact: flat storage, and every IVF list probed."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else index
+    if isinstance(inner, faiss.IndexFlat):
+        return True
+    if isinstance(inner, faiss.IndexIVFFlat):
+        return (nprobe or inner.nprobe) >= inner.nlist
+    return False
+
+
+def search_parameters(index: faiss.Index, selector, nprobe: int | None):
+    """FAISS search parameters with an optional ID selector and ``nprobe`` (IVF)."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else index
+    if isinstance(inner, faiss.IndexIVF):
+        params = faiss.SearchParametersIVF()
+        params.nprobe = int(nprobe or inner.nprobe)
+    else:
+        params = faiss.SearchParameters()
+    if selector is not None:
+        params.sel = selector
+    return params
+
+
+class CandidateSearch:
+    """Certified exact reranking over a FAISS index and the stored arrays.
+
+    Args:
+        index: inner-product FAISS index over ``mu / sqrt(|mu|^2 + q tr Sigma_I)``, ids = item ids.
+        items: the stored rows.
+        covs: covariances for the query modality and estimator.
+        extremes: the collection's ratio extremes (see :class:`CollectionBounds`).
+        form: the item uncertainty form.
+        estimator: the cosine estimator.
+    """
+
+    def __init__(self, index, items: StoredRows, covs: ModelCovariances, extremes: CollectionBounds,
+                 form: UncertaintyForm | str = UncertaintyForm.KFAC,
+                 estimator: CosineEstimator | str = CosineEstimator.SECOND_ORDER):
+        if index.d != covs.item_cov.shape[0]:
+            raise ValueError(f"FAISS index has dim {index.d}, posterior has dim {covs.item_cov.shape[0]}")
+        self.index, self.items, self.covs, self.extremes = index, items, covs, extremes
+        self.form, self.estimator = UncertaintyForm(form), CosineEstimator(estimator)
+        self.spectra = largest_eigenvalues(covs)
+        self.slack = (index.d + 8) * 2.0**-24
+
+    def moments(self, query: QuerySide, I: np.ndarray) -> PairMoments:
+        """Exact moments of queries with the items ``I`` ``(nq, kc)``."""
+        return candidate_moments(query, self.items.gather(I, self.form), self.covs, self.form, self.estimator)
+
+    def search(self, query: QuerySide, scorer: Scorer, k: int, selector=None, nprobe: int | None = None,
+               candidates: int | None = None, max_candidates: int = DEFAULT_MAX_CANDIDATES) -> SearchOutcome:
+        """Top ``k`` per query by ``scorer``, growing the candidate set until certified.
+
+        Args:
+            query: ``nq`` prepared queries.
+            scorer: the ranking score.
+            k: results per query (``>= 1``).
+            selector: a FAISS ``IDSelector`` restricting the search, or ``None``.
+            nprobe: IVF lists to probe (``None``: the index's setting).
+            candidates: first-round candidate count (default ``max(2 k, k + 32)``).
+            max_candidates: stop growing here and report the query as not certified.
+
+        Returns:
+            The outcome, arrays ``(nq, k)`` and ``(nq,)``.
+        """
+        nq = query.means.shape[0]
+        xq = query.faiss_queries()
+        params = search_parameters(self.index, selector, nprobe)
+        exhaustive = is_exhaustive(self.index, nprobe)
+        total = max(int(self.index.ntotal), 1)
+        kc = min(max(candidates or max(2 * k, k + 32), k), total)
+        out = _empty_outcome(nq, k)
+        pending = np.arange(nq)
+        while pending.size:
+            D, I = self.index.search(xq[pending], kc, params=params)
+            sub = query.take(pending)
+            moments = self.moments(sub, I)
+            ranking = scorer.rank(moments, I, k)
+            exhausted = (I[:, -1] < 0) | (kc >= total)
+            bound = scorer.upper_bound(score_bounds(D[:, -1].astype(np.float64) + self.slack, sub, self.covs,
+                                                   self.extremes, self.form, self.estimator, self.spectra))
+            kth = ranking.scores[:, -1] if ranking.scores.shape[1] == k else np.full(len(pending), -np.inf)
+            certified = exhausted | (kth > bound)
+            done = certified | (kc >= max_candidates)
+            _store(out, pending[done], ranking, moments, I, done)
+            out.certified[pending[done]] = certified[done]
+            out.candidates[pending[done]] = kc
+            pending = pending[~done]
+            kc = min(kc * GROWTH, total, max(max_candidates, k))
+        out.exact = out.certified & exhaustive
+        return out
+
+
+def _empty_outcome(nq: int, k: int) -> SearchOutcome:
+    nan = np.full((nq, k), np.nan)
+    return SearchOutcome(np.full((nq, k), -1, np.int64), np.full((nq, k), -np.inf), nan.copy(), nan.copy(),
+                         nan.copy(), np.zeros(nq, bool), np.zeros(nq, bool), np.zeros(nq, np.int64))
+
+
+def _store(out: SearchOutcome, rows: np.ndarray, ranking, moments: PairMoments, I: np.ndarray, done: np.ndarray):
+    pos = ranking.positions[done]
+    found = pos >= 0
+    safe = np.where(found, pos, 0)
+    width = pos.shape[1]
+    pick = lambda a: np.where(found, np.take_along_axis(np.asarray(a)[done], safe, axis=1), np.nan)  # noqa: E731
+    out.item_ids[rows, :width] = np.where(found, np.take_along_axis(I[done], safe, axis=1), -1)
+    out.scores[rows, :width] = ranking.scores[done]
+    out.mean[rows, :width] = pick(moments.mean.numpy())
+    out.var[rows, :width] = pick(moments.var.numpy())
+    out.map_cosine[rows, :width] = pick(moments.map_cosine.numpy())

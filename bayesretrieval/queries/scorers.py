@@ -1,0 +1,213 @@
+"""Ranking scores over cosine moments (MATH.md section 5), resolved by name.
+
+A scorer implements :meth:`Scorer.score` (the score of every (query, candidate)) and
+:meth:`Scorer.upper_bound` (what an item FAISS did not return could reach at most); the
+base class validates, masks missing candidates and ranks with a deterministic tie-break
+(higher score first, then smaller ``item_id``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from bayesretrieval.queries.bounds import ScoreBounds
+from bayesretrieval.queries.calibration import ProbitCalibration
+from bayesretrieval.queries.uncertainty import PairMoments
+
+
+class ScoreName(str, Enum):
+    """The ranking scores."""
+
+    EXPECTED = "expected"
+    """Expected cosine ``m = E[cos]``."""
+    LCB = "lcb"
+    """Risk-averse lower confidence bound ``m - kappa sqrt(v)``."""
+    UCB = "ucb"
+    """Optimistic upper confidence bound ``m + kappa sqrt(v)``."""
+    PROBABILITY = "probability"
+    """Calibrated probability of a match ``Phi((m - tau) / sqrt(v + noise_std^2))``."""
+    MAP = "map"
+    """Plain cosine of the mean embeddings (the deterministic CLIP baseline)."""
+
+
+@dataclass
+class Ranking:
+    """Top-``k`` of every query among its candidates.
+
+    Attributes:
+        positions: ``(nq, k)`` int64 column positions into the candidate arrays, ``-1`` padding.
+        scores: ``(nq, k)`` float64 scores, ``-inf`` padding.
+    """
+
+    positions: np.ndarray
+    scores: np.ndarray
+
+
+class Scorer:
+    """Base class: validates inputs, masks missing candidates, ranks.
+
+    Subclasses set :attr:`name` and implement :meth:`score` and :meth:`upper_bound`.
+    """
+
+    name: ClassVar[ScoreName]
+
+    @classmethod
+    def from_options(cls, kappa: float, calibration: ProbitCalibration | None) -> "Scorer":
+        """Build from the search options (most scorers take none)."""
+        return cls()
+
+    def score(self, moments: PairMoments) -> torch.Tensor:
+        """The score of every (query, candidate), ``(nq, kc)``."""
+        raise NotImplementedError
+
+    def upper_bound(self, bounds: ScoreBounds) -> np.ndarray:
+        """``(nq,)``: no item with moments inside ``bounds`` can score higher."""
+        raise NotImplementedError
+
+    def scores(self, moments: PairMoments, item_ids: np.ndarray) -> np.ndarray:
+        """Validated scores ``(nq, kc)`` float64 with ``-inf`` where ``item_ids == -1``."""
+        if tuple(moments.mean.shape) != item_ids.shape:
+            raise ValueError(f"moments have shape {tuple(moments.mean.shape)}, item ids {item_ids.shape}")
+        values = self.score(moments).numpy().astype(np.float64, copy=True)
+        values[item_ids < 0] = -np.inf
+        return values
+
+    def rank(self, moments: PairMoments, item_ids: np.ndarray, k: int) -> Ranking:
+        """Top ``k`` per query by score, ties broken by the smaller item id.
+
+        Args:
+            moments: ``(nq, kc)`` moments of the candidates.
+            item_ids: ``(nq, kc)`` candidate ids, ``-1`` for none.
+            k: how many to keep.
+
+        Returns:
+            The ranking, ``(nq, min(k, kc))``.
+        """
+        values = self.scores(moments, item_ids)
+        order = np.lexsort((item_ids, -values), axis=-1)[:, :k]
+        scores = np.take_along_axis(values, order, axis=1)
+        positions = np.where(np.isneginf(scores), -1, order)
+        return Ranking(positions, scores)
+
+
+class ExpectedScorer(Scorer):
+    """``m``."""
+
+    name = ScoreName.EXPECTED
+
+    def score(self, moments):
+        return moments.mean
+
+    def upper_bound(self, bounds):
+        return bounds.mean
+
+
+@dataclass
+class LowerBoundScorer(Scorer):
+    """``m - kappa sqrt(v)``; never above ``m``, so the bound on ``m`` bounds it."""
+
+    kappa: float = 1.0
+    name: ClassVar[ScoreName] = ScoreName.LCB
+
+    @classmethod
+    def from_options(cls, kappa, calibration):
+        return cls(kappa)
+
+    def score(self, moments):
+        return moments.mean - self.kappa * moments.var.sqrt()
+
+    def upper_bound(self, bounds):
+        return bounds.mean
+
+
+@dataclass
+class UpperBoundScorer(Scorer):
+    """``m + kappa sqrt(v)``, bounded with the collection-wide bound on ``v``."""
+
+    kappa: float = 1.0
+    name: ClassVar[ScoreName] = ScoreName.UCB
+
+    @classmethod
+    def from_options(cls, kappa, calibration):
+        return cls(kappa)
+
+    def score(self, moments):
+        return moments.mean + self.kappa * moments.var.sqrt()
+
+    def upper_bound(self, bounds):
+        return bounds.mean + self.kappa * np.sqrt(bounds.var)
+
+
+@dataclass
+class ProbabilityScorer(Scorer):
+    """Calibrated match probability of a fitted :class:`ProbitCalibration`."""
+
+    calibration: ProbitCalibration
+    name: ClassVar[ScoreName] = ScoreName.PROBABILITY
+
+    @classmethod
+    def from_options(cls, kappa, calibration):
+        if calibration is None:
+            raise ValueError("score 'probability' needs a calibration; run `bayesretrieval calibrate` on the index")
+        calibration.check_fitted()
+        return cls(calibration)
+
+    def score(self, moments):
+        return self.calibration.probability(moments.mean, moments.var)
+
+    def upper_bound(self, bounds):
+        """``Phi(z)`` with ``z`` maximised: the largest variance helps only when ``m < tau``."""
+        gap = bounds.mean - self.calibration.threshold_
+        noise_var = self.calibration.noise_std_**2
+        return _phi(gap / np.sqrt(np.where(gap < 0, bounds.var + noise_var, noise_var)))
+
+
+class MapScorer(Scorer):
+    """``cos(mu_x, mu_y)``."""
+
+    name = ScoreName.MAP
+
+    def score(self, moments):
+        return moments.map_cosine
+
+    def upper_bound(self, bounds):
+        return bounds.map_cosine
+
+
+def _phi(z: np.ndarray) -> np.ndarray:
+    return torch.special.ndtr(torch.from_numpy(np.asarray(z, dtype=np.float64))).numpy()
+
+
+def make_scorer(score: ScoreName | str, kappa: float = 1.0, calibration: ProbitCalibration | None = None) -> Scorer:
+    """Build the scorer named ``score``.
+
+    Args:
+        score: a :class:`ScoreName` or its value.
+        kappa: the confidence multiplier of ``lcb`` / ``ucb`` (``>= 0``).
+        calibration: the fitted probit link, required for ``probability``.
+
+    Raises:
+        ValueError: for an unknown name, a negative or non-finite ``kappa``, or
+            ``probability`` without a fitted calibration.
+    """
+    try:
+        name = ScoreName(score)
+    except ValueError:
+        raise ValueError(f"unknown score {score!r}; expected one of {[s.value for s in ScoreName]}") from None
+    if not np.isfinite(kappa) or kappa < 0:
+        raise ValueError(f"kappa must be a finite number >= 0, got {kappa}")
+    return _SCORERS[name].from_options(kappa, calibration)
+
+
+_SCORERS: dict[ScoreName, type[Scorer]] = {
+    ScoreName.EXPECTED: ExpectedScorer,
+    ScoreName.LCB: LowerBoundScorer,
+    ScoreName.UCB: UpperBoundScorer,
+    ScoreName.PROBABILITY: ProbabilityScorer,
+    ScoreName.MAP: MapScorer,
+}

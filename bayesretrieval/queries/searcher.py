@@ -1,0 +1,294 @@
+"""The query engine: open an index directory, encode queries, search, calibrate.
+
+Usage::
+
+    searcher = Searcher.open("my_index")
+    results = searcher.search(["a red circle", "a blue square"], k=10, score="lcb", kappa=1.0)
+    results[["query", "rank", "path", "score", "cosine_mean", "cosine_std"]]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from bayesretrieval.encoders import ClipEncoder, Encoded
+from bayesretrieval.posterior import Modality
+from bayesretrieval.queries.bounds import CollectionBounds
+from bayesretrieval.queries.calibration import ProbitCalibration, load_calibration, save_calibration
+from bayesretrieval.queries.candidates import DEFAULT_MAX_CANDIDATES, CandidateSearch, SearchOutcome, StoredRows
+from bayesretrieval.queries.filters import ItemFilter, id_selector
+from bayesretrieval.queries.scorers import ScoreName, make_scorer
+from bayesretrieval.queries.uncertainty import ModelCovariances, PairMoments, QuerySide, UncertaintyForm
+from bayesretrieval.similarity import DEFAULT_ESTIMATOR, CosineEstimator
+from bayesretrieval.store import IndexReader, VarianceKind
+
+RESULT_COLUMNS = ("query", "query_index", "rank", "item_id", "path", "score", "cosine_mean", "cosine_std",
+                  "logit_mean", "logit_std", "probability", "exact")
+"""Columns of :meth:`Searcher.search`'s DataFrame (``probability`` is NaN without a calibration)."""
+
+_FORM_BY_VARIANCE = {VarianceKind.NONE: UncertaintyForm.KFAC, VarianceKind.DIAG: UncertaintyForm.DIAG,
+                     VarianceKind.LOWRANK: UncertaintyForm.LOWRANK}
+
+
+@dataclass
+class Queries:
+    """Encoded queries of one modality.
+
+    Attributes:
+        labels: ``nq`` labels for the result table (the texts, or ``"#i"``).
+        means: ``(nq, D)`` unnormalised means.
+        scales: ``(nq,)`` ``q_y``.
+        modality: text or image.
+    """
+
+    labels: list
+    means: torch.Tensor
+    scales: torch.Tensor
+    modality: Modality
+
+
+class Searcher:
+    """Search one index directory with a CLIP encoder and the index's posterior.
+
+    Args:
+        reader: the opened index.
+        encoder: the encoder the index was built with (``None``: only precomputed queries).
+        index_dir: the index directory (where calibrations are stored).
+        estimator: the cosine estimator (default ``second_order``).
+        form: item uncertainty form; default: the richest the index holds.
+        logit_scale: ``s``; default the encoder's (100 without an encoder).
+    """
+
+    def __init__(self, reader: IndexReader, encoder: ClipEncoder | None = None, index_dir: str | Path | None = None,
+                 estimator: CosineEstimator | str = DEFAULT_ESTIMATOR, form: UncertaintyForm | str | None = None,
+                 logit_scale: float | None = None):
+        self.reader, self.encoder = reader, encoder
+        self.index_dir = Path(index_dir) if index_dir is not None else reader.version_dir.parent.parent
+        self.estimator = CosineEstimator(estimator)
+        self.form = UncertaintyForm(form) if form is not None else _FORM_BY_VARIANCE[reader.manifest.variance_spec.kind]
+        if self.form is not UncertaintyForm.KFAC and reader.variance_diag is None:
+            raise ValueError(f"uncertainty form {self.form.value!r} needs variance columns; index has "
+                             f"variance {reader.manifest.variance!r}")
+        self.logit_scale = float(logit_scale if logit_scale is not None else (encoder.logit_scale if encoder else 100.0))
+        self.posterior = reader.posterior
+        self.rows = StoredRows(reader.item_ids, reader.means, reader.scalars, reader.variance_diag,
+                               reader.variance_lowrank)
+        self.extremes = CollectionBounds.compute(reader.scalars, reader.trace_image, self.form,
+                                                 reader.variance_diag, reader.variance_lowrank)
+        self._engines: dict[Modality, CandidateSearch] = {}
+
+    @classmethod
+    def open(cls, index_dir: str | Path, encoder: ClipEncoder | None = None, device: str = "cpu",
+             **options) -> "Searcher":
+        """Open ``INDEX_DIR``: its manifest, posterior, FAISS index and encoder.
+
+        Args:
+            index_dir: the index directory.
+            encoder: an already loaded encoder (checked against the manifest); default:
+                load the manifest's model.
+            device: where to load the model.
+            **options: ``estimator``, ``form``, ``logit_scale`` (see :class:`Searcher`).
+
+        Raises:
+            FileNotFoundError: if there is no index at ``index_dir``.
+            ValueError: if the model or posterior does not match the manifest.
+        """
+        reader = IndexReader.open(index_dir)
+        identity = reader.model
+        if encoder is None:
+            encoder = ClipEncoder.from_pretrained(identity.model_name, identity.pretrained, device=device)
+        if not encoder.identity.matches(identity):
+            raise ValueError(f"index {index_dir} was built with model {identity.to_dict()}, "
+                             f"the encoder is {encoder.identity.to_dict()}")
+        posterior = reader.posterior
+        expected = reader.manifest.posterior.get("fingerprint")
+        if posterior.fingerprint != expected:
+            raise ValueError(f"index {index_dir}: stored posterior fingerprint {posterior.fingerprint[:12]} "
+                             f"differs from the manifest's {str(expected)[:12]}")
+        posterior.check_encoder(encoder)
+        return cls(reader, encoder, index_dir, **options)
+
+    def engine(self, modality: Modality | str) -> CandidateSearch:
+        """The candidate search for queries of ``modality`` (built once)."""
+        modality = Modality(modality)
+        if modality not in self._engines:
+            covs = ModelCovariances.from_posterior(self.posterior, modality, self.estimator)
+            self._engines[modality] = CandidateSearch(self.reader.faiss_index, self.rows, covs, self.extremes,
+                                                      self.form, self.estimator)
+        return self._engines[modality]
+
+    def encode(self, queries, modality: Modality | str | None = None) -> Queries:
+        """Encode texts, images (PIL images or a preprocessed ``(nq, 3, H, W)`` tensor) or take
+        precomputed :class:`~bayesretrieval.encoders.Encoded` (``modality`` says which tower).
+
+        Raises:
+            ValueError: for no queries, an empty text, or queries that need a model when
+                the searcher has none.
+        """
+        if isinstance(queries, Encoded):
+            modality = Modality(modality or Modality.TEXT)
+            labels = [f"#{i}" for i in range(len(queries.embeds))]
+            return self._from_encoded(queries, modality, labels)
+        if isinstance(queries, str):
+            queries = [queries]
+        queries = list(queries) if not isinstance(queries, torch.Tensor) else queries
+        if len(queries) == 0:
+            raise ValueError("no queries given")
+        if self.encoder is None:
+            raise ValueError("this searcher has no encoder; pass precomputed Encoded queries")
+        if isinstance(queries, list) and all(isinstance(q, str) for q in queries):
+            empty = [i for i, q in enumerate(queries) if not q.strip()]
+            if empty:
+                raise ValueError(f"query {empty[0]} is empty; every query needs some text")
+            return self._from_encoded(self.encoder.encode_texts(queries), Modality.TEXT, list(queries))
+        images = queries if isinstance(queries, torch.Tensor) else torch.stack([self.encoder.preprocess(q) for q in queries])
+        labels = [getattr(q, "filename", "") or f"image #{i}" for i, q in enumerate(queries)] \
+            if isinstance(queries, list) else [f"image #{i}" for i in range(len(queries))]
+        return self._from_encoded(self.encoder.encode_images(images), Modality.IMAGE, labels)
+
+    def _from_encoded(self, encoded: Encoded, modality: Modality, labels: list) -> Queries:
+        posterior = self.posterior.image if modality is Modality.IMAGE else self.posterior.text
+        if encoded.embeds.ndim != 2 or encoded.embeds.shape[1] != self.reader.embed_dim:
+            raise ValueError(f"query embeddings have shape {tuple(encoded.embeds.shape)}, "
+                             f"index has dim {self.reader.embed_dim}")
+        if len(encoded.embeds) == 0:
+            raise ValueError("no queries given")
+        return Queries(labels, encoded.embeds.to(torch.float64), posterior.activation_scale(encoded.activations), modality)
+
+    def search(self, queries, k: int = 10, score: ScoreName | str = ScoreName.EXPECTED, kappa: float = 1.0,
+               threshold: float | None = None, where: ItemFilter | None = None, modality: Modality | str | None = None,
+               nprobe: int | None = None, candidates: int | None = None,
+               max_candidates: int = DEFAULT_MAX_CANDIDATES) -> pd.DataFrame:
+        """Search for one or many queries.
+
+        Args:
+            queries: a text, a list of texts, a list of PIL images, a preprocessed image
+                tensor ``(nq, 3, H, W)``, or precomputed :class:`Encoded` queries.
+            k: results per query (``>= 1``); more than the collection returns all of it.
+            score: ``expected``, ``lcb``, ``ucb``, ``probability`` or ``map``.
+            kappa: multiplier of the std for ``lcb`` / ``ucb``.
+            threshold: keep only results whose calibrated match probability is at least
+                this (needs a calibration).
+            where: restrict the search to a subset.
+            modality: the modality of precomputed ``Encoded`` queries (default text).
+            nprobe: IVF lists to probe.
+            candidates: first-round candidate count.
+            max_candidates: give up certifying beyond this many candidates.
+
+        Returns:
+            One row per (query, rank), columns :data:`RESULT_COLUMNS`; ``attrs`` holds
+            ``score``, ``exact`` (all queries exact), ``candidates`` (per query) and
+            ``estimator``.
+
+        Raises:
+            ValueError: for bad arguments (empty query, ``k <= 0``, unknown score, ...).
+        """
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if threshold is not None and not 0 <= threshold <= 1:
+            raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
+        encoded = self.encode(queries, modality)
+        wants_probability = threshold is not None or getattr(score, "value", score) == ScoreName.PROBABILITY.value
+        calibration = self.calibration(encoded.modality, required=wants_probability)
+        scorer = make_scorer(score, kappa, calibration)
+        if threshold is not None and calibration is None:
+            raise ValueError("threshold needs a calibration; run `bayesretrieval calibrate` on the index first")
+        engine = self.engine(encoded.modality)
+        query = QuerySide.build(encoded.means, encoded.scales, engine.covs)
+        selector, k_eff = None, min(int(k), len(self.reader))
+        if where is not None and not where.is_empty:
+            allowed = where.select(self.reader)
+            selector, k_eff = id_selector(allowed), min(int(k), len(allowed))
+        if k_eff == 0:
+            return _frame([], score, np.zeros(0, bool), np.zeros(0, np.int64), self.estimator)
+        outcome = engine.search(query, scorer, k_eff, selector, nprobe, candidates, max_candidates)
+        rows = self._rows(encoded, outcome, calibration, threshold)
+        return _frame(rows, score, outcome.exact, outcome.candidates, self.estimator)
+
+    def _rows(self, encoded: Queries, outcome: SearchOutcome, calibration, threshold) -> list:
+        found = outcome.item_ids >= 0
+        paths = iter(self.reader.fetch(outcome.item_ids[found]).paths)
+        probability = (calibration.probability(outcome.mean, outcome.var) if calibration is not None
+                       else np.full(outcome.mean.shape, np.nan))
+        std, s = np.sqrt(outcome.var), self.logit_scale
+        rows = []
+        for qi, row in zip(*np.nonzero(found)):
+            path = next(paths)
+            if threshold is not None and probability[qi, row] < threshold:
+                continue
+            rows.append((encoded.labels[qi], int(qi), int(row) + 1, int(outcome.item_ids[qi, row]), path,
+                         outcome.scores[qi, row], outcome.mean[qi, row], std[qi, row], s * outcome.mean[qi, row],
+                         s * std[qi, row], probability[qi, row], bool(outcome.exact[qi])))
+        return rows
+
+    def calibration(self, modality: Modality | str = Modality.TEXT, required: bool = False) -> ProbitCalibration | None:
+        """The stored probit link for queries of ``modality``, or ``None``.
+
+        Raises:
+            ValueError: when ``required`` and the stored link was fitted for another
+                posterior, estimator or uncertainty form.
+        """
+        try:
+            return load_calibration(self.index_dir, Modality(modality).value, self._calibration_tags())
+        except ValueError:
+            if required:
+                raise
+            return None
+
+    def _calibration_tags(self) -> dict:
+        return {"posterior_fingerprint": self.posterior.fingerprint, "estimator": self.estimator.value,
+                "form": self.form.value}
+
+    def pair_moments(self, queries, item_ids: Sequence[int], modality: Modality | str | None = None) -> PairMoments:
+        """Moments of given (query, item) pairs: ``item_ids[i]`` paired with ``queries[i]``.
+
+        Returns:
+            :class:`PairMoments` with arrays of shape ``(n, 1)``.
+        """
+        return self._pair_moments(self.encode(queries, modality), item_ids)
+
+    def _pair_moments(self, encoded: Queries, item_ids) -> PairMoments:
+        ids = np.asarray(item_ids, dtype=np.int64).reshape(-1, 1)
+        if len(ids) != len(encoded.labels):
+            raise ValueError(f"{len(encoded.labels)} queries but {len(ids)} item ids")
+        missing = ids[self.reader.positions(ids) < 0]
+        if missing.size:
+            raise ValueError(f"item ids not in the index: {missing[:10].tolist()}")
+        engine = self.engine(encoded.modality)
+        return engine.moments(QuerySide.build(encoded.means, encoded.scales, engine.covs), ids)
+
+    def calibrate(self, queries, item_ids: Sequence[int], labels, modality: Modality | str | None = None,
+                  save: bool = True) -> ProbitCalibration:
+        """Fit the probit link on labelled pairs and (by default) store it in the index directory.
+
+        Args:
+            queries: ``n`` queries (anything :meth:`encode` takes), one per pair.
+            item_ids: ``n`` item ids.
+            labels: ``n`` 0/1 match labels.
+            modality: modality of precomputed queries.
+            save: write ``INDEX_DIR/calibration.json``.
+
+        Returns:
+            The fitted link.
+        """
+        encoded = self.encode(queries, modality)
+        moments = self._pair_moments(encoded, item_ids)
+        link = ProbitCalibration().fit(moments.mean, moments.var, labels)
+        if save:
+            tags = {**self._calibration_tags(), "pairs": int(moments.mean.numel()),
+                    "positives": int(np.sum(np.asarray(labels, dtype=bool)))}
+            save_calibration(self.index_dir, encoded.modality.value, link, tags)
+        return link
+
+
+def _frame(rows, score, exact, candidates, estimator) -> pd.DataFrame:
+    frame = pd.DataFrame.from_records(rows, columns=list(RESULT_COLUMNS))
+    frame.attrs.update(score=ScoreName(score).value, exact=bool(np.all(exact)), estimator=estimator.value,
+                       candidates=[int(c) for c in candidates])
+    return frame
