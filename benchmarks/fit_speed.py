@@ -11,7 +11,8 @@ Three measurements, all in this run, on this machine:
 3. End to end through ``PosteriorFitter.fit`` on a folder of PNG pairs with the tiny
    model (decode, encode, curvature, lambda).
 
-Prints a table and writes JSON (default ``results/fit_speed.json``).
+Prints a table and writes JSON (default ``results/fit_speed.json``). On a machine shared
+with other busy processes, ``--threads 1`` avoids torch's threads waiting on each other.
 
     .venv/bin/python benchmarks/fit_speed.py
 """
@@ -43,6 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--encode-batches", type=int, default=3, help="timed ViT-B-32 batches of 32")
     parser.add_argument("--pipeline-pairs", type=int, default=2048, help="pairs for the end-to-end run")
     parser.add_argument("--pipeline-chunk", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--output", type=Path, default=Path("results/fit_speed.json"))
     return parser.parse_args(argv)
 
@@ -110,6 +112,8 @@ def time_pipeline(num_pairs: int, chunk_size: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     results = {"threads": torch.get_num_threads(), "shapes": VIT_B_32, "source_batch": args.source_batch}
     time_curvature(256, args.source_batch)  # warm-up: first-call allocation and thread start-up
     results["curvature"] = [time_curvature(c, args.source_batch, args.repeats) for c in args.chunk_sizes]
