@@ -186,7 +186,7 @@ class PairReader:
 
     Attributes:
         layout: the detected :class:`PairLayout`.
-        skipped: pairs left out so far, with reasons.
+        skipped: pairs the latest pass left out, with reasons (reset by each pass).
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
@@ -240,6 +240,7 @@ class PairReader:
 
     def iter_pairs(self) -> Iterator[Pair]:
         """Yield pairs with a non-empty caption, in file order (images not opened)."""
+        self.skipped = []
         if self.layout is PairLayout.FOLDER:
             yield from self._folder_pairs()
         else:
