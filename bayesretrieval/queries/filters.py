@@ -8,6 +8,7 @@ certificate of :mod:`bayesretrieval.queries.candidates` holds on the subset.
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -59,8 +60,8 @@ class ItemFilter:
             if self.path_prefix is not None:
                 mask = pc.and_(mask, pc.starts_with(table["path"], self.path_prefix))
             if self.path_glob is not None:
-                regex = fnmatch.translate(self.path_glob)
-                mask = pc.and_(mask, pc.match_substring_regex(table["path"], regex))
+                matcher = re.compile(fnmatch.translate(self.path_glob)).match
+                mask = pc.and_(mask, pa.array([matcher(p) is not None for p in table["path"].to_pylist()]))
             allowed = np.intersect1d(allowed, table["item_id"].filter(mask).to_numpy())
         if self.where is not None:
             allowed = np.intersect1d(allowed, _where_ids(reader, self.where))

@@ -1,0 +1,228 @@
+"""Certified search equals a brute-force rerank over the whole collection (ties by item id)."""
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from bayesretrieval.encoders import Encoded
+from bayesretrieval.indexing.scalars import ScalarComputer
+from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair
+from bayesretrieval.queries import ItemFilter, ProbitCalibration, Searcher
+from bayesretrieval.queries.calibration import save_calibration
+from bayesretrieval.queries.uncertainty import Candidates, ModelCovariances, QuerySide, candidate_moments
+from bayesretrieval.similarity import cosine_moments
+from bayesretrieval.store import IndexReader, ItemArrays, VarianceSpec, VersionInfo, write_version
+from bayesretrieval.store.format import SKIPPED_SCHEMA
+from reference import brute_force_top_k, random_spd
+
+D, H_IMAGE, H_TEXT = 16, 8, 6
+MODEL = {"model_name": "bayes-tiny", "pretrained": None, "checkpoint_sha256": None}
+
+
+def small_posterior(seed: int = 0) -> PosteriorPair:
+    g = torch.Generator().manual_seed(seed)
+    image = KroneckerPosterior.from_factors(random_spd(H_IMAGE, g), random_spd(D, g), 10.0, 5.0, "image")
+    text = KroneckerPosterior.from_factors(random_spd(H_TEXT, g), random_spd(D, g), 10.0, 5.0, "text")
+    return PosteriorPair(image, text, source="search-test")
+
+
+def build_index(path, n=10_000, variance="none", factory="Flat", seed=0, duplicates=200):
+    """A written index: clustered means, per-item noise from 0.2x to 1x, exact duplicate rows."""
+    rng = np.random.default_rng(seed)
+    posterior = small_posterior(seed)
+    centres = rng.normal(size=(40, D))
+    means = (centres[rng.integers(0, 40, n)] + 0.6 * rng.normal(size=(n, D))).astype(np.float32)
+    activations = rng.normal(size=(n, H_IMAGE)) * rng.uniform(0.2, 1.0, (n, 1))
+    means[-duplicates:], activations[-duplicates:] = means[:duplicates], activations[:duplicates]
+    spec = VarianceSpec.parse(variance)
+    rows = ScalarComputer(posterior, spec).from_activations(torch.from_numpy(means).double(), torch.from_numpy(activations))
+    ids = rng.permutation(np.arange(5, 5 + 3 * n, 3))[:n].astype(np.int64)
+    folders = np.where(np.arange(n) % 3 == 0, "cats", "dogs")
+    items = ItemArrays(ids, [f"{f}/img_{i:05d}.png" for f, i in zip(folders, ids)], np.arange(n) + 100,
+                       np.full(n, 1, np.int64), (32 + np.arange(n) % 5 * 16).astype(np.int32),
+                       np.full(n, 64, np.int32), means, rows.scalars, rows.variance_diag, rows.variance_lowrank)
+    info = VersionInfo("images", str(path), MODEL, spec, factory, int(ids.max()) + 1)
+    write_version(path, items, SKIPPED_SCHEMA.empty_table(), posterior, info)
+    return path
+
+
+def text_queries(nq=6, seed=1, modality="text"):
+    rng = np.random.default_rng(seed)
+    width = H_TEXT if modality == "text" else H_IMAGE
+    embeds = torch.from_numpy(rng.normal(size=(nq, D)) * 1.5)
+    return Encoded(embeds, torch.from_numpy(rng.normal(size=(nq, width)) * 0.7))
+
+
+@pytest.fixture(scope="module")
+def flat_index(tmp_path_factory):
+    return build_index(tmp_path_factory.mktemp("flat"))
+
+
+def reference_scores(reader, encoded, score, kappa=1.0, modality="text", calibration=None):
+    """All-pairs scores ``(nq, N)`` from the dense covariances (independent of the engine)."""
+    posterior = reader.posterior
+    query_post = posterior.text if modality == "text" else posterior.image
+    means = torch.from_numpy(np.asarray(reader.means, dtype=np.float64))
+    q = torch.from_numpy(np.array(reader.scalars[:, 0]))
+    mean, var = cosine_moments(means, q, posterior.image.output_cov, encoded.embeds.double(),
+                               query_post.activation_scale(encoded.activations), query_post.output_cov)
+    mean, var = mean.T.numpy(), var.T.numpy()
+    y = encoded.embeds.double().numpy()
+    plain = y @ means.numpy().T / np.outer(np.linalg.norm(y, axis=1), np.linalg.norm(means.numpy(), axis=1))
+    return {"expected": mean, "lcb": mean - kappa * np.sqrt(var), "ucb": mean + kappa * np.sqrt(var), "map": plain,
+            "probability": None if calibration is None else calibration.probability(mean, var)}[score]
+
+
+def assert_same_ranking(frame, ref_ids, ref_values, nq):
+    for qi in range(nq):
+        rows = frame[frame.query_index == qi].sort_values("rank")
+        got_ids, got_values = rows.item_id.to_numpy(), rows.score.to_numpy()
+        assert len(got_ids) == len(ref_ids[qi])
+        np.testing.assert_allclose(got_values, ref_values[qi], rtol=1e-9, atol=1e-12)
+        for got, want, value in zip(got_ids, ref_ids[qi], ref_values[qi]):
+            if got != want:  # only tied scores may swap
+                assert np.sum(np.isclose(ref_values[qi], value, rtol=1e-9, atol=1e-12)) > 1
+
+
+@pytest.mark.parametrize("score,kappa", [("expected", 1.0), ("lcb", 1.0), ("lcb", 3.0), ("ucb", 1.0), ("map", 1.0)])
+def test_search_equals_brute_force(flat_index, score, kappa):
+    reader = IndexReader.open(flat_index)
+    searcher = Searcher(reader, None, flat_index)
+    queries = text_queries()
+    frame = searcher.search(queries, k=10, score=score, kappa=kappa)
+    ref_ids, ref_values = brute_force_top_k(reference_scores(reader, queries, score, kappa), reader.item_ids, 10)
+    assert_same_ranking(frame, ref_ids, ref_values, 6)
+    assert frame.attrs["exact"] and frame.exact.all()
+    if score == "lcb" and kappa == 3.0:
+        assert max(frame.attrs["candidates"]) > 42  # the certificate needed a grown set
+
+
+def test_duplicates_tie_and_break_by_item_id(flat_index):
+    reader = IndexReader.open(flat_index)
+    searcher = Searcher(reader, None, flat_index)
+    pos = np.asarray(reader.positions(reader.item_ids))
+    means = np.asarray(reader.means, dtype=np.float64)
+    _, first = np.unique(means, axis=0, return_inverse=True)
+    twins = [p for p in pos if np.sum(first == first[p]) > 1][:1]
+    query = Encoded(torch.from_numpy(means[twins]), torch.zeros(1, H_TEXT))
+    frame = searcher.search(query, k=4)
+    top = frame.sort_values("rank")
+    assert top.score.iloc[0] == top.score.iloc[1]
+    assert top.item_id.iloc[0] < top.item_id.iloc[1]
+
+
+def test_probability_score_and_threshold(flat_index, tmp_path):
+    reader = IndexReader.open(flat_index)
+    searcher = Searcher(reader, None, flat_index)
+    with pytest.raises(ValueError, match="calibration"):
+        searcher.search(text_queries(), k=5, score="probability")
+    link = ProbitCalibration.from_dict({"threshold": 0.5, "noise_std": 0.05})
+    save_calibration(flat_index, "text", link, searcher._calibration_tags())
+    queries = text_queries()
+    frame = searcher.search(queries, k=10, score="probability")
+    ref = reference_scores(reader, queries, "probability", calibration=link)
+    ref_ids, ref_values = brute_force_top_k(ref, reader.item_ids, 10)
+    assert_same_ranking(frame, ref_ids, ref_values, 6)
+    kept = searcher.search(queries, k=10, score="expected", threshold=0.9)
+    assert (kept.probability >= 0.9).all() and len(kept) < 60
+    (flat_index / "calibration.json").unlink()
+
+
+@pytest.mark.parametrize("variance,form", [("diag", "diag"), ("lowrank:3", "lowrank")])
+@pytest.mark.parametrize("score", ["lcb", "ucb", "expected"])
+def test_per_item_forms_equal_brute_force(tmp_path, variance, form, score):
+    path = build_index(tmp_path, n=10_000, variance=variance, seed=2)
+    reader = IndexReader.open(path)
+    searcher = Searcher(reader, None, path)
+    assert searcher.form.value == form
+    queries = text_queries(4, seed=3)
+    frame = searcher.search(queries, k=10, score=score, kappa=2.0)
+    covs = ModelCovariances.from_posterior(reader.posterior, "text", "second_order")
+    query = QuerySide.build(queries.embeds, reader.posterior.text.activation_scale(queries.activations), covs)
+    n = len(reader)
+    every = Candidates(np.tile(np.asarray(reader.item_ids), (4, 1)), np.repeat(np.asarray(reader.means)[None], 4, 0),
+                       np.repeat(np.asarray(reader.scalars)[None], 4, 0),
+                       np.repeat(np.asarray(reader.variance_diag)[None], 4, 0),
+                       None if reader.variance_lowrank is None else np.repeat(np.asarray(reader.variance_lowrank)[None], 4, 0))
+    moments = candidate_moments(query, every, covs, form)
+    sign = {"lcb": -2.0, "ucb": 2.0, "expected": 0.0}[score]
+    ref = (moments.mean + sign * moments.var.sqrt()).numpy()
+    assert ref.shape == (4, n)
+    ref_ids, ref_values = brute_force_top_k(ref, reader.item_ids, 10)
+    assert_same_ranking(frame, ref_ids, ref_values, 4)
+    assert frame.attrs["exact"]
+
+
+def test_filters_are_exact(flat_index):
+    reader = IndexReader.open(flat_index)
+    searcher = Searcher(reader, None, flat_index)
+    queries = text_queries(3, seed=5)
+    ref = reference_scores(reader, queries, "lcb", 2.0)
+    items = reader.read_items(columns=["item_id", "path", "width"]).to_pandas()
+    some_ids = set(items.item_id.iloc[::7].tolist())
+    cases = [
+        (ItemFilter(item_ids=sorted(some_ids)), some_ids),
+        (ItemFilter(path_prefix="cats/"), set(items.item_id[items.path.str.startswith("cats/")])),
+        (ItemFilter(path_glob="*/img_*1.png"), set(items.item_id[items.path.str.endswith("1.png")])),
+        (ItemFilter(where="width >= 80"), set(items.item_id[items.width >= 80])),
+        (ItemFilter(where=pc.field("width") < 48, path_prefix="dogs/"),
+         set(items.item_id[(items.width < 48) & items.path.str.startswith("dogs/")])),
+    ]
+    for item_filter, allowed in cases:
+        assert 0 < len(allowed) < len(items)
+        frame = searcher.search(queries, k=10, score="lcb", kappa=2.0, where=item_filter)
+        assert set(frame.item_id) <= allowed
+        ref_ids, ref_values = brute_force_top_k(ref, reader.item_ids, 10, allowed)
+        assert_same_ranking(frame, ref_ids, ref_values, 3)
+        assert frame.attrs["exact"]
+
+
+def test_image_queries_use_image_posterior_on_both_sides(flat_index):
+    reader = IndexReader.open(flat_index)
+    searcher = Searcher(reader, None, flat_index)
+    queries = text_queries(3, seed=6, modality="image")
+    frame = searcher.search(queries, k=10, score="lcb", modality="image")
+    ref = reference_scores(reader, queries, "lcb", modality="image")
+    ref_ids, ref_values = brute_force_top_k(ref, reader.item_ids, 10)
+    assert_same_ranking(frame, ref_ids, ref_values, 3)
+
+
+def test_ivf_is_exact_only_when_every_list_is_probed(tmp_path):
+    path = build_index(tmp_path, n=10_000, factory="IVF16,Flat", seed=4)
+    reader = IndexReader.open(path)
+    searcher = Searcher(reader, None, path)
+    queries = text_queries(4, seed=7)
+    probed = searcher.search(queries, k=10, score="lcb", nprobe=2)
+    assert not probed.attrs["exact"]
+    full = searcher.search(queries, k=10, score="lcb", nprobe=16)
+    assert full.attrs["exact"]
+    ref_ids, ref_values = brute_force_top_k(reference_scores(reader, queries, "lcb"), reader.item_ids, 10)
+    assert_same_ranking(full, ref_ids, ref_values, 4)
+
+
+def test_k_larger_than_collection_returns_everything(tmp_path):
+    path = build_index(tmp_path, n=30, duplicates=2)
+    searcher = Searcher(IndexReader.open(path), None, path)
+    frame = searcher.search(text_queries(2), k=1000, score="ucb")
+    assert len(frame) == 60 and frame.attrs["exact"]
+    assert sorted(frame[frame.query_index == 0].item_id) == sorted(IndexReader.open(path).item_ids.tolist())
+    assert len(searcher.search(text_queries(1), k=5, where=ItemFilter(item_ids=[-99]))) == 0
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"k": 0}, "k must be"), ({"k": 2.5}, "k must be"), ({"score": "best"}, "unknown score"),
+    ({"kappa": -1.0, "score": "lcb"}, "kappa"), ({"threshold": 1.5}, "threshold"),
+])
+def test_bad_arguments_raise(flat_index, kwargs, message):
+    searcher = Searcher(IndexReader.open(flat_index), None, flat_index)
+    with pytest.raises(ValueError, match=message):
+        searcher.search(text_queries(1), **kwargs)
+
+
+def test_queries_without_encoder_or_wrong_dim_raise(flat_index):
+    searcher = Searcher(IndexReader.open(flat_index), None, flat_index)
+    with pytest.raises(ValueError, match="no encoder"):
+        searcher.search("a red circle")
+    with pytest.raises(ValueError, match="dim"):
+        searcher.search(Encoded(torch.zeros(1, D + 1), torch.zeros(1, H_TEXT)))
