@@ -17,6 +17,8 @@ COMMAND_MODULES = (
     "bayesretrieval.commands.fit_posterior",
     "bayesretrieval.commands.build_index",
     "bayesretrieval.commands.export",
+    "bayesretrieval.commands.search",
+    "bayesretrieval.commands.calibrate",
 )
 
 

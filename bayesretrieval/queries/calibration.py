@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from scipy import optimize, special
 
+from bayesretrieval import metrics
 from bayesretrieval.store.writer import write_text_atomic
 
 CALIBRATION_FILE = "calibration.json"
@@ -211,3 +212,28 @@ def load_calibration(index_dir: str | Path, query_modality: str, expected_tags: 
             raise ValueError(f"calibration in {index_dir} was fitted with {key}={entry.get(key)!r}, "
                              f"this search uses {expected!r}; run `bayesretrieval calibrate` again")
     return ProbitCalibration.from_dict(entry)
+
+
+def evaluate_links(fit_moments, fit_labels, eval_moments, eval_labels, bins: int = 15) -> dict:
+    """Fit the probit link and the logistic-on-MAP baseline on one set, score both on another.
+
+    Args:
+        fit_moments: :class:`~bayesretrieval.queries.uncertainty.PairMoments` of the fitting pairs.
+        fit_labels: their 0/1 labels.
+        eval_moments: moments of the held-out pairs.
+        eval_labels: their labels.
+        bins: ECE bins.
+
+    Returns:
+        ``{"probit": {...}, "logistic_map": {...}}`` each with ``ece``, ``nll``, ``brier``,
+        plus the fitted parameters.
+    """
+    probit = ProbitCalibration().fit(fit_moments.mean, fit_moments.var, fit_labels)
+    logistic = LogisticCalibration().fit(fit_moments.map_cosine, fit_labels)
+    p_probit = probit.probability(_flat(eval_moments.mean, "mean"), _flat(eval_moments.var, "var"))
+    p_logistic = logistic.probability(_flat(eval_moments.map_cosine, "map_cosine"))
+    scores = lambda p: {"ece": metrics.expected_calibration_error(p, eval_labels, bins),  # noqa: E731
+                        "nll": metrics.negative_log_likelihood(p, eval_labels),
+                        "brier": metrics.brier_score(p, eval_labels)}
+    return {"probit": {**scores(p_probit), "threshold": probit.threshold_, "noise_std": probit.noise_std_},
+            "logistic_map": {**scores(p_logistic), "slope": logistic.slope_, "intercept": logistic.intercept_}}

@@ -1,0 +1,177 @@
+"""``bayesretrieval search``: text-to-image (or image-to-image) search of an index directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from bayesretrieval.cli import CommandError
+from bayesretrieval.queries.candidates import DEFAULT_MAX_CANDIDATES
+from bayesretrieval.queries.filters import ItemFilter
+from bayesretrieval.queries.report import render_html
+from bayesretrieval.queries.scorers import ScoreName
+from bayesretrieval.queries.searcher import Searcher
+from bayesretrieval.similarity import DEFAULT_ESTIMATOR, CosineEstimator
+from bayesretrieval.store import IndexReader
+
+DESCRIPTION = """\
+Search an index built by `bayesretrieval build-index` with one or more text queries
+(or --image files to find similar images). Scores (MATH.md section 5):
+
+  expected     expected cosine E[cos]
+  lcb          E[cos] - kappa * std   (risk-averse: prefers results the model is sure of)
+  ucb          E[cos] + kappa * std   (optimistic)
+  probability  calibrated probability of a match (run `bayesretrieval calibrate` first)
+  map          plain cosine of the mean embeddings (deterministic CLIP)
+
+Results are reranked exactly from the stored means; the `exact` column says whether a
+query's top-k is certified equal to a brute-force rerank of the whole collection."""
+
+OUTPUT_FORMATS = ("table", "json", "csv")
+TABLE_COLUMNS = ["query", "rank", "score", "cosine_mean", "cosine_std", "probability", "path", "exact"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``search`` subcommand."""
+    parser = subparsers.add_parser("search", help="search an index with text (or image) queries",
+                                   description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("index_dir", type=Path, metavar="INDEX_DIR")
+    parser.add_argument("queries", nargs="*", metavar="QUERY", help="query texts")
+    parser.add_argument("--query-file", type=Path, help="queries: .txt (one per line), .json (list), .csv/.parquet "
+                                                        "(column 'query')")
+    parser.add_argument("--image", type=Path, nargs="+", help="image files as queries (find similar images)")
+    parser.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    parser.add_argument("--score", default=ScoreName.EXPECTED.value, help=f"one of {[s.value for s in ScoreName]}")
+    parser.add_argument("--kappa", type=float, default=1.0, help="std multiplier for lcb/ucb (default 1)")
+    parser.add_argument("--threshold", type=float, help="keep results with calibrated probability >= this")
+    parser.add_argument("--estimator", default=DEFAULT_ESTIMATOR.value,
+                        help=f"cosine estimator, one of {[e.value for e in CosineEstimator]}")
+    parser.add_argument("--ids", help="only these item ids (comma-separated)")
+    parser.add_argument("--path-prefix", help="only paths starting with this")
+    parser.add_argument("--glob", help="only paths matching this pattern, e.g. 'beach/*.jpg'")
+    parser.add_argument("--where", help="only items whose Parquet columns satisfy this, e.g. 'width >= 512'")
+    parser.add_argument("--format", choices=OUTPUT_FORMATS, default="table", help="output format (default table)")
+    parser.add_argument("--html", type=Path, metavar="OUT.html", help="also write an HTML page with thumbnails")
+    parser.add_argument("--image-root", type=Path, help="folder the item paths are relative to (for --html; "
+                                                        "default: the indexed folder)")
+    parser.add_argument("--nprobe", type=int, help="IVF lists to probe")
+    parser.add_argument("--candidates", type=int, help="first-round candidates per query")
+    parser.add_argument("--max-candidates", type=int, default=DEFAULT_MAX_CANDIDATES)
+    parser.add_argument("--device", default="cpu")
+    parser.set_defaults(run=run)
+
+
+def read_query_file(path: Path) -> list[str]:
+    """Queries from a .txt, .json, .csv or .parquet file.
+
+    Raises:
+        CommandError: if the file is missing or does not parse.
+    """
+    if not path.is_file():
+        raise CommandError(f"query file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            data = data.get("queries") if isinstance(data, dict) else data
+            if not isinstance(data, list) or not all(isinstance(q, str) for q in data):
+                raise ValueError("expected a JSON list of strings (or {\"queries\": [...]})")
+            return data
+        if suffix in (".csv", ".parquet"):
+            frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+            if "query" not in frame.columns:
+                raise ValueError(f"no 'query' column (columns: {list(frame.columns)})")
+            return [str(q) for q in frame["query"]]
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (ValueError, UnicodeDecodeError, OSError, pd.errors.ParserError) as err:
+        raise CommandError(f"query file {path} does not parse: {err}") from None
+
+
+def _item_filter(args) -> ItemFilter | None:
+    ids = None
+    if args.ids:
+        try:
+            ids = [int(part) for part in args.ids.split(",") if part.strip()]
+        except ValueError:
+            raise CommandError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
+    item_filter = ItemFilter(ids, args.path_prefix, args.glob, args.where)
+    return None if item_filter.is_empty else item_filter
+
+
+def _queries(args):
+    texts = list(args.queries) + (read_query_file(args.query_file) if args.query_file else [])
+    if args.image:
+        if texts:
+            raise CommandError("give text queries or --image, not both")
+        images = []
+        for path in args.image:
+            try:
+                with Image.open(path) as image:
+                    images.append(image.convert("RGB"))
+                    images[-1].filename = str(path)
+            except (OSError, UnidentifiedImageError) as err:
+                raise CommandError(f"cannot read image query {path}: {err}") from None
+        return images
+    if not texts:
+        raise CommandError("no query given (pass QUERY texts, --query-file or --image)")
+    empty = [i for i, text in enumerate(texts) if not text.strip()]
+    if empty:
+        raise CommandError(f"query {empty[0] + 1} is empty")
+    return texts
+
+
+def _check_arguments(args) -> None:
+    if args.k <= 0:
+        raise CommandError(f"-k must be a positive integer, got {args.k}")
+    if args.score not in {s.value for s in ScoreName}:
+        raise CommandError(f"unknown score {args.score!r}; expected one of {[s.value for s in ScoreName]}")
+    if args.estimator not in {e.value for e in CosineEstimator}:
+        raise CommandError(f"unknown estimator {args.estimator!r}; expected one of "
+                           f"{[e.value for e in CosineEstimator]}")
+    if not args.index_dir.is_dir():
+        raise CommandError(f"index directory not found: {args.index_dir}")
+
+
+def format_results(results: pd.DataFrame, output_format: str) -> str:
+    """The results as a readable table, JSON records or CSV."""
+    if output_format == "json":
+        return json.dumps({"score": results.attrs.get("score"), "exact": results.attrs.get("exact"),
+                           "results": json.loads(results.to_json(orient="records"))}, indent=2)
+    if output_format == "csv":
+        return results.to_csv(index=False)
+    if results.empty:
+        return "no results"
+    view = results[TABLE_COLUMNS].copy()
+    view["cosine"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(view.cosine_mean, view.cosine_std)]
+    view["score"] = view.score.map(lambda v: f"{v:.4f}")
+    view["probability"] = view.probability.map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
+    columns = ["query", "rank", "score", "cosine", "probability", "path", "exact"]
+    if view.probability.eq("").all():
+        columns.remove("probability")
+    return view[columns].to_string(index=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Search and print the results."""
+    _check_arguments(args)
+    queries = _queries(args)
+    item_filter = _item_filter(args)
+    IndexReader.open(args.index_dir)  # fail fast on a directory that is not an index
+    searcher = Searcher.open(args.index_dir, device=args.device, estimator=args.estimator)
+    results = searcher.search(queries, k=args.k, score=args.score, kappa=args.kappa, threshold=args.threshold,
+                              where=item_filter, nprobe=args.nprobe, candidates=args.candidates,
+                              max_candidates=args.max_candidates)
+    sys.stdout.write(format_results(results, args.format).rstrip("\n") + "\n")
+    if args.html:
+        image_root = args.image_root or Path(searcher.reader.manifest.source_root)
+        args.html.write_text(render_html(results, image_root, title=f"search: {args.index_dir}"), encoding="utf-8")
+        print(f"wrote {args.html}", file=sys.stderr)
+    if not results.attrs.get("exact", True):
+        print("note: some results are approximate (certificate not reached or approximate FAISS index)",
+              file=sys.stderr)
+    return 0
