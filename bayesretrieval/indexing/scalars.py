@@ -44,8 +44,8 @@ class ScalarComputer:
         self.variance = variance
         self._sigma_image = posterior.image.output_cov.to(torch.float64)
         self._sigma_text = posterior.text.output_cov.to(torch.float64)
-        self._diag_image = torch.diag(torch.diagonal(self._sigma_image))
-        self._diag_text = torch.diag(torch.diagonal(self._sigma_text))
+        self._var_image = torch.diagonal(self._sigma_image).clone()
+        self._var_text = torch.diagonal(self._sigma_text).clone()
         self._lowrank_basis = None
         self._lowrank_residual = None
         if variance.has_lowrank:
@@ -61,9 +61,10 @@ class ScalarComputer:
         if means.ndim != 2 or means.shape[1] != self.embed_dim:
             raise ValueError(f"means have shape {tuple(means.shape)}, posterior has D={self.embed_dim}")
         full = side_statistics(means, scales, self._sigma_image, self._sigma_text)
-        diag = side_statistics(means, scales, self._diag_image, self._diag_text)
+        squares = means.to(torch.float64) ** 2  # mu^T diag(Sigma) mu without a D x D product
         scalars = torch.stack(
-            [full.scale, full.norm_sq, full.own_quad, full.other_quad, diag.own_quad, diag.other_quad], dim=1
+            [full.scale, full.norm_sq, full.own_quad, full.other_quad,
+             squares @ self._var_image, squares @ self._var_text], dim=1
         ).numpy()
         return BatchUncertainty(scalars, *self._variance_columns(full.scale))
 
@@ -76,7 +77,7 @@ class ScalarComputer:
             return None, None
         q = scales.to(torch.float64)
         if self._lowrank_basis is None:
-            return (q[:, None] * torch.diagonal(self._sigma_image)[None, :]).float().numpy(), None
+            return (q[:, None] * self._var_image[None, :]).float().numpy(), None
         lowrank = q.sqrt()[:, None, None] * self._lowrank_basis[None]
         return (q[:, None] * self._lowrank_residual[None, :]).float().numpy(), lowrank.float().numpy()
 
