@@ -14,8 +14,12 @@ from bayesretrieval.posterior import load_bayesvlm_posterior, load_posterior
 from bayesretrieval.posterior.curvature import infonce_ggn
 from bayesretrieval.posterior.fit import PosteriorFitter, encode_pairs, fit_posterior
 from bayesretrieval.posterior.pairs import PairLayout, PairReader
+from tests.reference import auroc_pairwise
 
 NUM_GOOD = 22
+SHIFTS_WITH_MORE_VARIANCE = ("noise", "occlusion", "contrast", "jpeg")
+"""Pixel corruptions the fitted posterior flags. Blur lowers the variance and the held-out
+concept families sit at chance with the test model (benchmarks/posterior_shift_auroc.py)."""
 
 
 def _write_image(path, seed):
@@ -52,6 +56,8 @@ def test_folder_reader_skips_and_counts(pair_folder, encoder):
     assert sum(len(b.captions) for b in batches) == NUM_GOOD
     assert batches[0].images.shape[1:] == (3, 64, 64)
     assert reader.skip_counts() == {"missing": 0, "unreadable": 1, "no_caption": 1}
+    assert sum(len(b.captions) for b in reader.iter_batches(encoder.preprocess)) == NUM_GOOD
+    assert len(reader.skipped) == 2
 
 
 def test_table_readers_resolve_relative_paths_and_columns(tmp_path, encoder):
@@ -200,3 +206,28 @@ def test_no_readable_pairs_names_the_skips(tmp_path, encoder):
     with pytest.raises(ValueError, match="no readable pairs"):
         encode_pairs(encoder, tmp_path / "p.csv", tmp_path / "e.parquet")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv"]
+
+
+def test_benchmark_auroc_matches_pairwise_reference():
+    from benchmarks.posterior_shift_auroc import auroc
+
+    rng = np.random.default_rng(0)
+    negative, positive = rng.integers(0, 6, 40).astype(float), rng.integers(2, 8, 30).astype(float)
+    assert auroc(negative, positive) == pytest.approx(auroc_pairwise(negative, positive), abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def world_shift_aurocs():
+    """AUROCs of the fitted posterior's image variance, trained test model, severity 5."""
+    from benchmarks.posterior_shift_auroc import fit_on_world, shift_aurocs
+    from bayesretrieval.training import ModelSize, get_trained_model, model_name
+
+    trained = ClipEncoder.from_pretrained(model_name(ModelSize.TEST), get_trained_model(ModelSize.TEST))
+    fitter = fit_on_world(trained, n_fit=1024, seed=11, chunk_size=256)
+    rows = shift_aurocs(trained, fitter.posterior_, n_test=200, seed=12, severities=[5])
+    return {row["shift"]: row for row in rows}
+
+
+@pytest.mark.parametrize("shift", SHIFTS_WITH_MORE_VARIANCE)
+def test_fitted_posterior_gives_shifted_images_more_variance(world_shift_aurocs, shift):
+    assert world_shift_aurocs[shift]["auroc_total"] > 0.5
