@@ -2,8 +2,10 @@
 
 Trains (or fetches from the cache) the requested model sizes, draws a held-out test
 world of ``--n-images`` images (seed ``--world-seed``, never used in training) and its
-shifted versions, and measures Recall@k of full-caption queries labelled by the
-world's relevance function. Prints a Markdown table; ``--output`` also writes JSON.
+shifted versions, and measures Recall@k of full-caption queries (and, for the clean
+and held-out worlds, of "a {colour} {shape}" queries) labelled by the world's
+relevance function, over all queries and over the queries drawn from shifted images.
+Prints a Markdown table; ``--output`` also writes JSON.
 
     .venv/bin/python benchmarks/world_recall.py --sizes test benchmark --output recall.json
 """
@@ -25,7 +27,17 @@ from bayesretrieval.training import (
     model_name,
     read_checkpoint_metadata,
 )
-from bayesretrieval.world import MAX_SEVERITY, Shift, make_world, partial_query, query_text, world_recall
+from bayesretrieval.world import (
+    MAX_SEVERITY,
+    Shift,
+    World,
+    make_world,
+    partial_query,
+    query_text,
+    recall_at_k,
+    relevance_matrix,
+    similarity_scores,
+)
 
 KS = (1, 5, 10)
 
@@ -70,6 +82,19 @@ def train_or_fetch(size: str, seed: int) -> Path:
         return get_trained_model(size, seed, progress=progress)
 
 
+def measure(encoder: ClipEncoder, world: World, texts: list[str]) -> dict:
+    """Recall over all queries, and over the queries drawn from shifted images."""
+    scores = similarity_scores(encoder, world.images, texts)
+    relevant = relevance_matrix(texts, world.scenes)
+    shifted = world.shifted
+    subset = recall_at_k(scores[shifted], relevant[shifted], KS) if shifted.any() else None
+    return {
+        "recall": recall_at_k(scores, relevant, KS),
+        "recall_shifted": subset,
+        "n_shifted": int(shifted.sum()),
+    }
+
+
 def evaluate(size: str, args: argparse.Namespace) -> dict:
     """Recall of one model size under every condition."""
     path = train_or_fetch(size, args.train_seed)
@@ -78,12 +103,11 @@ def evaluate(size: str, args: argparse.Namespace) -> dict:
     todo = conditions(args.severities)
     for shift, severity in tqdm(todo, desc=f"evaluating {size}", unit="world"):
         world = make_world(args.n_images, seed=args.world_seed, shift=shift, severity=severity)
-        recall = world_recall(encoder, world, ks=KS)
-        rows.append({"shift": shift, "severity": severity, "queries": "full", "recall": recall})
-        if shift is None:
+        condition = {"shift": shift, "severity": severity}
+        rows.append({**condition, "queries": "full", **measure(encoder, world, world.captions)})
+        if shift is None or not Shift(shift).is_pixel:
             texts = [query_text(partial_query(s, ["colour", "shape"])) for s in world.scenes]
-            recall = world_recall(encoder, world, texts, ks=KS)
-            rows.append({"shift": None, "severity": 0, "queries": "colour+shape", "recall": recall})
+            rows.append({**condition, "queries": "colour+shape", **measure(encoder, world, texts)})
     return {
         "size": size,
         "model_name": model_name(size),
@@ -94,16 +118,21 @@ def evaluate(size: str, args: argparse.Namespace) -> dict:
 
 
 def markdown(results: list[dict]) -> str:
-    """One row per condition, R@1 / R@10 per model size."""
+    """One row per condition: R@1 / R@10 over all queries and over shifted images' queries."""
     header = "| shift | severity | queries | " + " | ".join(
-        f"{r['size']} R@1 | {r['size']} R@10" for r in results
+        f"{r['size']} R@1 | {r['size']} R@10 | {r['size']} R@10 shifted" for r in results
     )
-    lines = [header + " |", "|" + "---|" * (3 + 2 * len(results))]
+    lines = [header + " |", "|" + "---|" * (3 + 3 * len(results))]
     for i, row in enumerate(results[0]["rows"]):
         cells = [row["shift"] or "clean", str(row["severity"]), row["queries"]]
         for result in results:
-            recall = result["rows"][i]["recall"]
-            cells += [f"{recall[1]:.3f}", f"{recall[10]:.3f}"]
+            measured = result["rows"][i]
+            shifted = measured["recall_shifted"]
+            cells += [
+                f"{measured['recall'][1]:.3f}",
+                f"{measured['recall'][10]:.3f}",
+                f"{shifted[10]:.3f} (n={measured['n_shifted']})" if shifted else "-",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     for result in results:
         t = result["training"]

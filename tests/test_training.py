@@ -90,7 +90,8 @@ def test_get_trained_model_trains_once_then_uses_the_cache(quick_cache):
 
 
 def test_config_fingerprint_tracks_hyper_parameters():
-    assert QUICK.fingerprint() == TrainConfig(TINY_MODEL, steps=3, batch_size=8, warmup_steps=1).fingerprint()
+    same = TrainConfig(TINY_MODEL, steps=3, batch_size=8, warmup_steps=1)
+    assert QUICK.fingerprint() == same.fingerprint()
     assert QUICK.fingerprint() != dataclasses.replace(QUICK, lr=2e-3).fingerprint()
     with pytest.raises(ValueError, match="warmup_steps"):
         TrainConfig(TINY_MODEL, steps=3, warmup_steps=5)

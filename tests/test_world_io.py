@@ -55,7 +55,8 @@ def test_make_world_command_writes_a_world(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     make_world_command.register(parser.add_subparsers())
     out = tmp_path / "noisy"
-    args = parser.parse_args(["make-world", str(out), "-n", "12", "--shift", "noise", "--severity", "2"])
+    argv = ["make-world", str(out), "-n", "12", "--shift", "noise", "--severity", "2"]
+    args = parser.parse_args(argv)
     assert args.run(args) == 0
     frame, manifest = read_world_table(out)
     assert len(frame) == 12 and manifest["shift"] == "noise" and manifest["severity"] == 2

@@ -76,7 +76,8 @@ def similarity_scores(
     cfg = encoder.model.visual.preprocess_cfg
     size = tuple(cfg["size"])
     if images.shape[1:3] != size:
-        raise ValueError(f"images are {images.shape[1:3]}, model {encoder.identity.model_name!r} takes {size}")
+        name = encoder.identity.model_name
+        raise ValueError(f"images are {images.shape[1:3]}, model {name!r} takes {size}")
     pixels = images_to_tensor(images, cfg["mean"], cfg["std"])
     xb = torch.nn.functional.normalize(encoder.encode_images(pixels, batch_size).embeds, dim=-1)
     xq = torch.nn.functional.normalize(encoder.encode_texts(list(texts), batch_size).embeds, dim=-1)

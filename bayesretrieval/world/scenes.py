@@ -168,5 +168,6 @@ def attribute_codes(scenes: Sequence[Scene], max_objects: int = 2) -> np.ndarray
                 f"scene {row} has {len(scene.objects)} objects, max_objects is {max_objects}"
             )
         for slot, obj in enumerate(scene.objects):
-            codes[row, slot] = [index[obj.shape], index[obj.colour], index[obj.size], index[obj.position]]
+            attrs = (obj.shape, obj.colour, obj.size, obj.position)
+            codes[row, slot] = [index[a] for a in attrs]
     return codes

@@ -93,7 +93,8 @@ CORRUPTIONS: dict[Shift, Corruption] = {
 
 def check_severity(severity: int) -> int:
     """Validate a severity level (1 to 5) and return it."""
-    if isinstance(severity, bool) or int(severity) != severity or not 1 <= severity <= MAX_SEVERITY:
+    valid = not isinstance(severity, bool) and int(severity) == severity
+    if not valid or not 1 <= severity <= MAX_SEVERITY:
         raise ValueError(f"severity must be an integer in [1, {MAX_SEVERITY}], got {severity!r}")
     return int(severity)
 
@@ -115,11 +116,14 @@ def corrupt(
     shift = Shift(shift)
     if not shift.is_pixel:
         pixel = ", ".join(s.value for s in CORRUPTIONS)
-        raise ValueError(f"shift {shift.value!r} is not a pixel corruption; expected one of {pixel}")
+        raise ValueError(
+            f"shift {shift.value!r} is not a pixel corruption; expected one of {pixel}"
+        )
     severity = check_severity(severity)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(
             f"images must be uint8 (N, H, W, 3), got {images.dtype} {tuple(images.shape)}"
         )
-    function = CORRUPTIONS[shift]
-    return np.stack([function(image, severity, rng) for image in images]) if len(images) else images.copy()
+    if not len(images):
+        return images.copy()
+    return np.stack([CORRUPTIONS[shift](image, severity, rng) for image in images])
