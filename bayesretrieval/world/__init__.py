@@ -15,7 +15,7 @@ from bayesretrieval.world.captions import (
     partial_query,
     query_text,
 )
-from bayesretrieval.world.io import read_world, write_world
+from bayesretrieval.world.io import ImageFormat, read_world, read_world_table, write_world
 from bayesretrieval.world.recall import recall_at_k, similarity_scores, world_recall
 from bayesretrieval.world.relevance import matches, relevance_matrix
 from bayesretrieval.world.render import images_to_tensor, render_scene, render_scenes
@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_SPLIT",
     "MAX_SEVERITY",
     "Colour",
+    "ImageFormat",
     "ObjectPool",
     "ObjectQuery",
     "Part",
@@ -55,6 +56,7 @@ __all__ = [
     "partial_query",
     "query_text",
     "read_world",
+    "read_world_table",
     "recall_at_k",
     "relevance_matrix",
     "render_scene",

@@ -14,10 +14,9 @@ import numpy as np
 
 from bayesretrieval.world.captions import Query, parse_query
 from bayesretrieval.world.scenes import Scene, attribute_codes
-from bayesretrieval.world.vocab import Colour, Position, Shape, Size, Texture
+from bayesretrieval.world.vocab import ATTRIBUTES, Texture
 
 _ANY = -1
-_ENUMS = (Shape, Colour, Size, Position)
 
 
 def _query_codes(query: Query) -> np.ndarray:
@@ -25,7 +24,7 @@ def _query_codes(query: Query) -> np.ndarray:
     codes = np.full((len(query.objects), 4), _ANY, dtype=np.int64)
     for row, obj in enumerate(query.objects):
         for col, (enum, value) in enumerate(
-            zip(_ENUMS, (obj.shape, obj.colour, obj.size, obj.position))
+            zip(ATTRIBUTES, (obj.shape, obj.colour, obj.size, obj.position))
         ):
             if value is not None:
                 codes[row, col] = list(enum).index(value)

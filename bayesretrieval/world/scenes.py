@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from bayesretrieval.world.vocab import (
+    ATTRIBUTES,
     TWO_OBJECT_LAYOUTS,
     Colour,
     Position,
@@ -161,7 +162,7 @@ def attribute_codes(scenes: Sequence[Scene], max_objects: int = 2) -> np.ndarray
         position) in its vocabulary, and ``-2`` in the slots of absent objects.
     """
     codes = np.full((len(scenes), max_objects, 4), -2, dtype=np.int64)
-    index = {e: i for enum in (Shape, Colour, Size, Position) for i, e in enumerate(enum)}
+    index = {e: i for enum in ATTRIBUTES for i, e in enumerate(enum)}
     for row, scene in enumerate(scenes):
         if len(scene.objects) > max_objects:
             raise ValueError(
