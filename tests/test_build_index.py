@@ -216,3 +216,18 @@ def test_command_prints_summary(tmp_path, checkpoint, posterior, capsys):
     args = parser.parse_args(argv)
     assert args.run(args) == 0
     assert "nothing changed" in capsys.readouterr().out
+
+
+def test_command_offline_bayesvlm_fails_at_once_saying_where(tmp_path, monkeypatch):
+    from bayesretrieval.commands import build_index as command
+    from bayesretrieval.posterior.hub import PosteriorUnavailableError
+
+    monkeypatch.setenv("BAYESRETRIEVAL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("BAYESRETRIEVAL_OFFLINE", "1")
+    (tmp_path / "img").mkdir()
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    args = parser.parse_args(["build-index", str(tmp_path / "img"), str(tmp_path / "idx")])
+    with pytest.raises(PosteriorUnavailableError, match=r"into .*cache/posteriors/bayesvlm/hessian_CLIP-ViT-B-32"):
+        args.run(args)
+    assert not (tmp_path / "idx").exists()
