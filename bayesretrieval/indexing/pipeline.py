@@ -23,7 +23,7 @@ from bayesretrieval.indexing.scalars import ScalarComputer
 from bayesretrieval.indexing.sources import walk_images
 from bayesretrieval.indexing.work import WorkFolder, result_schema
 from bayesretrieval.posterior import PosteriorPair
-from bayesretrieval.store import IndexReader, Manifest, VarianceSpec, VersionInfo, write_version
+from bayesretrieval.store import Manifest, VarianceSpec, VersionInfo, write_version
 from bayesretrieval.store.format import FORMAT_VERSION
 
 
