@@ -246,22 +246,28 @@ class Searcher:
                 "form": self.form.value}
 
     def pair_moments(self, queries, item_ids: Sequence[int], modality: Modality | str | None = None) -> PairMoments:
-        """Moments of given (query, item) pairs: ``item_ids[i]`` paired with ``queries[i]``.
+        """Moments of given (query, item) pairs: ``queries[i]`` with ``item_ids[i]``.
+
+        Repeated query texts are encoded once.
 
         Returns:
             :class:`PairMoments` with arrays of shape ``(n, 1)``.
         """
-        return self._pair_moments(self.encode(queries, modality), item_ids)
-
-    def _pair_moments(self, encoded: Queries, item_ids) -> PairMoments:
+        rows = None
+        if isinstance(queries, (list, tuple)) and queries and all(isinstance(q, str) for q in queries):
+            queries, rows = np.unique(np.asarray(queries, dtype=object).astype(str), return_inverse=True)
+            queries = queries.tolist()
+        encoded = self.encode(queries, modality)
         ids = np.asarray(item_ids, dtype=np.int64).reshape(-1, 1)
-        if len(ids) != len(encoded.labels):
-            raise ValueError(f"{len(encoded.labels)} queries but {len(ids)} item ids")
+        rows = np.arange(len(encoded.labels)) if rows is None else rows.reshape(-1)
+        if len(ids) != len(rows):
+            raise ValueError(f"{len(rows)} queries but {len(ids)} item ids")
         missing = ids[self.reader.positions(ids) < 0]
         if missing.size:
             raise ValueError(f"item ids not in the index: {missing[:10].tolist()}")
         engine = self.engine(encoded.modality)
-        return engine.moments(QuerySide.build(encoded.means, encoded.scales, engine.covs), ids)
+        query = QuerySide.build(encoded.means, encoded.scales, engine.covs).take(rows)
+        return engine.moments(query, ids)
 
     def calibrate(self, queries, item_ids: Sequence[int], labels, modality: Modality | str | None = None,
                   save: bool = True) -> ProbitCalibration:
@@ -277,14 +283,21 @@ class Searcher:
         Returns:
             The fitted link.
         """
-        encoded = self.encode(queries, modality)
-        moments = self._pair_moments(encoded, item_ids)
+        moments = self.pair_moments(queries, item_ids, modality)
         link = ProbitCalibration().fit(moments.mean, moments.var, labels)
         if save:
+            encoded_modality = Modality(modality or (Modality.IMAGE if _is_images(queries) else Modality.TEXT))
             tags = {**self._calibration_tags(), "pairs": int(moments.mean.numel()),
                     "positives": int(np.sum(np.asarray(labels, dtype=bool)))}
-            save_calibration(self.index_dir, encoded.modality.value, link, tags)
+            save_calibration(self.index_dir, encoded_modality.value, link, tags)
         return link
+
+
+def _is_images(queries) -> bool:
+    """Whether ``queries`` are images (a pixel tensor or a list of PIL images), not texts or embeddings."""
+    if isinstance(queries, torch.Tensor):
+        return True
+    return isinstance(queries, (list, tuple)) and bool(queries) and not isinstance(queries[0], str)
 
 
 def _frame(rows, score, exact, candidates, estimator) -> pd.DataFrame:
