@@ -94,3 +94,15 @@ def test_chunk_of_wrong_size_is_an_error():
 def test_factors_before_any_chunk_is_an_error():
     with pytest.raises(ValueError, match="no chunk"):
         ChunkCurvature(1.0, chunk_size=4).factors("image")
+
+
+def test_float32_chunks_accumulate_close_to_float64():
+    chunks = [_chunk(64, 100 + k) for k in range(4)]
+    exact, single = ChunkCurvature(30.0, 64), ChunkCurvature(30.0, 64, source_batch=16)
+    for chunk in chunks:
+        exact.add_chunk(*chunk)
+        single.add_chunk(*(t.float() for t in chunk))
+    for modality in ("image", "text"):
+        for got, want in zip(single.factors(modality), exact.factors(modality)):
+            assert got.dtype == torch.float64
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
