@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from bayesretrieval.cli import CommandError
 from bayesretrieval.queries.calibration import evaluate_links
 from bayesretrieval.queries.searcher import Searcher
+from bayesretrieval.queries.uncertainty import PairMoments
 from bayesretrieval.similarity import DEFAULT_ESTIMATOR, CosineEstimator
 
 DESCRIPTION = """\
@@ -70,6 +72,12 @@ def read_pairs(path: Path, reader) -> pd.DataFrame:
     return frame.astype({"item_id": np.int64, "label": np.int64})
 
 
+def _subset(moments: PairMoments, mask: np.ndarray) -> PairMoments:
+    rows = torch.from_numpy(mask.reshape(-1))
+    return PairMoments(moments.mean.reshape(-1)[rows], moments.var.reshape(-1)[rows],
+                       moments.map_cosine.reshape(-1)[rows])
+
+
 def run(args: argparse.Namespace) -> int:
     """Fit, report and store the link."""
     if not 0 <= args.holdout < 1:
@@ -83,10 +91,10 @@ def run(args: argparse.Namespace) -> int:
     if args.holdout > 0:
         names = np.array(sorted(set(queries)))
         held = set(np.random.default_rng(args.seed).permutation(names)[: max(1, int(len(names) * args.holdout))])
-        test = pairs["query"].isin(held).to_numpy()
+        test = pairs["query"].isin(held).to_numpy().copy()
         moments = searcher.pair_moments(queries, pairs.item_id.to_numpy())
-        pick = lambda mask: type(moments)(moments.mean[mask], moments.var[mask], moments.map_cosine[mask])  # noqa: E731
-        report["holdout"] = evaluate_links(pick(~test), pairs.label[~test], pick(test), pairs.label[test], args.bins)
+        report["holdout"] = evaluate_links(_subset(moments, ~test), pairs.label[~test], _subset(moments, test),
+                                           pairs.label[test], args.bins)
     link = searcher.calibrate(queries, pairs.item_id.to_numpy(), pairs.label.to_numpy())
     report.update(threshold=link.threshold_, noise_std=link.noise_std_, nll=link.nll_,
                   stored=str(args.index_dir / "calibration.json"))
