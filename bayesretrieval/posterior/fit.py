@@ -343,12 +343,14 @@ def _encoded_stream(encoder, reader, staged, bar, batch_size, num_workers):
 
 
 def _count_progress(stream: Iterable[EncodedPairs], bar, reader: PairReader | None = None):
+    """Advance ``bar`` by the pairs encoded plus those the reader skipped meanwhile."""
     skipped = 0
     for part in stream:
         now_skipped = len(reader.skipped) if reader is not None else 0
         bar.update(len(part) + now_skipped - skipped)
         skipped = now_skipped
         yield part
+    bar.update((len(reader.skipped) if reader is not None else 0) - skipped)
 
 
 def _add_chunks(stream: Iterable[EncodedPairs], curvature: ChunkCurvature) -> int:

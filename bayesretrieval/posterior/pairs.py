@@ -15,7 +15,7 @@ images and images without a caption are skipped and recorded, never fatal.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -272,8 +272,10 @@ class PairReader:
     ) -> Iterator[PairBatch]:
         """Decode and preprocess images ``batch_size`` pairs at a time.
 
-        Images that are missing or fail to decode are recorded in :attr:`skipped`, so a
-        batch can hold fewer than ``batch_size`` pairs; empty batches are not yielded.
+        The next batch decodes in ``num_workers`` threads while the caller works on the
+        current one. Images that are missing or fail to decode are recorded in
+        :attr:`skipped`, so a batch can hold fewer than ``batch_size`` pairs; empty
+        batches are not yielded.
 
         Args:
             preprocess: the model's image transform (PIL image to ``(3, H, W)`` tensor).
@@ -283,18 +285,28 @@ class PairReader:
         if batch_size < 1 or num_workers < 1:
             raise ValueError(f"batch_size and num_workers must be at least 1, got {batch_size}, {num_workers}")
         with ThreadPoolExecutor(max_workers=num_workers) as pool:
+            pending: list[tuple[Pair, Future]] = []
             for pairs in _batched(self.iter_pairs(), batch_size):
-                decoded = list(pool.map(lambda pair: decode_image(pair.image_path, preprocess), pairs))
-                kept = [(pair, image) for pair, image in zip(pairs, decoded) if isinstance(image, torch.Tensor)]
-                for pair, outcome in zip(pairs, decoded):
-                    if isinstance(outcome, SkipReason):
-                        self._skip(pair.image_path, outcome)
-                if kept:
-                    yield PairBatch(
-                        torch.stack([image for _, image in kept]),
-                        [pair.caption for pair, _ in kept],
-                        [pair.image_path for pair, _ in kept],
-                    )
+                submitted = [(pair, pool.submit(decode_image, pair.image_path, preprocess)) for pair in pairs]
+                yield from self._collect(pending)
+                pending = submitted
+            yield from self._collect(pending)
+
+    def _collect(self, pending: list[tuple[Pair, Future]]) -> Iterator[PairBatch]:
+        """Wait for one batch's decodes; record failures and yield the rest (if any)."""
+        kept = []
+        for pair, future in pending:
+            outcome = future.result()
+            if isinstance(outcome, SkipReason):
+                self._skip(pair.image_path, outcome)
+            else:
+                kept.append((pair, outcome))
+        if kept:
+            yield PairBatch(
+                torch.stack([image for _, image in kept]),
+                [pair.caption for pair, _ in kept],
+                [pair.image_path for pair, _ in kept],
+            )
 
 
 def decode_image(path: Path, preprocess: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor | SkipReason:
