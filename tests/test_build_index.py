@@ -196,6 +196,12 @@ def test_bad_file_corpus_end_to_end(tmp_path, encoder, posterior, monkeypatch):
             assert indexed.get(name) == outcome[:2], name
     assert set(skipped) | set(indexed) == set(expected)
     assert sum(report.skipped.values()) == len(skipped) and np.isfinite(reader.scalars).all()
+    # Permissions fixed (no change to size or mtime): the update retries and indexes it;
+    # content-determined skips are not retried.
+    monkeypatch.undo()
+    update = build_index(img, tmp_path / "idx", encoder, posterior, fast(max_pixels=50_000_000))
+    assert update.encoded == 2 and "locked.jpg" in IndexReader.open(tmp_path / "idx").read_items(["path"]).column(0).to_pylist()
+    assert update.skipped == {k: v for k, v in report.skipped.items() if k != "unreadable"}
 
 
 def test_command_prints_summary(tmp_path, checkpoint, posterior, capsys):

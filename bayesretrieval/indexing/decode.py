@@ -40,6 +40,11 @@ class SkipReason(str, Enum):
     """Precomputed input: an id or path that appears more than once."""
 
 
+RETRIED_REASONS = frozenset({SkipReason.UNREADABLE, SkipReason.VANISHED, SkipReason.TOO_LARGE})
+"""Skips an update tries again even when the file's size and mtime did not change
+(permissions and limits change without touching the file)."""
+
+
 class ImageSkipped(Exception):
     """Raised by :func:`decode_image` with the reason the file cannot be indexed.
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from bayesretrieval.indexing.decode import RETRIED_REASONS
 from bayesretrieval.indexing.sources import SourceFile
 from bayesretrieval.store import IndexReader
 
@@ -91,7 +92,8 @@ class BuildPlan:
 def plan_build(files: list[SourceFile], previous: PreviousItems, reuse_items: bool) -> BuildPlan:
     """Compare the walk with the previous index.
 
-    A file is unchanged when its path, size and mtime match. Ids are stable per path: a
+    A file is unchanged when its path, size and mtime match; skipped files count as
+    unchanged too, except for :data:`RETRIED_REASONS` (tried again every time). Ids are stable per path: a
     file keeps the id its path had (even when changed, or on a rebuild), and new paths get
     fresh ids in path order from ``previous.next_item_id``, so the result depends only on
     the previous index and the folder's content.
@@ -115,7 +117,8 @@ def plan_build(files: list[SourceFile], previous: PreviousItems, reuse_items: bo
             keep.append(pos)
             continue
         skip = skip_by_path.get(source.path)
-        if reuse_items and skip is not None and (skip["file_size"], skip["mtime_ns"]) == stamp:
+        if (reuse_items and skip is not None and skip["reason"] not in RETRIED_REASONS
+                and (skip["file_size"], skip["mtime_ns"]) == stamp):
             kept_skips.append(skip)
             continue
         if pos is not None:
