@@ -198,21 +198,21 @@ def candidate_moments(
     nq, kc = items.item_ids.shape
     if query.means.shape[0] != nq:
         raise ValueError(f"candidates for {nq} queries, got {query.means.shape[0]} queries")
-    means = torch.from_numpy(np.asarray(items.means, dtype=np.float64).reshape(nq * kc, -1))
+    candidate_means = torch.from_numpy(np.asarray(items.means, dtype=np.float64))  # (nq, kc, D)
     scalars = torch.from_numpy(np.asarray(items.scalars, dtype=np.float64).reshape(nq * kc, -1))
+    probes = torch.stack([query.means, query.item_cov_means, query.query_cov_means], dim=2)  # (nq, D, 3)
+    dot, cross_item, cross_y = torch.bmm(candidate_means, probes).reshape(nq * kc, 3).unbind(1)
     repeat = lambda t: t.repeat_interleave(kc, dim=0)  # noqa: E731  (per query -> per pair)
-    y_means = repeat(query.means)
-    dot = (means * y_means).sum(1)
-    cross_y = (means * repeat(query.query_cov_means)).sum(1)
     own_col, other_col = covs.item_columns()
     y = SideStatistics(*(repeat(t) for t in (query.stats.scale, query.stats.norm_sq,
                                             query.stats.own_quad, query.stats.other_quad)))
     form = UncertaintyForm(form)
     if form is UncertaintyForm.KFAC:
         x = SideStatistics(scalars[:, 0], scalars[:, 1], scalars[:, own_col], scalars[:, other_col])
-        pair = PairTerms(dot, (means * repeat(query.item_cov_means)).sum(1), cross_y)
+        pair = PairTerms(dot, cross_item, cross_y)
         constants = covs.constants
     else:
+        means, y_means = candidate_means.reshape(nq * kc, -1), repeat(query.means)
         item_cov = _item_covariance(items, form, nq * kc, covs.diagonal)
         x = SideStatistics(torch.ones_like(dot), scalars[:, 1], item_cov.quad(means, means), scalars[:, other_col])
         y.other_quad = item_cov.quad(y_means, y_means)
