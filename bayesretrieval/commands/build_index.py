@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.source.exists():
         raise CommandError(f"source not found: {args.source}")
     posterior = resolve_posterior(args.posterior, args.model, pretrained, n, lam)
-    config = BuildConfig(args.batch_size, args.workers, args.faiss_factory, args.variance, args.rebuild, args.max_pixels)
+    config = BuildConfig(batch_size=args.batch_size, workers=args.workers, faiss_factory=args.faiss_factory,
+                         variance=args.variance, rebuild=args.rebuild, max_pixels=args.max_pixels)
     try:
         if args.source.is_file():
             sha = file_sha256(pretrained) if pretrained and Path(pretrained).is_file() else None
