@@ -102,3 +102,21 @@ def test_recall_at_k_validates():
         recall_at_k(np.zeros((1, 3)), np.ones((1, 3), dtype=bool), (4,))
     with pytest.raises(ValueError, match="must both be"):
         recall_at_k(np.zeros((1, 3)), np.ones((1, 2), dtype=bool), (1,))
+
+
+def test_make_world_command_refuses_to_overwrite(tmp_path):
+    from bayesretrieval.cli import CommandError
+
+    parser = argparse.ArgumentParser()
+    make_world_command.register(parser.add_subparsers())
+    args = parser.parse_args(["make-world", str(tmp_path), "-n", "2"])
+    assert args.run(args) == 0
+    with pytest.raises(CommandError, match="--overwrite"):
+        args.run(args)
+    args = parser.parse_args(["make-world", str(tmp_path), "-n", "3", "--overwrite"])
+    assert args.run(args) == 0
+    assert len(read_world_table(tmp_path)[0]) == 3
+    assert len(list((tmp_path / "images").rglob("*.png"))) == 3
+    args = parser.parse_args(["make-world", str(tmp_path), "-n", "2", "--overwrite"])
+    assert args.run(args) == 0
+    assert len(list((tmp_path / "images").rglob("*.png"))) == 2

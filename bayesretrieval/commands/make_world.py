@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from tqdm import tqdm
 
-from bayesretrieval.world.io import IMAGES_DIR, ImageFormat, write_world
+from bayesretrieval.cli import CommandError
+from bayesretrieval.world.io import IMAGES_DIR, MANIFEST_FILE, ImageFormat, write_world
 from bayesretrieval.world.shifts import MAX_SEVERITY, Shift
 from bayesretrieval.world.world import Part, make_world
 
@@ -57,6 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Generate and write the world."""
+    if (Path(args.out) / MANIFEST_FILE).exists() and not args.overwrite:
+        raise CommandError(f"{args.out} already holds a world; pass --overwrite to replace it")
     severity = args.severity if args.shift is not None else 0
     world = make_world(
         args.n_images,

@@ -79,7 +79,8 @@ def write_world(
         world: the world to write.
         root: destination folder (created if missing).
         image_format: ``"png"`` or ``"jpeg"``.
-        overwrite: replace a world already written there.
+        overwrite: replace a world already written there (its image files are
+            deleted first, so no stale image outlives the new table).
         progress: called with the number of images written after each image.
 
     Returns:
@@ -90,8 +91,10 @@ def write_world(
     """
     root = Path(root)
     image_format = ImageFormat(image_format)
-    if (root / MANIFEST_FILE).exists() and not overwrite:
-        raise FileExistsError(f"{root} already holds a world; pass overwrite=True to replace it")
+    if (root / MANIFEST_FILE).exists():
+        if not overwrite:
+            raise FileExistsError(f"{root} already holds a world; pass overwrite=True to replace it")
+        _remove_images(root)
     frame = world.table()
     paths = [
         f"{i // FILES_PER_FOLDER:03d}/{i:06d}{_SUFFIX[image_format]}" for i in frame["item_id"]
@@ -110,6 +113,13 @@ def write_world(
     pq.write_table(table.replace_schema_metadata(metadata), root / TABLE_FILE)
     (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return root
+
+
+def _remove_images(root: Path) -> None:
+    """Delete the image files of the world written under ``root`` (nothing else)."""
+    frame, _ = read_world_table(root)
+    for path in frame["path"]:
+        (root / IMAGES_DIR / path).unlink(missing_ok=True)
 
 
 def read_world_table(root: str | Path) -> tuple[pd.DataFrame, dict]:
