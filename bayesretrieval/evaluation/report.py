@@ -1,0 +1,109 @@
+"""Turn sweep records into the benchmark's numbers: retrieval, uncertainty vs error, calibration.
+
+Queries are split into a held-in half (fits the probit link, the logistic baseline and
+the softmax temperature) and a held-out half (every uncertainty and calibration number);
+retrieval metrics involve no fitting and use all queries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bayesretrieval import metrics
+from bayesretrieval.evaluation.baselines import fit_temperature
+from bayesretrieval.evaluation.ranking import summarise_ranking
+from bayesretrieval.evaluation.selective import binned_recall, failure_auroc, risk_coverage
+from bayesretrieval.evaluation.signals import Fitted, Signal, TopResults, signal_values
+from bayesretrieval.evaluation.sweep import SweepRecords
+from bayesretrieval.queries.calibration import LogisticCalibration, ProbitCalibration
+
+
+@dataclass
+class Evaluation:
+    """The numbers (JSON-ready) and the curves behind the plots.
+
+    Attributes:
+        summary: retrieval, per-signal failure detection and binned recall, calibration.
+        curves: ``{"risk_coverage": {signal: (coverage, risk)}, "reliability": {link: table}}``.
+    """
+
+    summary: dict
+    curves: dict
+
+
+def split_queries(n: int, seed: int, fit_fraction: float = 0.5) -> np.ndarray:
+    """A random boolean mask ``(n,)`` of held-in (fitting) queries; the rest are held out."""
+    if not 0 < fit_fraction < 1:
+        raise ValueError(f"fit_fraction must be in (0, 1), got {fit_fraction}")
+    n_fit = int(round(n * fit_fraction))
+    if not 0 < n_fit < n:
+        raise ValueError(f"{n} queries cannot be split into two non-empty halves")
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng(seed).permutation(n)[:n_fit]] = True
+    return mask
+
+
+def evaluate(records: SweepRecords, fit: np.ndarray, logit_scale: float, bins: int = 10,
+             ece_bins: int = 15) -> Evaluation:
+    """Compute every benchmark number from one sweep.
+
+    Args:
+        records: the sweep.
+        fit: ``(n,)`` bool, the held-in queries (see :func:`split_queries`).
+        logit_scale: ``s`` of the model.
+        bins: equal-count uncertainty bins for Recall@1.
+        ece_bins: equal-width bins of the ECE.
+
+    Returns:
+        The :class:`Evaluation`.
+    """
+    fit = np.asarray(fit, dtype=bool)
+    held = ~fit
+    if fit.shape != records.query_variance.shape:
+        raise ValueError(f"fit mask has shape {fit.shape}, records have {records.query_variance.shape}")
+    retrieval = {label: summarise_ranking(r["first_hit"], r["ap"], r["hits"], records.top)
+                 for label, r in records.rankings.items()}
+    temperature, t_index = fit_temperature(records.log_normaliser[fit], records.relevant_log_mass[fit],
+                                           records.temperatures)
+    pairs = lambda name, rows: getattr(records, name)[rows].reshape(-1)  # noqa: E731
+    probit = ProbitCalibration().fit(pairs("pair_mean", fit), pairs("pair_var", fit), pairs("pair_relevant", fit))
+    logistic = LogisticCalibration().fit(pairs("pair_map", fit), pairs("pair_relevant", fit))
+    labels = pairs("pair_relevant", held)
+    probabilities = {"probit": probit.probability(pairs("pair_mean", held), pairs("pair_var", held)),
+                     "logistic_map": logistic.probability(pairs("pair_map", held))}
+    calibration = {name: {"ece": metrics.expected_calibration_error(p, labels, ece_bins),
+                          "brier": metrics.brier_score(p, labels), "nll": metrics.negative_log_likelihood(p, labels)}
+                   for name, p in probabilities.items()}
+    calibration["probit"].update(threshold=probit.threshold_, noise_std=probit.noise_std_)
+    calibration["pairs"] = {"per_query": records.top, "held_out": int(labels.size), "positives": int(labels.sum())}
+    top = TopResults(records.pair_mean[:, :2], records.pair_var[:, :2], records.pair_map[:, :2],
+                     records.pair_relevant[:, :2], records.query_variance, records.log_normaliser[:, t_index])
+    held_top = top.take(held)
+    fitted = Fitted(probit, temperature, logit_scale)
+    failed = ~held_top.relevant[:, 0]
+    signals, curves = {}, {"risk_coverage": {}, "reliability": {}}
+    for signal in Signal:
+        u = signal_values(signal, held_top, fitted)
+        rc = risk_coverage(u, failed)
+        signals[signal.value] = {"baseline": signal.is_baseline, "failure_auroc": _auroc(u, failed),
+                                 "aurc": rc["aurc"], "binned_recall@1": binned_recall(u, ~failed, bins)}
+        curves["risk_coverage"][signal.value] = (rc["coverage"], rc["risk"])
+    for name, p in probabilities.items():
+        curves["reliability"][name] = metrics.reliability_table(p, labels, ece_bins)
+    summary = {
+        "queries": {"total": int(fit.size), "held_in": int(fit.sum()), "held_out": int(held.sum())},
+        "retrieval": retrieval,
+        "top1_recall_held_out": float(1 - failed.mean()),
+        "oracle_aurc": risk_coverage(np.zeros(failed.size), failed)["oracle_aurc"],
+        "signals": signals,
+        "calibration": calibration,
+        "softmax_temperature": temperature,
+    }
+    return Evaluation(summary, curves)
+
+
+def _auroc(u: np.ndarray, failed: np.ndarray) -> float:
+    """Failure AUROC, NaN when the held-out top-1 results are all right or all wrong."""
+    return failure_auroc(u, failed) if 0 < failed.sum() < failed.size else float("nan")

@@ -1,0 +1,110 @@
+"""Per-query uncertainty signals for the top-1 result, by name (a registry, not if-chains).
+
+Each signal maps a query's top results (and what was fitted on held-in queries) to one
+number, higher meaning "less sure the top-1 result is relevant". The Bayesian signals
+use the cosine moments ``m, v`` of the top-1 and runner-up results (MATH.md sections 3
+and 5); the baselines use only the cosines of the mean embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable
+
+import numpy as np
+from scipy import special
+
+from bayesretrieval.evaluation.baselines import softmax_confidence
+from bayesretrieval.queries.calibration import ProbitCalibration
+
+TINY = 1e-12
+
+
+@dataclass
+class TopResults:
+    """The two best results of every query under the ranking being judged, and the query itself.
+
+    Attributes:
+        mean: ``(n, 2)`` ``E[cos]`` of the top-1 and runner-up results.
+        var: ``(n, 2)`` ``Var[cos]``.
+        map_cosine: ``(n, 2)`` cosines of the mean embeddings.
+        relevant: ``(n, 2)`` bool.
+        query_variance: ``(n,)`` the query embedding's relative variance ``q_t tr(Sigma_T) / |mu_t|^2``.
+        log_normaliser: ``(n,)`` the gallery softmax log-normaliser at the fitted temperature.
+    """
+
+    mean: np.ndarray
+    var: np.ndarray
+    map_cosine: np.ndarray
+    relevant: np.ndarray
+    query_variance: np.ndarray
+    log_normaliser: np.ndarray
+
+    def take(self, rows) -> "TopResults":
+        """The queries ``rows`` (a boolean mask or indices)."""
+        return TopResults(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
+
+
+@dataclass
+class Fitted:
+    """What the signals need that was fitted on held-in queries.
+
+    Attributes:
+        probit: the match-probability link (MATH.md section 5).
+        temperature: the softmax temperature (a multiplier of ``logit_scale``).
+        logit_scale: ``s``.
+    """
+
+    probit: ProbitCalibration
+    temperature: float
+    logit_scale: float
+
+
+class Signal(str, Enum):
+    """Uncertainty of a query's top-1 result."""
+
+    STD = "std"
+    """``sqrt(v_1)``: the std of the top-1 cosine."""
+    STD_OVER_GAP = "std_over_gap"
+    """``sqrt(v_1) / (m_1 - m_2)``: the top-1 std relative to its lead over the runner-up."""
+    FLIP_PROBABILITY = "flip_probability"
+    """``Phi(-(m_1 - m_2) / sqrt(v_1 + v_2))``: chance the runner-up outscores the top-1 result."""
+    MISMATCH_PROBABILITY = "mismatch_probability"
+    """``1 - Phi((m_1 - tau) / sqrt(v_1 + noise_std^2))``: the calibrated chance the top-1 is no match."""
+    QUERY_VARIANCE = "query_variance"
+    """``q_t tr(Sigma_T) / |mu_t|^2``: the query's own relative variance (ignores the gallery)."""
+    COSINE = "cosine"
+    """Baseline: ``-c_1``, the negated cosine of the means of the top-1 result."""
+    MARGIN = "margin"
+    """Baseline: ``-(c_1 - c_2)``, the negated cosine margin of the top-1 over the runner-up."""
+    SOFTMAX = "softmax"
+    """Baseline: ``-p_1``, the negated temperature-scaled softmax probability of the top-1 result."""
+
+    @property
+    def is_baseline(self) -> bool:
+        """Whether the signal uses only the mean embeddings."""
+        return self in (Signal.COSINE, Signal.MARGIN, Signal.SOFTMAX)
+
+
+def _gap(top: TopResults) -> np.ndarray:
+    return np.maximum(top.mean[:, 0] - top.mean[:, 1], TINY)
+
+
+_SIGNALS: dict[Signal, Callable[[TopResults, Fitted], np.ndarray]] = {
+    Signal.STD: lambda t, f: np.sqrt(t.var[:, 0]),
+    Signal.STD_OVER_GAP: lambda t, f: np.sqrt(t.var[:, 0]) / _gap(t),
+    Signal.FLIP_PROBABILITY: lambda t, f: special.ndtr(-_gap(t) / np.sqrt(t.var[:, 0] + t.var[:, 1] + TINY)),
+    Signal.MISMATCH_PROBABILITY: lambda t, f: 1.0 - f.probit.probability(t.mean[:, 0], t.var[:, 0]),
+    Signal.QUERY_VARIANCE: lambda t, f: t.query_variance,
+    Signal.COSINE: lambda t, f: -t.map_cosine[:, 0],
+    Signal.MARGIN: lambda t, f: -(t.map_cosine[:, 0] - t.map_cosine[:, 1]),
+    Signal.SOFTMAX: lambda t, f: -softmax_confidence(t.map_cosine[:, 0], t.log_normaliser, f.logit_scale,
+                                                     f.temperature),
+}
+
+
+def signal_values(signal: Signal | str, top: TopResults, fitted: Fitted) -> np.ndarray:
+    """The uncertainty ``(n,)`` of every query's top-1 result under ``signal``."""
+    values = _SIGNALS[Signal(signal)](top, fitted)
+    return np.asarray(values, dtype=np.float64).reshape(-1)
