@@ -1,0 +1,166 @@
+"""Benchmark metrics against naive references: ranking, binned recall, AUROC, risk-coverage, softmax, signals."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import special, stats
+
+from bayesretrieval.evaluation import (
+    Fitted,
+    Signal,
+    TopResults,
+    average_precision,
+    binned_recall,
+    failure_auroc,
+    first_hit_rank,
+    fit_temperature,
+    hits_at_k,
+    risk_coverage,
+    signal_values,
+    softmax_confidence,
+    softmax_statistics,
+    split_queries,
+    summarise_ranking,
+)
+from bayesretrieval.queries import ProbitCalibration
+from bayesretrieval.world import recall_at_k
+from reference import auroc_pairwise
+
+
+def _ranked(scores_row, relevant_row):
+    """Naive ranking: sort item indices by (-score, index)."""
+    order = sorted(range(len(scores_row)), key=lambda j: (-scores_row[j], j))
+    return [bool(relevant_row[j]) for j in order]
+
+
+def _scores(seed=0, nq=7, nb=12):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 5, size=(nq, nb)).astype(float)  # many ties
+    relevant = rng.random((nq, nb)) < 0.3
+    relevant[np.arange(nq), rng.integers(0, nb, nq)] = True
+    return scores, relevant
+
+
+def test_ranking_quantities_match_naive_loops():
+    scores, relevant = _scores()
+    first, hits, ap = first_hit_rank(scores, relevant), hits_at_k(scores, relevant, 4), average_precision(scores, relevant)
+    for q in range(len(scores)):
+        ranked = _ranked(scores[q], relevant[q])
+        assert first[q] == ranked.index(True)
+        assert hits[q] == sum(ranked[:4])
+        precisions = [sum(ranked[: r + 1]) / (r + 1) for r in range(len(ranked)) if ranked[r]]
+        assert ap[q] == pytest.approx(np.mean(precisions))
+
+
+def test_summary_recall_equals_world_recall_and_validates():
+    scores, relevant = _scores(1)
+    summary = summarise_ranking(first_hit_rank(scores, relevant), average_precision(scores, relevant),
+                                hits_at_k(scores, relevant, 10), 10, ks=(1, 5, 10))
+    reference = recall_at_k(scores, relevant, (1, 5, 10))
+    assert [summary[f"recall@{k}"] for k in (1, 5, 10)] == pytest.approx([reference[k] for k in (1, 5, 10)])
+    assert summary["precision@10"] == pytest.approx(np.mean(hits_at_k(scores, relevant, 10)) / 10)
+    nothing = np.zeros((1, 3), bool)
+    assert first_hit_rank(np.zeros((1, 3)), nothing)[0] == 3 and np.isnan(average_precision(np.zeros((1, 3)), nothing)[0])
+    with pytest.raises(ValueError, match=r"both be \(nq, nb\)"):
+        first_hit_rank(np.zeros((2, 3)), np.zeros((2, 4), bool))
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        hits_at_k(scores, relevant, 0)
+
+
+def test_binned_recall_trend_and_bins():
+    u = np.arange(100.0)
+    correct = np.arange(100) < 50  # certain half right, uncertain half wrong
+    result = binned_recall(u, correct, bins=10)
+    assert result["recall"] == [1.0] * 5 + [0.0] * 5 and result["count"] == [10] * 10
+    assert result["spearman"] == pytest.approx(stats.spearmanr(np.arange(10), result["recall"]).statistic)
+    assert result["spearman"] < -0.8 and 0 < result["r2"] < 1
+    uneven = binned_recall(np.arange(103.0)[::-1], np.arange(103) % 2 == 0, bins=10)
+    assert uneven["count"] == [11, 11, 11] + [10] * 7 and uneven["upper_edge"][0] == 10.0
+    assert np.isnan(binned_recall(u, np.ones(100, bool))["spearman"])
+    with pytest.raises(ValueError, match="bins must be in"):
+        binned_recall(u[:3], correct[:3], bins=10)
+
+
+def test_failure_auroc_equals_pairwise_reference():
+    rng = np.random.default_rng(3)
+    u = rng.integers(0, 6, 60).astype(float)
+    failed = rng.random(60) < 0.4
+    assert failure_auroc(u, failed) == pytest.approx(auroc_pairwise(u[~failed], u[failed]))
+    assert failure_auroc([0.1, 0.2, 0.9], [False, False, True]) == 1.0
+    with pytest.raises(ValueError, match="both classes"):
+        failure_auroc([0.1, 0.2], [True, True])
+    with pytest.raises(ValueError, match="NaN"):
+        failure_auroc([np.nan, 0.2], [True, False])
+
+
+def test_risk_coverage_matches_naive_and_oracle():
+    rng = np.random.default_rng(4)
+    u, failed = rng.random(40), rng.random(40) < 0.3
+    result = risk_coverage(u, failed)
+    order = np.argsort(u)
+    naive = [failed[order[:i]].mean() for i in range(1, 41)]
+    np.testing.assert_allclose(result["risk"], naive)
+    assert result["aurc"] == pytest.approx(np.mean(naive))
+    oracle = risk_coverage(failed.astype(float), failed)
+    assert oracle["aurc"] == pytest.approx(result["oracle_aurc"]) and result["aurc"] >= result["oracle_aurc"]
+
+
+def test_softmax_statistics_and_temperature_recovery():
+    rng = np.random.default_rng(5)
+    cosines = rng.uniform(-0.2, 0.6, size=(400, 30))
+    relevant = np.zeros_like(cosines, dtype=bool)
+    true_t, s = 0.5, 10.0
+    p = special.softmax(s * cosines / true_t, axis=1)
+    relevant[np.arange(400), [rng.choice(30, p=row) for row in p]] = True
+    grid = np.geomspace(0.1, 3.0, 41)
+    lse, rel = softmax_statistics(cosines, relevant, s, grid)
+    np.testing.assert_allclose(lse[:, 7], special.logsumexp(s * cosines / grid[7], axis=1))
+    t, index = fit_temperature(lse, rel, grid)
+    assert grid[index] == t and 0.35 < t < 0.7
+    top = cosines.max(axis=1)
+    np.testing.assert_allclose(softmax_confidence(top, lse[:, index], s, t), p_at(cosines, s, t).max(axis=1))
+    with pytest.raises(ValueError, match="positive"):
+        softmax_statistics(cosines, relevant, s, [0.0, 1.0])
+
+
+def p_at(cosines, s, t):
+    return special.softmax(s * cosines / t, axis=1)
+
+
+def test_split_is_disjoint_and_seeded():
+    fit = split_queries(11, seed=2)
+    assert fit.sum() == 6 and np.array_equal(fit, split_queries(11, seed=2))
+    with pytest.raises(ValueError, match="non-empty halves"):
+        split_queries(1, seed=0)
+
+
+def _top(n=2000, seed=6):
+    rng = np.random.default_rng(seed)
+    mean = np.sort(rng.uniform(0.2, 0.9, (n, 2)), axis=1)[:, ::-1].copy()
+    var = rng.uniform(1e-4, 4e-3, (n, 2))
+    return TopResults(mean, var, mean + 0.01, rng.random((n, 2)) < 0.5, rng.random(n), rng.normal(size=n))
+
+
+def test_flip_probability_matches_monte_carlo():
+    top = _top(n=5)
+    fitted = Fitted(ProbitCalibration.from_dict({"threshold": 0.5, "noise_std": 0.1}), 1.0, 10.0)
+    flip = signal_values(Signal.FLIP_PROBABILITY, top, fitted)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.randn(200_000, 5, 2, generator=g, dtype=torch.float64).numpy()
+    samples = top.mean + np.sqrt(top.var) * draws
+    np.testing.assert_allclose(flip, (samples[..., 1] > samples[..., 0]).mean(axis=0), atol=4e-3)
+
+
+def test_every_signal_is_registered_and_oriented():
+    top = _top()
+    fitted = Fitted(ProbitCalibration.from_dict({"threshold": 0.5, "noise_std": 0.1}), 0.7, 10.0)
+    for signal in Signal:
+        values = signal_values(signal.value, top, fitted)
+        assert values.shape == (2000,) and np.isfinite(values).all()
+    # Higher top-1 cosine: less uncertain under cosine, mismatch probability and softmax.
+    c1 = top.map_cosine[:, 0]
+    for signal in (Signal.COSINE, Signal.MISMATCH_PROBABILITY):
+        assert stats.spearmanr(signal_values(signal, top, fitted), c1).statistic < -0.9
+    assert Signal.SOFTMAX.is_baseline and not Signal.STD.is_baseline
+    expected = np.sqrt(top.var[:, 0]) / (top.mean[:, 0] - top.mean[:, 1])
+    np.testing.assert_allclose(signal_values(Signal.STD_OVER_GAP, top, fitted), expected)
