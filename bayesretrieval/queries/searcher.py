@@ -183,8 +183,10 @@ class Searcher:
 
         Returns:
             One row per (query, rank), columns :data:`RESULT_COLUMNS`; ``attrs`` holds
-            ``score``, ``exact`` (all queries exact), ``candidates`` (per query) and
-            ``estimator``.
+            ``score``, ``exact`` (every query equals a brute-force rerank), ``certified``
+            (every query's certificate held relative to what FAISS can return; differs
+            from ``exact`` for IVF with fewer probes than lists), ``candidates`` (per
+            query) and ``estimator``.
 
         Raises:
             ValueError: for bad arguments (empty query, ``k <= 0``, unknown score, ...).
@@ -206,26 +208,30 @@ class Searcher:
             allowed = where.select(self.reader)
             selector, k_eff = id_selector(allowed), min(int(k), len(allowed))
         if k_eff == 0:
-            return _frame([], score, np.zeros(0, bool), np.zeros(0, np.int64), self.estimator)
+            empty = np.zeros(len(encoded.labels), bool)
+            frame = pd.DataFrame(columns=list(RESULT_COLUMNS))
+            return _with_attrs(frame, score, ~empty, ~empty, np.zeros(len(empty), np.int64), self.estimator)
         outcome = engine.search(query, scorer, k_eff, selector, nprobe, candidates, max_candidates)
-        rows = self._rows(encoded, outcome, calibration, threshold)
-        return _frame(rows, score, outcome.exact, outcome.candidates, self.estimator)
+        frame = self._table(encoded, outcome, calibration, threshold)
+        return _with_attrs(frame, score, outcome.exact, outcome.certified, outcome.candidates, self.estimator)
 
-    def _rows(self, encoded: Queries, outcome: SearchOutcome, calibration, threshold) -> list:
-        found = outcome.item_ids >= 0
-        paths = iter(self.reader.fetch(outcome.item_ids[found]).paths)
-        probability = (calibration.probability(outcome.mean, outcome.var) if calibration is not None
-                       else np.full(outcome.mean.shape, np.nan))
-        std, s = np.sqrt(outcome.var), self.logit_scale
-        rows = []
-        for qi, row in zip(*np.nonzero(found)):
-            path = next(paths)
-            if threshold is not None and probability[qi, row] < threshold:
-                continue
-            rows.append((encoded.labels[qi], int(qi), int(row) + 1, int(outcome.item_ids[qi, row]), path,
-                         outcome.scores[qi, row], outcome.mean[qi, row], std[qi, row], s * outcome.mean[qi, row],
-                         s * std[qi, row], probability[qi, row], bool(outcome.exact[qi])))
-        return rows
+    def _table(self, encoded: Queries, outcome: SearchOutcome, calibration, threshold) -> pd.DataFrame:
+        """The result rows, built column-wise."""
+        qi, rank = np.nonzero(outcome.item_ids >= 0)
+        pick = lambda a: a[qi, rank]  # noqa: E731
+        mean, std = pick(outcome.mean), np.sqrt(pick(outcome.var))
+        probability = (calibration.probability(mean, pick(outcome.var)) if calibration is not None
+                       else np.full(mean.shape, np.nan))
+        ids = pick(outcome.item_ids)
+        frame = pd.DataFrame({
+            "query": np.asarray(encoded.labels, dtype=object)[qi], "query_index": qi, "rank": rank + 1,
+            "item_id": ids, "path": self.reader.fetch(ids).paths, "score": pick(outcome.scores),
+            "cosine_mean": mean, "cosine_std": std, "logit_mean": self.logit_scale * mean,
+            "logit_std": self.logit_scale * std, "probability": probability, "exact": outcome.exact[qi],
+        }, columns=list(RESULT_COLUMNS))
+        if threshold is not None:
+            frame = frame[frame.probability >= threshold].reset_index(drop=True)
+        return frame
 
     def calibration(self, modality: Modality | str = Modality.TEXT, required: bool = False) -> ProbitCalibration | None:
         """The stored probit link for queries of ``modality``, or ``None``.
@@ -300,8 +306,7 @@ def _is_images(queries) -> bool:
     return isinstance(queries, (list, tuple)) and bool(queries) and not isinstance(queries[0], str)
 
 
-def _frame(rows, score, exact, candidates, estimator) -> pd.DataFrame:
-    frame = pd.DataFrame.from_records(rows, columns=list(RESULT_COLUMNS))
-    frame.attrs.update(score=ScoreName(score).value, exact=bool(np.all(exact)), estimator=estimator.value,
-                       candidates=[int(c) for c in candidates])
+def _with_attrs(frame: pd.DataFrame, score, exact, certified, candidates, estimator) -> pd.DataFrame:
+    frame.attrs.update(score=ScoreName(score).value, exact=bool(np.all(exact)), certified=bool(np.all(certified)),
+                       estimator=estimator.value, candidates=[int(c) for c in candidates])
     return frame

@@ -32,7 +32,6 @@ from bayesretrieval.similarity import (
     PairTerms,
     SideStatistics,
     cosine_moments_from_statistics,
-    side_statistics,
     uses_diagonal_covariance,
 )
 from bayesretrieval.store.format import SCALAR_COLUMNS
@@ -119,16 +118,20 @@ class QuerySide:
             raise ValueError(f"query means have shape {tuple(means.shape)}, expected (nq, {covs.item_cov.shape[0]})")
         if scales.shape != (means.shape[0],):
             raise ValueError(f"query scales have shape {tuple(scales.shape)}, expected ({means.shape[0]},)")
-        stats = side_statistics(means, scales, covs.query_cov, covs.item_cov)
+        item_cov_means, query_cov_means = means @ covs.item_cov, means @ covs.query_cov
+        stats = SideStatistics(scales, (means * means).sum(1), (query_cov_means * means).sum(1),
+                               (item_cov_means * means).sum(1))
         expected_norm = torch.sqrt(stats.expected_norm_sq(covs.constants.trace_y))
-        return cls(means, stats, means @ covs.item_cov, means @ covs.query_cov, expected_norm)
+        return cls(means, stats, item_cov_means, query_cov_means, expected_norm)
 
     def faiss_queries(self) -> np.ndarray:
         """``xq = mu_y / sqrt(E|y|^2)`` ``(nq, D)`` float32: FAISS inner products are ``E[cos]``."""
         return np.ascontiguousarray((self.means / self.expected_norm[:, None]).numpy(), dtype=np.float32)
 
     def take(self, rows: np.ndarray) -> "QuerySide":
-        """The queries at positions ``rows``."""
+        """The queries at positions ``rows`` (``self`` when that is all of them, in order)."""
+        if len(rows) == len(self.means) and np.array_equal(rows, np.arange(len(rows))):
+            return self
         rows = torch.as_tensor(rows, dtype=torch.long)
         stats = SideStatistics(*(t[rows] for t in (self.stats.scale, self.stats.norm_sq,
                                                    self.stats.own_quad, self.stats.other_quad)))

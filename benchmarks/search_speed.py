@@ -1,0 +1,207 @@
+"""Search speed of the query engine against plain FAISS over the same vectors, in one run.
+
+Builds two index directories over the same random collection (``--items`` items of
+dimension ``--dim``; clustered means, per-item noise scales that vary by cluster and
+item, a posterior with a decaying spectrum): one ``Flat`` and one ``IVF<nlist>,Flat``.
+Then, for batches of ``--batch`` text queries (precomputed embeddings, so the text tower
+is not timed), it measures queries per second of
+
+- plain FAISS top-``k``: the stored inner-product index itself (``IndexFlatIP`` /
+  ``IndexIVFFlat`` with ``--nprobe``), no ids, no rerank;
+- ``Searcher.search(score="expected")`` and ``score="lcb"`` (``--kappa``): FAISS candidates,
+  gather from the memory-mapped arrays, exact float64 rerank, certificate, result table;
+
+and prints the ratios (engine / plain) with the candidate-set sizes the certificates
+needed and the fraction of queries certified. Interleaved repeats; the best time counts.
+
+    .venv/bin/python benchmarks/search_speed.py                       # 200k items
+    .venv/bin/python benchmarks/search_speed.py --items 1000000       # the 1M run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from bayesretrieval.encoders import Encoded
+from bayesretrieval.indexing.scalars import ScalarComputer
+from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair
+from bayesretrieval.queries import Searcher
+from bayesretrieval.queries.uncertainty import QuerySide
+from bayesretrieval.store import IndexReader, ItemArrays, VarianceSpec, VersionInfo, write_version
+from bayesretrieval.store.format import SKIPPED_SCHEMA
+
+ACTIVATION_WIDTH = 16
+CHUNK = 65_536
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=int, default=200_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--clusters", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=100, help="queries per search call")
+    parser.add_argument("--batches", type=int, default=3, help="distinct query batches per repeat")
+    parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--kappa", type=float, default=1.0)
+    parser.add_argument("--nprobe", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--candidates", type=int, help="first-round candidates (default: the engine's)")
+    parser.add_argument("--workdir", type=Path, help="where to write the indexes (default: a temp dir)")
+    parser.add_argument("--output", type=Path, default=Path("results/search_speed.json"))
+    return parser.parse_args(argv)
+
+
+def spectrum_covariance(dim: int, rng: np.random.Generator, trace: float) -> torch.Tensor:
+    """A random SPD ``(dim, dim)`` matrix with eigenvalues ``~ 1/(1 + j/16)``, scaled to ``trace``."""
+    basis, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    eigvals = 1.0 / (1.0 + np.arange(dim) / 16.0)
+    cov = (basis * (eigvals * trace / eigvals.sum())) @ basis.T
+    return torch.from_numpy((cov + cov.T) / 2)
+
+
+def make_posterior(dim: int, rng: np.random.Generator) -> PosteriorPair:
+    """Posterior pair with structured output covariances (unit trace) and identity-like ``A^-1``."""
+    eye = torch.eye(ACTIVATION_WIDTH, dtype=torch.float64)
+    image = KroneckerPosterior(eye / ACTIVATION_WIDTH, spectrum_covariance(dim, rng, 1.0), "image")
+    text = KroneckerPosterior(eye / ACTIVATION_WIDTH, spectrum_covariance(dim, rng, 1.0), "text")
+    return PosteriorPair(image, text, source="search-speed-benchmark")
+
+
+def make_items(args, posterior: PosteriorPair, centres: np.ndarray, rng: np.random.Generator) -> ItemArrays:
+    """Clustered unit-ish means; noise ratio ``q tr Sigma_I / |mu|^2`` log-normal around 0.1, by cluster."""
+    n, d = args.items, args.dim
+    cluster_noise = np.exp(rng.normal(math.log(0.1), 0.6, args.clusters))
+    computer = ScalarComputer(posterior)
+    means = np.empty((n, d), np.float32)
+    scalars = np.empty((n, 6))
+    for start in range(0, n, CHUNK):
+        rows = slice(start, min(start + CHUNK, n))
+        size = rows.stop - rows.start
+        cluster = rng.integers(0, args.clusters, size)
+        block = centres[cluster] + rng.normal(size=(size, d)) * (1.2 / math.sqrt(d))
+        means[rows] = block
+        ratio = cluster_noise[cluster] * np.exp(rng.normal(0, 0.4, size))
+        q = ratio * (block.astype(np.float64) ** 2).sum(1)  # tr Sigma_I = 1
+        scalars[rows] = computer.from_scales(torch.from_numpy(means[rows]).double(), torch.from_numpy(q)).scalars
+    ids = np.arange(n, dtype=np.int64)
+    unknown = np.full(n, -1, np.int64)
+    return ItemArrays(ids, [f"c/{i}.jpg" for i in range(n)], unknown, unknown, unknown.astype(np.int32),
+                      unknown.astype(np.int32), means, scalars)
+
+
+def make_queries(args, posterior: PosteriorPair, centres: np.ndarray, rng: np.random.Generator) -> list[Encoded]:
+    """Batches of text queries near random cluster centres, noise ratio around 0.1."""
+    batches = []
+    for _ in range(args.batches):
+        embeds = centres[rng.integers(0, args.clusters, args.batch)] + rng.normal(size=(args.batch, args.dim)) * (
+            1.5 / math.sqrt(args.dim))
+        ratio = np.exp(rng.normal(math.log(0.1), 0.4, args.batch)) * (embeds**2).sum(1)
+        # q = a^T A^-1 a = |a|^2 / width for A^-1 = I / width: choose |a|^2 = q * width along one axis
+        activations = np.zeros((args.batch, ACTIVATION_WIDTH))
+        activations[:, 0] = np.sqrt(ratio * ACTIVATION_WIDTH)
+        batches.append(Encoded(torch.from_numpy(embeds), torch.from_numpy(activations)))
+    return batches
+
+
+def build(directory: Path, items: ItemArrays, posterior: PosteriorPair, factory: str) -> float:
+    start = time.perf_counter()
+    info = VersionInfo("embeddings", "benchmark", {"model_name": "none", "pretrained": None,
+                                                   "checkpoint_sha256": None}, VarianceSpec(), factory, len(items))
+    write_version(directory, items, SKIPPED_SCHEMA.empty_table(), posterior, info)
+    return time.perf_counter() - start
+
+
+def plain_index(reader: IndexReader, nprobe: int) -> faiss.Index:
+    """The FAISS index inside the stored ``IDMap2`` (the same vectors), for the baseline."""
+    inner = faiss.downcast_index(reader.faiss_index.index)
+    if isinstance(inner, faiss.IndexIVF):
+        inner.nprobe = nprobe
+    return inner
+
+
+def time_modes(searcher: Searcher, plain: faiss.Index, batches, args, nprobe) -> dict:
+    """Best-of-repeats seconds per mode over all batches, plus the engine's candidate sizes."""
+    xq = [_faiss_queries(searcher, b) for b in batches]
+    modes = {
+        "plain": lambda i: plain.search(xq[i], args.k),
+        "expected": lambda i: searcher.search(batches[i], k=args.k, score="expected", nprobe=nprobe,
+                                              candidates=args.candidates),
+        "lcb": lambda i: searcher.search(batches[i], k=args.k, score="lcb", kappa=args.kappa, nprobe=nprobe,
+                                         candidates=args.candidates),
+    }
+    for run in modes.values():  # warm-up: page in the arrays, build engines
+        run(0)
+    best = {name: math.inf for name in modes}
+    stats = {}
+    for _ in range(args.repeats):
+        for name, run in modes.items():
+            start = time.perf_counter()
+            outputs = [run(i) for i in range(len(batches))]
+            best[name] = min(best[name], time.perf_counter() - start)
+            if name != "plain":
+                sizes = np.concatenate([o.attrs["candidates"] for o in outputs])
+                stats[name] = {"candidates_mean": float(sizes.mean()), "candidates_median": float(np.median(sizes)),
+                               "candidates_max": int(sizes.max()),
+                               "exact_fraction": float(np.mean([o.attrs["exact"] for o in outputs])),
+                               "certified_fraction": float(np.mean([o.attrs["certified"] for o in outputs]))}
+    total = args.batch * len(batches)
+    out = {name: {"qps": total / seconds, "seconds": seconds} for name, seconds in best.items()}
+    for name in ("expected", "lcb"):
+        out[name].update(stats[name], ratio=out[name]["qps"] / out["plain"]["qps"])
+    return out
+
+
+def _faiss_queries(searcher: Searcher, batch: Encoded) -> np.ndarray:
+    """The exact vectors the engine hands FAISS (``mu_y / sqrt(E|y|^2)``) for the baseline."""
+    encoded = searcher.encode(batch, "text")
+    return QuerySide.build(encoded.means, encoded.scales, searcher.engine("text").covs).faiss_queries()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    rng = np.random.default_rng(0)
+    posterior = make_posterior(args.dim, rng)
+    centres = rng.normal(size=(args.clusters, args.dim)) / math.sqrt(args.dim)
+    start = time.perf_counter()
+    items = make_items(args, posterior, centres, rng)
+    batches = make_queries(args, posterior, centres, rng)
+    print(f"generated {args.items} items x {args.dim} in {time.perf_counter() - start:.0f} s", flush=True)
+    nlist = 2 ** round(math.log2(math.sqrt(args.items)))
+    results = {"items": args.items, "dim": args.dim, "batch": args.batch, "batches": args.batches, "k": args.k,
+               "kappa": args.kappa, "nprobe": args.nprobe, "nlist": nlist, "threads": faiss.omp_get_max_threads()}
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        for label, factory, nprobe in (("flat", "Flat", None), ("ivf", f"IVF{nlist},Flat", args.nprobe)):
+            seconds = build(Path(tmp) / label, items, posterior, factory)
+            print(f"built {label} ({factory}) in {seconds:.0f} s", flush=True)
+            reader = IndexReader.open(Path(tmp) / label)
+            searcher = Searcher(reader, None, Path(tmp) / label)
+            results[label] = time_modes(searcher, plain_index(reader, args.nprobe), batches, args, nprobe)
+            report(label, results[label])
+            del searcher, reader
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.output}")
+    return results
+
+
+def report(label: str, timing: dict) -> None:
+    plain = timing["plain"]["qps"]
+    print(f"{label}: plain {plain:.0f} q/s")
+    for name in ("expected", "lcb"):
+        t = timing[name]
+        print(f"  {name:8s} {t['qps']:.0f} q/s  ratio {t['ratio']:.3f}  candidates mean {t['candidates_mean']:.0f} "
+              f"median {t['candidates_median']:.0f} max {t['candidates_max']}  certified {t['certified_fraction']:.2f} "
+              f"exact {t['exact_fraction']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
