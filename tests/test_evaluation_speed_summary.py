@@ -1,0 +1,44 @@
+"""benchmarks/speed_summary.py: ratios read from the speed benchmarks' JSON files (no benchmark is run)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed_summary.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("speed_summary", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_summary_from_existing_results(script, tmp_path, capsys):
+    folder = tmp_path / "speed"
+    folder.mkdir()
+    search = {"items": 1000, "dim": 8, **{label: {"plain": {"qps": 100.0},
+              **{s: {"qps": q, "ratio": q / 100.0, "candidates_mean": 40.0} for s, q in (("expected", 50.0), ("lcb", 25.0))}}
+              for label in ("flat", "ivf")}}
+    (folder / "search_speed.json").write_text(json.dumps(search))
+    build = {"speed": [{"model": "m", "end_to_end_images_per_s": 9.0, "end_to_end_over_in_memory": 0.9,
+                        "scalars_s": 0.1, "scalars_over_encode": 0.02}],
+             "memory": [{"images": 10, "peak_rss_with_workers_mib": 300.0}]}
+    (folder / "build_index_speed.json").write_text(json.dumps(build))
+    summary = script.main(["--no-run", "--benchmarks", "search_speed", "build_index_speed", "--out", str(tmp_path)])
+    ratios = [row["ratio"] for entry in summary["benchmarks"].values() for row in entry["rows"]]
+    assert ratios == [0.5, 0.25, 0.5, 0.25, 0.9, 0.02, None]
+    printed = capsys.readouterr().out
+    assert "| search flat 1000 x 8, lcb vs plain FAISS | 25 q/s (candidates mean 40) | 0.250 |" in printed
+    assert json.loads((tmp_path / "speed_summary.json").read_text())["mode"] == "existing"
+
+
+def test_every_benchmark_has_quick_settings_and_a_script(script):
+    for benchmark in script.SpeedBenchmark:
+        assert benchmark.script.is_file() and benchmark in script.QUICK_ARGS and benchmark in script.ROWS
