@@ -10,10 +10,13 @@ times as many candidates, up to a limit.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import faiss
 import numpy as np
+import torch
 
 from bayesretrieval.queries.bounds import CollectionBounds, largest_eigenvalues, score_bounds
 from bayesretrieval.queries.scorers import Scorer
@@ -103,6 +106,22 @@ class SearchOutcome:
     candidates: np.ndarray
 
 
+@contextlib.contextmanager
+def serial_torch() -> Iterator[None]:
+    """Run the enclosed tensor ops on one thread, restoring the setting afterwards.
+
+    The rerank's ops are small (``nq * kc`` rows); with FAISS's OpenMP pool on the same
+    cores, intra-op threads only add contention. FAISS calls must stay outside (the
+    thread count is shared with FAISS's OpenMP runtime).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def is_exhaustive(index: faiss.Index, nprobe: int | None) -> bool:
     """Whether FAISS's ranking is exact: flat storage, and every IVF list probed."""
     inner = faiss.downcast_index(index.index) if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else index
@@ -169,7 +188,8 @@ class CandidateSearch:
             The outcome, arrays ``(nq, k)`` and ``(nq,)``.
         """
         nq = query.means.shape[0]
-        xq = query.faiss_queries()
+        with serial_torch():
+            xq = query.faiss_queries()
         params = search_parameters(self.index, selector, nprobe)
         exhaustive = is_exhaustive(self.index, nprobe)
         total = max(int(self.index.ntotal), 1)
@@ -178,12 +198,13 @@ class CandidateSearch:
         pending = np.arange(nq)
         while pending.size:
             D, I = self.index.search(xq[pending], kc, params=params)
-            sub = query.take(pending)
-            moments = self.moments(sub, I)
-            ranking = scorer.rank(moments, I, k)
+            with serial_torch():
+                sub = query.take(pending)
+                moments = self.moments(sub, I)
+                ranking = scorer.rank(moments, I, k)
+                bound = scorer.upper_bound(score_bounds(D[:, -1].astype(np.float64) + self.slack, sub, self.covs,
+                                                       self.extremes, self.form, self.estimator, self.spectra))
             exhausted = (I[:, -1] < 0) | (kc >= total)
-            bound = scorer.upper_bound(score_bounds(D[:, -1].astype(np.float64) + self.slack, sub, self.covs,
-                                                   self.extremes, self.form, self.estimator, self.spectra))
             kth = ranking.scores[:, -1] if ranking.scores.shape[1] == k else np.full(len(pending), -np.inf)
             certified = exhausted | (kth > bound)
             done = certified | (kc >= max_candidates)

@@ -21,7 +21,13 @@ from bayesretrieval.encoders import ClipEncoder, Encoded
 from bayesretrieval.posterior import Modality
 from bayesretrieval.queries.bounds import CollectionBounds
 from bayesretrieval.queries.calibration import ProbitCalibration, load_calibration, save_calibration
-from bayesretrieval.queries.candidates import DEFAULT_MAX_CANDIDATES, CandidateSearch, SearchOutcome, StoredRows
+from bayesretrieval.queries.candidates import (
+    DEFAULT_MAX_CANDIDATES,
+    CandidateSearch,
+    SearchOutcome,
+    StoredRows,
+    serial_torch,
+)
 from bayesretrieval.queries.filters import ItemFilter, id_selector
 from bayesretrieval.queries.scorers import ScoreName, make_scorer
 from bayesretrieval.queries.uncertainty import ModelCovariances, PairMoments, QuerySide, UncertaintyForm
@@ -77,6 +83,7 @@ class Searcher:
                              f"variance {reader.manifest.variance!r}")
         self.logit_scale = float(logit_scale if logit_scale is not None else (encoder.logit_scale if encoder else 100.0))
         self.posterior = reader.posterior
+        self.posterior_fingerprint = reader.manifest.posterior.get("fingerprint")
         self.rows = StoredRows(reader.item_ids, reader.means, reader.scalars, reader.variance_diag,
                                reader.variance_lowrank)
         self.extremes = CollectionBounds.compute(reader.scalars, reader.trace_image, self.form,
@@ -202,7 +209,8 @@ class Searcher:
         if threshold is not None and calibration is None:
             raise ValueError("threshold needs a calibration; run `bayesretrieval calibrate` on the index first")
         engine = self.engine(encoded.modality)
-        query = QuerySide.build(encoded.means, encoded.scales, engine.covs)
+        with serial_torch():
+            query = QuerySide.build(encoded.means, encoded.scales, engine.covs)
         selector, k_eff = None, min(int(k), len(self.reader))
         if where is not None and not where.is_empty:
             allowed = where.select(self.reader)
@@ -212,7 +220,8 @@ class Searcher:
             frame = pd.DataFrame(columns=list(RESULT_COLUMNS))
             return _with_attrs(frame, score, ~empty, ~empty, np.zeros(len(empty), np.int64), self.estimator)
         outcome = engine.search(query, scorer, k_eff, selector, nprobe, candidates, max_candidates)
-        frame = self._table(encoded, outcome, calibration, threshold)
+        with serial_torch():
+            frame = self._table(encoded, outcome, calibration, threshold)
         return _with_attrs(frame, score, outcome.exact, outcome.certified, outcome.candidates, self.estimator)
 
     def _table(self, encoded: Queries, outcome: SearchOutcome, calibration, threshold) -> pd.DataFrame:
@@ -248,7 +257,7 @@ class Searcher:
             return None
 
     def _calibration_tags(self) -> dict:
-        return {"posterior_fingerprint": self.posterior.fingerprint, "estimator": self.estimator.value,
+        return {"posterior_fingerprint": self.posterior_fingerprint, "estimator": self.estimator.value,
                 "form": self.form.value}
 
     def pair_moments(self, queries, item_ids: Sequence[int], modality: Modality | str | None = None) -> PairMoments:
