@@ -105,6 +105,14 @@ class ScoreBounds:
     map_cosine: np.ndarray
 
 
+def float32_slack(dim: int) -> float:
+    """Worst-case error of FAISS's float32 inner product of two vectors of norm <= 1 in ``dim`` dimensions.
+
+    ``(dim + 8) * 2^-24`` covers the rounding of both stored vectors and the accumulation.
+    """
+    return (dim + 8) * 2.0**-24
+
+
 def _scaled_bound(f_bound: np.ndarray, low: float, high: float) -> np.ndarray:
     """Bound on ``f * c`` for ``f <= f_bound`` and ``c`` in ``[low, high]`` (``c > 0``)."""
     return np.where(f_bound > 0, f_bound * high, f_bound * low)

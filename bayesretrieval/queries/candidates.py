@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 import torch
 
-from bayesretrieval.queries.bounds import CollectionBounds, largest_eigenvalues, score_bounds
+from bayesretrieval.queries.bounds import CollectionBounds, float32_slack, largest_eigenvalues, score_bounds
 from bayesretrieval.queries.scorers import Scorer
 from bayesretrieval.queries.uncertainty import (
     Candidates,
@@ -165,7 +165,7 @@ class CandidateSearch:
         self.index, self.items, self.covs, self.extremes = index, items, covs, extremes
         self.form, self.estimator = UncertaintyForm(form), CosineEstimator(estimator)
         self.spectra = largest_eigenvalues(covs)
-        self.slack = (index.d + 8) * 2.0**-24
+        self.slack = float32_slack(index.d)
 
     def moments(self, query: QuerySide, I: np.ndarray) -> PairMoments:
         """Exact moments of queries with the items ``I`` ``(nq, kc)``."""

@@ -1,0 +1,50 @@
+"""The certificate's bounds dominate every item's actual moments (all estimators and forms)."""
+
+import numpy as np
+import pytest
+import torch
+
+from bayesretrieval.queries.bounds import CollectionBounds, float32_slack, largest_eigenvalues, score_bounds
+from bayesretrieval.queries.uncertainty import Candidates, ModelCovariances, QuerySide, candidate_moments
+from bayesretrieval.store import IndexReader
+from test_queries_search import build_index, text_queries
+
+
+@pytest.fixture(scope="module", params=["none", "diag", "lowrank:3"])
+def index(request, tmp_path_factory):
+    return build_index(tmp_path_factory.mktemp("bounds"), n=3000, variance=request.param, seed=9, duplicates=5)
+
+
+@pytest.mark.parametrize("estimator", ["second_order", "published", "kronecker", "delta"])
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_bounds_dominate_all_items(index, estimator, modality):
+    reader = IndexReader.open(index)
+    form = {"none": "kfac", "diag": "diag", "lowrank": "lowrank"}[reader.manifest.variance_spec.kind.value]
+    covs = ModelCovariances.from_posterior(reader.posterior, modality, estimator)
+    queries = text_queries(5, seed=10, modality=modality)
+    scales = (reader.posterior.text if modality == "text" else reader.posterior.image).activation_scale(
+        queries.activations)
+    query = QuerySide.build(queries.embeds, scales, covs)
+    nq, n = 5, len(reader)
+    every = Candidates(np.tile(np.asarray(reader.item_ids), (nq, 1)), np.repeat(np.asarray(reader.means)[None], nq, 0),
+                       np.repeat(np.asarray(reader.scalars)[None], nq, 0),
+                       None if reader.variance_diag is None else np.repeat(np.asarray(reader.variance_diag)[None], nq, 0),
+                       None if reader.variance_lowrank is None
+                       else np.repeat(np.asarray(reader.variance_lowrank)[None], nq, 0))
+    moments = candidate_moments(query, every, covs, form, estimator)
+    vectors = np.asarray(reader.means, np.float64) / reader.expected_norm()[:, None]
+    f = query.faiss_queries().astype(np.float64) @ vectors.T  # what FAISS ranks by, (nq, n)
+    extremes = CollectionBounds.compute(reader.scalars, reader.trace_image, form, reader.variance_diag,
+                                        reader.variance_lowrank)
+    spectra = largest_eigenvalues(covs)
+    for cut in (0.0, 0.5, 0.9):  # items with f <= the cut-th quantile of each query's row (plus FAISS slack)
+        f_bound = np.quantile(f, cut, axis=1)
+        bounds = score_bounds(f_bound + float32_slack(vectors.shape[1]), query, covs, extremes,
+                              form, estimator, spectra)
+        below = f <= f_bound[:, None]
+        for qi in range(nq):
+            rows = below[qi]
+            assert moments.mean[qi, rows].max() <= bounds.mean[qi] + 1e-12
+            assert moments.map_cosine[qi, rows].max() <= bounds.map_cosine[qi] + 1e-12
+    bounds = score_bounds(f.max(1), query, covs, extremes, form, estimator, spectra)
+    assert torch.all(moments.var.max(1).values <= torch.from_numpy(bounds.var) * (1 + 1e-12))
