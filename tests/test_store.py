@@ -168,3 +168,16 @@ def test_default_factory_by_size():
     assert default_faiss_factory(1000) == "Flat"
     assert default_faiss_factory(10**6).startswith("IVF") and default_faiss_factory(10**6).endswith(",Flat")
     assert default_faiss_factory(10**7).endswith(",SQ8")
+
+
+def test_faiss_factory_errors_name_the_string(tmp_path):
+    from bayesretrieval.store import build_faiss_index
+
+    vectors = np.random.default_rng(0).random((20, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match="FAISS factory string 'Bogus' is not valid for dim 8"):
+        build_faiss_index(vectors, np.arange(20), "Bogus")
+    with pytest.raises(ValueError, match="FAISS factory 'IVF64,Flat' cannot be trained on 20 vectors"):
+        build_faiss_index(vectors, np.arange(20), "IVF64,Flat")
+    index = build_faiss_index(vectors, np.arange(100, 120), "IVF2,Flat")
+    assert index.ntotal == 20  # ids kept through IDMap2:
+    assert set(faiss.vector_to_array(faiss.downcast_index(index).id_map)) == set(range(100, 120))

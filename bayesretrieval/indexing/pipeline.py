@@ -25,6 +25,7 @@ from bayesretrieval.indexing.work import WorkFolder, result_schema
 from bayesretrieval.posterior import PosteriorPair
 from bayesretrieval.store import Manifest, VarianceSpec, VersionInfo, write_version
 from bayesretrieval.store.format import FORMAT_VERSION
+from bayesretrieval.store.writer import empty_faiss_index
 
 
 def default_workers() -> int:
@@ -143,6 +144,8 @@ def build_index(
     started = time.perf_counter()
     image_dir, index_dir = Path(image_dir), Path(index_dir)
     posterior.check_encoder(encoder)
+    if config.faiss_factory:
+        empty_faiss_index(config.faiss_factory, encoder.embed_dim)
     files, problems = walk_images(image_dir)
     with index_lock(index_dir):
         previous = previous_items(index_dir, encoder.identity, posterior, config.variance, "images", config.rebuild)

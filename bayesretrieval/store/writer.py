@@ -106,14 +106,29 @@ def expected_norm(scalars: np.ndarray, trace_image: float) -> np.ndarray:
     return np.sqrt(scalars[:, 1] + scalars[:, 0] * trace_image)
 
 
+def empty_faiss_index(factory: str, dim: int) -> faiss.Index:
+    """An untrained, empty inner-product ``IDMap2,<factory>`` index (validates the string).
+
+    Raises:
+        ValueError: if FAISS cannot parse ``factory`` for dimension ``dim``.
+    """
+    try:
+        return faiss.index_factory(dim, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise ValueError(f"FAISS factory string {factory!r} is not valid for dim {dim}: "
+                         f"{str(err).strip().splitlines()[-1]}") from None
+
+
 def build_faiss_index(vectors: np.ndarray, item_ids: np.ndarray, factory: str) -> faiss.Index:
     """An inner-product ``IDMap2,<factory>`` index over ``vectors`` ``(N, d)`` with ids."""
-    index = faiss.index_factory(vectors.shape[1], f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
+    index = empty_faiss_index(factory, vectors.shape[1])
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if not index.is_trained:
-        if len(vectors) == 0:
-            raise ValueError(f"FAISS factory {factory!r} needs training data, the index is empty")
-        index.train(vectors)
+        try:
+            index.train(vectors)
+        except RuntimeError as err:
+            raise ValueError(f"FAISS factory {factory!r} cannot be trained on {len(vectors)} vectors: "
+                             f"{str(err).strip().splitlines()[-1]}") from None
     if len(vectors):
         index.add_with_ids(vectors, np.ascontiguousarray(item_ids, dtype=np.int64))
     return index
