@@ -237,3 +237,23 @@ def test_command_offline_bayesvlm_fails_at_once_saying_where(tmp_path, monkeypat
     with pytest.raises(PosteriorUnavailableError, match=r"into .*cache/posteriors/bayesvlm/hessian_CLIP-ViT-B-32"):
         args.run(args)
     assert not (tmp_path / "idx").exists()
+
+
+def test_console_script_exit_codes_and_export(tmp_path, checkpoint, posterior, capsys):
+    from bayesretrieval.cli import main
+
+    write_images(tmp_path / "img", ["one.png", "two.png", "three.png"])
+    posterior.save(tmp_path / "posterior")
+    other = random_posterior(D, 64, seed=3)
+    other.save(tmp_path / "other")
+    common = ["--model", TINY_MODEL, "--pretrained", str(checkpoint), "--workers", "0", "--no-progress"]
+    argv = ["build-index", str(tmp_path / "img"), str(tmp_path / "idx"), *common]
+    assert main([*argv, "--posterior", str(tmp_path / "posterior")]) == 0
+    assert main([*argv, "--posterior", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "build-index: error: existing index at version v000001 does not match: posterior: index has" in err
+    assert main([*argv, "--posterior", str(tmp_path / "other"), "--rebuild"]) == 0
+    assert main(["export", str(tmp_path / "idx"), str(tmp_path / "out")]) == 0
+    assert np.load(tmp_path / "out" / "img_emb" / "img_emb_0.npy").shape == (3, D)
+    assert pq.read_table(tmp_path / "out" / "metadata" / "metadata_0.parquet").column("image_path").to_pylist() == [
+        "one.png", "three.png", "two.png"]
