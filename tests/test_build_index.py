@@ -146,6 +146,11 @@ def test_mismatches_name_both_sides_unless_rebuild(tmp_path, encoder, posterior,
     report = build_index(img, tmp_path / "idx", encoder, other, fast(rebuild=True))
     assert report.encoded == 2 and report.manifest.posterior["source"] == "other-posterior"
     assert {p: v[0] for p, v in by_path(IndexReader.open(tmp_path / "idx")).items()} == ids
+    manifest = tmp_path / "idx" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"format_version": 1', '"format_version": 99'))
+    with pytest.raises(IndexMismatchError, match="index format version 99, this library reads version 1; pass --rebuild"):
+        build_index(img, tmp_path / "idx", encoder, other, fast())
+    assert build_index(img, tmp_path / "idx", encoder, other, fast(rebuild=True)).manifest.format_version == 1
 
 
 @pytest.mark.parametrize("rank", [3, D])
