@@ -59,14 +59,14 @@ def flat_index(tmp_path_factory):
     return build_index(tmp_path_factory.mktemp("flat"))
 
 
-def reference_scores(reader, encoded, score, kappa=1.0, modality="text", calibration=None):
+def reference_scores(reader, encoded, score, kappa=1.0, modality="text", calibration=None, estimator="second_order"):
     """All-pairs scores ``(nq, N)`` from the dense covariances (independent of the engine)."""
     posterior = reader.posterior
     query_post = posterior.text if modality == "text" else posterior.image
     means = torch.from_numpy(np.asarray(reader.means, dtype=np.float64))
     q = torch.from_numpy(np.array(reader.scalars[:, 0]))
     mean, var = cosine_moments(means, q, posterior.image.output_cov, encoded.embeds.double(),
-                               query_post.activation_scale(encoded.activations), query_post.output_cov)
+                               query_post.activation_scale(encoded.activations), query_post.output_cov, estimator)
     mean, var = mean.T.numpy(), var.T.numpy()
     y = encoded.embeds.double().numpy()
     plain = y @ means.numpy().T / np.outer(np.linalg.norm(y, axis=1), np.linalg.norm(means.numpy(), axis=1))
@@ -96,6 +96,19 @@ def test_search_equals_brute_force(flat_index, score, kappa):
     assert frame.attrs["exact"] and frame.exact.all()
     if score == "lcb" and kappa == 3.0:
         assert max(frame.attrs["candidates"]) > 42  # the certificate needed a grown set
+
+
+@pytest.mark.parametrize("estimator", ["published", "kronecker", "delta"])
+@pytest.mark.parametrize("score", ["lcb", "ucb"])
+def test_other_estimators_equal_brute_force(flat_index, estimator, score):
+    reader = IndexReader.open(flat_index)
+    searcher = Searcher(reader, None, flat_index, estimator=estimator)
+    queries = text_queries(4, seed=8)
+    frame = searcher.search(queries, k=10, score=score, kappa=2.0)
+    ref = reference_scores(reader, queries, score, 2.0, estimator=estimator)
+    ref_ids, ref_values = brute_force_top_k(ref, reader.item_ids, 10)
+    assert_same_ranking(frame, ref_ids, ref_values, 4)
+    assert frame.attrs["exact"] and frame.attrs["estimator"] == estimator
 
 
 def test_duplicates_tie_and_break_by_item_id(flat_index):

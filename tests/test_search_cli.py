@@ -138,3 +138,14 @@ def test_calibrate_then_probability_and_threshold(tiny_index, tmp_path, capsys):
     code, _, err = run_cli(capsys, "calibrate", tiny_index, tmp_path / "bad.csv")
     assert code == 2 and "not in the index" in err
     (tiny_index / "calibration.json").unlink()
+
+
+def test_image_queries(tiny_index, capsys):
+    image = tiny_index.parent / "images" / "sub" / "img_01.png"
+    code, out, _ = run_cli(capsys, "search", tiny_index, "--image", image, "-k", "3", "--format", "json")
+    results = json.loads(out)["results"]
+    assert code == 0 and len(results) == 3 and results[0]["query"].endswith("img_01.png")
+    code, _, err = run_cli(capsys, "search", tiny_index, "text", "--image", image)
+    assert code == 2 and "not both" in err
+    code, _, err = run_cli(capsys, "search", tiny_index, "--image", tiny_index / "manifest.json")
+    assert code == 2 and "cannot read image" in err
