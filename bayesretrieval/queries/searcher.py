@@ -144,20 +144,23 @@ class Searcher:
             return self._from_encoded(queries, modality, labels)
         if isinstance(queries, str):
             queries = [queries]
-        queries = list(queries) if not isinstance(queries, torch.Tensor) else queries
+        if not isinstance(queries, torch.Tensor):
+            queries = list(queries)
         if len(queries) == 0:
             raise ValueError("no queries given")
         if self.encoder is None:
             raise ValueError("this searcher has no encoder; pass precomputed Encoded queries")
-        if isinstance(queries, list) and all(isinstance(q, str) for q in queries):
+        if isinstance(queries, torch.Tensor):
+            labels = [f"image #{i}" for i in range(len(queries))]
+            return self._from_encoded(self.encoder.encode_images(queries), Modality.IMAGE, labels)
+        if all(isinstance(q, str) for q in queries):
             empty = [i for i, q in enumerate(queries) if not q.strip()]
             if empty:
                 raise ValueError(f"query {empty[0]} is empty; every query needs some text")
-            return self._from_encoded(self.encoder.encode_texts(queries), Modality.TEXT, list(queries))
-        images = queries if isinstance(queries, torch.Tensor) else torch.stack([self.encoder.preprocess(q) for q in queries])
-        labels = [getattr(q, "filename", "") or f"image #{i}" for i, q in enumerate(queries)] \
-            if isinstance(queries, list) else [f"image #{i}" for i in range(len(queries))]
-        return self._from_encoded(self.encoder.encode_images(images), Modality.IMAGE, labels)
+            return self._from_encoded(self.encoder.encode_texts(queries), Modality.TEXT, queries)
+        pixels = torch.stack([self.encoder.preprocess(image) for image in queries])
+        labels = [getattr(image, "filename", "") or f"image #{i}" for i, image in enumerate(queries)]
+        return self._from_encoded(self.encoder.encode_images(pixels), Modality.IMAGE, labels)
 
     def _from_encoded(self, encoded: Encoded, modality: Modality, labels: list) -> Queries:
         posterior = self.posterior.image if modality is Modality.IMAGE else self.posterior.text
