@@ -160,7 +160,7 @@ def build_index(
         computer = ScalarComputer(posterior, config.variance)
         schema = result_schema(computer.embed_dim, config.variance)
         work.open()
-        finished = _ShardResults.read(work, schema)
+        finished = _ShardResults.read(work, schema, keys_only=True)
         remaining = [f for f in plan.todo if not finished.has(f)]
         resumed = len(plan.todo) - len(remaining)
         _encode_into_shards(image_dir, remaining, encoder, computer, work, schema, config,
@@ -210,8 +210,8 @@ class _ShardResults:
     rows: dict
 
     @classmethod
-    def read(cls, work: WorkFolder, schema: pa.Schema) -> "_ShardResults":
-        table = work.read(schema)
+    def read(cls, work: WorkFolder, schema: pa.Schema, keys_only: bool = False) -> "_ShardResults":
+        table = work.read(schema, ["path", "file_size", "mtime_ns"] if keys_only else None)
         keys = zip(table.column("path").to_pylist(), table.column("file_size").to_pylist(),
                    table.column("mtime_ns").to_pylist())
         return cls(table, {p: (s, m, i) for i, (p, s, m) in enumerate(keys)})

@@ -64,9 +64,11 @@ class WorkFolder:
     def _shard_files(self) -> list[Path]:
         return sorted(self.shards.glob("shard-*.parquet"))
 
-    def read(self, schema: pa.Schema) -> pa.Table:
-        """All rows of all shards (later shards win for a repeated key)."""
-        tables = [pq.read_table(path, schema=schema) for path in self._shard_files()]
+    def read(self, schema: pa.Schema, columns: list | None = None) -> pa.Table:
+        """All rows of all shards, in write order (all or only ``columns``)."""
+        tables = [pq.read_table(path, schema=schema, columns=columns) for path in self._shard_files()]
+        if columns is not None:
+            schema = pa.schema([schema.field(name) for name in columns])
         return pa.concat_tables(tables) if tables else schema.empty_table()
 
     def append(self, table: pa.Table) -> Path:
