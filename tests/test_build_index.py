@@ -262,3 +262,15 @@ def test_console_script_exit_codes_and_export(tmp_path, checkpoint, posterior, c
     assert np.load(tmp_path / "out" / "img_emb" / "img_emb_0.npy").shape == (3, D)
     assert pq.read_table(tmp_path / "out" / "metadata" / "metadata_0.parquet").column("image_path").to_pylist() == [
         "one.png", "three.png", "two.png"]
+
+
+def test_user_factory_is_kept_across_updates(tmp_path, encoder, posterior):
+    img = tmp_path / "img"
+    write_images(img, ["a.png", "b.png", "c.png"])
+    build_index(img, tmp_path / "idx", encoder, posterior, fast(faiss_factory="HNSW8"))
+    write_images(img, ["d.png"], seed=4)
+    report = build_index(img, tmp_path / "idx", encoder, posterior, fast())
+    assert report.manifest.faiss_factory == "HNSW8"
+    assert IndexReader.open(tmp_path / "idx").faiss_index.ntotal == 4
+    with pytest.raises(ValueError, match="FAISS factory string 'Nope' is not valid for dim 64"):
+        build_index(img, tmp_path / "idx", encoder, posterior, fast(faiss_factory="Nope"))

@@ -23,7 +23,7 @@ from bayesretrieval.indexing.scalars import ScalarComputer
 from bayesretrieval.indexing.sources import walk_images
 from bayesretrieval.indexing.work import WorkFolder, result_schema
 from bayesretrieval.posterior import PosteriorPair
-from bayesretrieval.store import Manifest, VarianceSpec, VersionInfo, write_version
+from bayesretrieval.store import Manifest, VarianceSpec, VersionInfo, default_faiss_factory, write_version
 from bayesretrieval.store.format import FORMAT_VERSION
 from bayesretrieval.store.writer import empty_faiss_index
 
@@ -187,8 +187,12 @@ def _unchanged(previous: PreviousItems, plan: BuildPlan, walk_skips: list, confi
 
 
 def _previous_factory(previous: PreviousItems) -> str | None:
-    """Keep an explicitly chosen factory across incremental builds; else size-based default."""
-    return None if previous.reader is None else previous.reader.manifest.faiss_factory
+    """Keep a factory chosen by the user across updates; a size-based default is re-chosen."""
+    if previous.reader is None:
+        return None
+    manifest = previous.reader.manifest
+    chosen = manifest.faiss_factory != default_faiss_factory(manifest.item_count)
+    return manifest.faiss_factory if chosen else None
 
 
 def _work_settings(encoder: ClipEncoder, posterior: PosteriorPair, config: BuildConfig) -> dict:
