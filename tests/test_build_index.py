@@ -223,7 +223,7 @@ def test_command_prints_summary(tmp_path, checkpoint, posterior, capsys):
     args = parser.parse_args(argv)
     assert args.run(args) == 0
     out = capsys.readouterr().out
-    assert "index v000001: 2 items" in out and "skipped 1 (empty_file 1)" in out and "images/s" in out
+    assert "index v000001: 2 items" in out and "skipped 1 (empty_file 1)" in out and "files/s processed" in out
     args = parser.parse_args(argv)
     assert args.run(args) == 0
     assert "nothing changed" in capsys.readouterr().out

@@ -181,3 +181,18 @@ def test_faiss_factory_errors_name_the_string(tmp_path):
     index = build_faiss_index(vectors, np.arange(100, 120), "IVF2,Flat")
     assert index.ntotal == 20  # ids kept through IDMap2:
     assert set(faiss.vector_to_array(faiss.downcast_index(index).id_map)) == set(range(100, 120))
+
+
+def test_published_files_are_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        write_version(tmp_path, random_items(3, 8), empty_skipped(), random_posterior(8, 6), info())
+    finally:
+        os.umask(mask)
+    version = tmp_path / "versions" / "v000001"
+    for path in [tmp_path / "manifest.json", version, *version.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))

@@ -127,11 +127,12 @@ def summary(report: BuildReport) -> str:
     lines = [
         f"index {manifest.version}: {report.indexed} items"
         + ("" if report.published else " (nothing changed, not republished)"),
-        f"  encoded {report.encoded}, resumed {report.resumed}, unchanged {report.reused}, removed {report.removed}",
+        f"  processed {report.encoded} files, resumed {report.resumed}, unchanged {report.reused}, "
+        f"removed {report.removed}",
     ]
     skipped = sum(report.skipped.values())
     detail = ", ".join(f"{reason} {count}" for reason, count in report.skipped.items())
     lines.append(f"  skipped {skipped}" + (f" ({detail})" if detail else ""))
     rate = report.encoded / report.seconds if report.seconds > 0 else 0.0
-    lines.append(f"  {report.seconds:.1f} s ({rate:.1f} images/s encoded)")
+    lines.append(f"  {report.seconds:.1f} s ({rate:.1f} files/s processed)")
     return "\n".join(lines)

@@ -86,7 +86,7 @@ class BuildReport:
     Attributes:
         manifest: the manifest of the index now current.
         published: whether a new version was published (``False`` when nothing changed).
-        encoded: files decoded and encoded by this run.
+        encoded: files this run decoded (and encoded, unless skipped).
         resumed: files taken from the shards of an interrupted earlier run.
         reused: unchanged items carried over from the previous version.
         removed: previous items whose files are gone.

@@ -157,6 +157,7 @@ def write_version(
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{name}-", dir=versions))
     try:
         manifest = _write_staging(staging, name, items, skipped, posterior, info)
+        _make_readable(staging)
         _fsync_tree(staging)
         if (versions / name).exists():  # never published: left by a build killed before the swap
             shutil.rmtree(versions / name)
@@ -317,6 +318,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` atomically: temp file in the same folder, fsync, rename."""
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(temp, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -326,6 +328,19 @@ def write_text_atomic(path: Path, text: str) -> None:
         Path(temp).unlink(missing_ok=True)
         raise
     _fsync_path(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _make_readable(root: Path) -> None:
+    """Give the staging tree normal permissions (temp dirs and files are created 0700/0600)."""
+    mask = _umask()
+    for path in [root, *root.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _fsync_path(path: Path) -> None:
