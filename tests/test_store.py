@@ -196,3 +196,21 @@ def test_published_files_are_readable_by_others(tmp_path):
     for path in [tmp_path / "manifest.json", version, *version.rglob("*")]:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
+
+
+def test_open_retries_when_the_named_version_was_collected(tmp_path, monkeypatch):
+    from bayesretrieval.store import reader as reader_module
+
+    posterior = random_posterior(8, 6)
+    write_version(tmp_path, random_items(2, 8, seed=1), empty_skipped(), posterior, info())
+    real = reader_module._current_version_dir
+    calls = []
+
+    def stale_then_real(index_dir):
+        calls.append(index_dir)
+        return tmp_path / "versions" / "v000000" if len(calls) == 1 else real(index_dir)
+
+    monkeypatch.setattr(reader_module, "_current_version_dir", stale_then_real)
+    assert IndexReader.open(tmp_path).manifest.version == "v000001" and len(calls) == 2
+    with pytest.raises(FileNotFoundError, match="missing manifest.json"):
+        IndexReader.open(tmp_path / "elsewhere")

@@ -17,6 +17,9 @@ from bayesretrieval.posterior import PosteriorPair
 from bayesretrieval.store import format as fmt
 from bayesretrieval.store.format import Manifest
 
+OPEN_ATTEMPTS = 3
+"""Re-reads of ``manifest.json`` when the version it named was collected meanwhile."""
+
 
 @dataclass
 class FetchedItems:
@@ -62,6 +65,11 @@ class IndexReader:
     Attributes:
         manifest: the version's :class:`Manifest`.
         version_dir: the folder read.
+        item_ids: ``(N,)`` int64, sorted (row order of every array below).
+        means: ``(N, D)`` float32 unnormalised means.
+        scalars: ``(N, 6)`` float64, columns :data:`SCALAR_COLUMNS`.
+        variance_diag: ``(N, D)`` float32 or ``None``.
+        variance_lowrank: ``(N, r, D)`` float32 or ``None``.
     """
 
     def __init__(self, version_dir: str | Path, mmap: bool = True):
@@ -97,12 +105,14 @@ class IndexReader:
             ValueError: if the format version is not the one this library reads.
         """
         index_dir = Path(index_dir)
-        manifest_file = index_dir / fmt.MANIFEST_FILE
-        if not manifest_file.is_file():
-            raise FileNotFoundError(f"no index at {index_dir} (missing {fmt.MANIFEST_FILE})")
-        data = json.loads(manifest_file.read_text())
-        Manifest.from_dict(data)
-        return cls(index_dir / fmt.VERSIONS_DIR / data["version"], mmap=mmap)
+        for _ in range(OPEN_ATTEMPTS - 1):
+            version_dir = _current_version_dir(index_dir)
+            try:
+                return cls(version_dir, mmap=mmap)
+            except FileNotFoundError:
+                if version_dir.is_dir():  # a real problem, not a collected version
+                    raise
+        return cls(_current_version_dir(index_dir), mmap=mmap)
 
     def __len__(self) -> int:
         return int(self.manifest.item_count)
@@ -190,3 +200,13 @@ class IndexReader:
             got = file_sha256(self.version_dir / name)
             if got != expected:
                 raise ValueError(f"{self.version_dir / name}: sha256 {got}, manifest says {expected}")
+
+
+def _current_version_dir(index_dir: Path) -> Path:
+    """The version folder ``manifest.json`` names (checking the format version first)."""
+    manifest_file = index_dir / fmt.MANIFEST_FILE
+    if not manifest_file.is_file():
+        raise FileNotFoundError(f"no index at {index_dir} (missing {fmt.MANIFEST_FILE})")
+    data = json.loads(manifest_file.read_text())
+    Manifest.from_dict(data)
+    return index_dir / fmt.VERSIONS_DIR / data["version"]
