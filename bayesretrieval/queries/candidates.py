@@ -133,13 +133,15 @@ def is_exhaustive(index: faiss.Index, nprobe: int | None) -> bool:
 
 
 def search_parameters(index: faiss.Index, selector, nprobe: int | None):
-    """FAISS search parameters with an optional ID selector and ``nprobe`` (IVF)."""
+    """FAISS search parameters with an optional ID selector and ``nprobe`` (IVF); ``None`` when neither applies."""
     inner = faiss.downcast_index(index.index) if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else index
     if isinstance(inner, faiss.IndexIVF):
         params = faiss.SearchParametersIVF()
         params.nprobe = int(nprobe or inner.nprobe)
-    else:
+    elif selector is not None:
         params = faiss.SearchParameters()
+    else:
+        return None
     if selector is not None:
         params.sel = selector
     return params
