@@ -9,7 +9,6 @@ from bayesretrieval.queries.uncertainty import (
     Candidates,
     ModelCovariances,
     QuerySide,
-    UncertaintyForm,
     candidate_moments,
 )
 from bayesretrieval.similarity import cosine_moments

@@ -157,11 +157,6 @@ class Candidates:
     variance_diag: np.ndarray | None = None
     variance_lowrank: np.ndarray | None = None
 
-    @property
-    def valid(self) -> np.ndarray:
-        """``(nq, kc)`` bool, ``True`` where a candidate exists."""
-        return self.item_ids >= 0
-
 
 @dataclass
 class PairMoments:
