@@ -83,14 +83,20 @@ def fit_posterior_on_world(encoder: ClipEncoder, work: Path, args: argparse.Name
     saved = work / "posterior"
     if (saved / "posterior.json").is_file():
         return PosteriorPair.load(saved)
-    root = work / "train-world"
-    if not (root / "world.json").is_file():
-        write_world(make_world(args.n_fit, seed=args.seed + 1, part="train"), root, overwrite=True)
+    root = write_training_world(work, args)
     reader = PairReader(root / "world.parquet", image_root=root / IMAGES_DIR)
     posterior = PosteriorFitter(chunk_size=args.chunk_size, batch_size=256, progress_bar=True).fit(
         encoder, reader).posterior_
     posterior.save(saved)
     return posterior
+
+
+def write_training_world(work: Path, args: argparse.Namespace) -> Path:
+    """Write (once) the world the posterior is fitted on; returns its folder."""
+    root = work / "train-world"
+    if not (root / "world.json").is_file():
+        write_world(make_world(args.n_fit, seed=args.seed + 1, part="train"), root, overwrite=True)
+    return root
 
 
 def gallery_worlds(args: argparse.Namespace) -> dict:
@@ -149,7 +155,7 @@ def engine_check(searcher: Searcher, texts: list[str], relevant: np.ndarray, rec
 
 
 def run_estimator(index_dir: Path, encoder: ClipEncoder, estimator: str, texts: list[str], relevant: np.ndarray,
-                  fit: np.ndarray, item_ids: np.ndarray, out: Path) -> dict:
+                  fit: np.ndarray, item_ids: np.ndarray, out: Path, groups: dict) -> dict:
     """Sweep, evaluate and plot one estimator; returns its summary."""
     searcher = Searcher.open(index_dir, encoder, estimator=estimator)
     encoded = searcher.encode(texts)
@@ -160,7 +166,7 @@ def run_estimator(index_dir: Path, encoder: ClipEncoder, estimator: str, texts: 
     records = sweep(engine, query, variance, item_ids, lambda rows: relevant[rows], encoder.logit_scale,
                     progress=lambda done: bar.update(done - bar.n))
     bar.close()
-    evaluation = evaluate(records, fit, encoder.logit_scale)
+    evaluation = evaluate(records, fit, encoder.logit_scale, groups=groups)
     evaluation.summary["engine_check"] = engine_check(searcher, texts, _by_id(relevant, item_ids), records)
     evaluation.summary["plots"] = [str(p) for p in plot_evaluation(
         evaluation, out, f"retrieval_calibration_{estimator}", f"small world, {estimator}")]
@@ -178,9 +184,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
     work = args.work / args.size
+    gallery = write_gallery(work / "gallery", args)
+    write_training_world(work, args)
     encoder = ClipEncoder.from_pretrained(model_name(args.size), get_trained_model(args.size, args.seed))
     posterior = fit_posterior_on_world(encoder, work, args)
-    gallery = write_gallery(work / "gallery", args)
     report = build_index(work / "gallery", work / "index", encoder, posterior, BuildConfig(workers=0))
     reader = Searcher.open(work / "index", encoder).reader
     item_ids = np.asarray(reader.item_ids, dtype=np.int64)
@@ -202,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for estimator in args.estimators:
         results["estimators"][estimator] = run_estimator(work / "index", encoder, estimator, texts, relevant, fit,
-                                                         item_ids, args.out)
+                                                         item_ids, args.out, {"full": is_full, "partial": ~is_full})
     results["seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "retrieval_calibration.json"
@@ -226,6 +233,10 @@ def print_tables(results: dict) -> None:
             b = s["binned_recall@1"]
             print(f"| {name}{' (baseline)' if s['baseline'] else ''} | {s['failure_auroc']:.3f} | {s['aurc']:.3f} | "
                   f"{b['spearman']:+.3f} | {b['r2']:.3f} |")
+        print("\nfailure AUROC within query kinds: " + "; ".join(
+            f"{kind} (top-1 recall {g['top1_recall']:.2f}): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in g["failure_auroc"].items())
+            for kind, g in summary["groups"].items()))
         print(f"\n(oracle AURC {summary['oracle_aurc']:.3f}, held-out top-1 recall {summary['top1_recall_held_out']:.3f})")
         print("\n| link | ECE | Brier | NLL |\n|---|---|---|---|")
         for name in ("probit", "logistic_map"):

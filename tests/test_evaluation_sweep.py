@@ -76,7 +76,11 @@ def test_sweep_matches_certified_search(setup, estimator):
 def test_evaluate_and_plots(setup, tmp_path):
     _, records = run_sweep(setup, "second_order")
     fit = split_queries(NQ, seed=0)
-    evaluation = evaluate(records, fit, logit_scale=20.0)
+    first_half = np.arange(NQ) < NQ // 2
+    evaluation = evaluate(records, fit, logit_scale=20.0, groups={"a": first_half, "b": ~first_half})
+    group = evaluation.summary["groups"]["a"]
+    assert group["held_out"] == (first_half & ~fit).sum()
+    assert group["top1_recall"] == pytest.approx(np.mean(records.pair_relevant[first_half & ~fit, 0]))
     summary = json.loads(json.dumps(evaluation.summary))  # JSON-ready
     assert summary["queries"] == {"total": NQ, "held_in": 25, "held_out": 25}
     assert summary["calibration"]["pairs"]["held_out"] == 250

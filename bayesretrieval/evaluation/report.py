@@ -46,7 +46,7 @@ def split_queries(n: int, seed: int, fit_fraction: float = 0.5) -> np.ndarray:
 
 
 def evaluate(records: SweepRecords, fit: np.ndarray, logit_scale: float, bins: int = 10,
-             ece_bins: int = 15) -> Evaluation:
+             ece_bins: int = 15, groups: dict | None = None) -> Evaluation:
     """Compute every benchmark number from one sweep.
 
     Args:
@@ -55,6 +55,8 @@ def evaluate(records: SweepRecords, fit: np.ndarray, logit_scale: float, bins: i
         logit_scale: ``s`` of the model.
         bins: equal-count uncertainty bins for Recall@1.
         ece_bins: equal-width bins of the ECE.
+        groups: optional ``{name: (n,) bool}`` query groups (e.g. full vs partial
+            queries); each gets its held-out top-1 recall and per-signal failure AUROC.
 
     Returns:
         The :class:`Evaluation`.
@@ -92,6 +94,16 @@ def evaluate(records: SweepRecords, fit: np.ndarray, logit_scale: float, bins: i
         curves["risk_coverage"][signal.value] = (rc["coverage"], rc["risk"])
     for name, p in probabilities.items():
         curves["reliability"][name] = metrics.reliability_table(p, labels, ece_bins)
+    by_group = {}
+    for name, mask in (groups or {}).items():
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != fit.shape:
+            raise ValueError(f"group {name!r} has shape {mask.shape}, records have {fit.shape}")
+        part = top.take(mask & held)
+        part_failed = ~part.relevant[:, 0]
+        by_group[name] = {"held_out": int(part_failed.size), "top1_recall": float(1 - part_failed.mean()),
+                          "failure_auroc": {s.value: _auroc(signal_values(s, part, fitted), part_failed)
+                                            for s in Signal}}
     summary = {
         "queries": {"total": int(fit.size), "held_in": int(fit.sum()), "held_out": int(held.sum())},
         "retrieval": retrieval,
@@ -100,6 +112,7 @@ def evaluate(records: SweepRecords, fit: np.ndarray, logit_scale: float, bins: i
         "signals": signals,
         "calibration": calibration,
         "softmax_temperature": temperature,
+        "groups": by_group,
     }
     return Evaluation(summary, curves)
 
