@@ -239,3 +239,16 @@ def test_queries_without_encoder_or_wrong_dim_raise(flat_index):
         searcher.search("a red circle")
     with pytest.raises(ValueError, match="dim"):
         searcher.search(Encoded(torch.zeros(1, D + 1), torch.zeros(1, H_TEXT)))
+
+
+def test_repeated_searches_start_from_the_learned_candidate_count(flat_index):
+    searcher = Searcher(IndexReader.open(flat_index), None, flat_index)
+    queries = text_queries(6, seed=12)
+    first = searcher.search(queries, k=10, score="lcb", kappa=3.0)
+    learned = int(np.quantile(first.attrs["candidates"], 0.9))
+    assert learned > 42
+    second = searcher.search(queries, k=10, score="lcb", kappa=3.0)
+    assert min(second.attrs["candidates"]) >= learned
+    pd_equal = (first[["item_id", "score"]].to_numpy() == second[["item_id", "score"]].to_numpy()).all()
+    assert pd_equal
+    assert min(searcher.search(queries, k=10, score="expected").attrs["candidates"]) == 42

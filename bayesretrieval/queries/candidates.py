@@ -31,6 +31,7 @@ from bayesretrieval.queries.uncertainty import (
 from bayesretrieval.similarity import CosineEstimator
 
 GROWTH = 4
+LEARNED_QUANTILE = 0.9
 DEFAULT_MAX_CANDIDATES = 65_536
 
 
@@ -168,6 +169,7 @@ class CandidateSearch:
         self.form, self.estimator = UncertaintyForm(form), CosineEstimator(estimator)
         self.spectra = largest_eigenvalues(covs)
         self.slack = float32_slack(index.d)
+        self._learned: dict[tuple, int] = {}
 
     def moments(self, query: QuerySide, I: np.ndarray) -> PairMoments:
         """Exact moments of queries with the items ``I`` ``(nq, kc)``."""
@@ -183,7 +185,10 @@ class CandidateSearch:
             k: results per query (``>= 1``).
             selector: a FAISS ``IDSelector`` restricting the search, or ``None``.
             nprobe: IVF lists to probe (``None``: the index's setting).
-            candidates: first-round candidate count (default ``max(2 k, k + 32)``).
+            candidates: first-round candidate count. Default: ``max(2 k, k + 32)``, or more
+                when the previous search with the same score, ``kappa``, ``k`` and
+                filtering needed more: the 90th percentile of its candidate counts, so
+                repeated searches rarely pay a second FAISS pass. Only speed depends on it.
             max_candidates: stop growing here and report the query as not certified.
 
         Returns:
@@ -195,7 +200,8 @@ class CandidateSearch:
         params = search_parameters(self.index, selector, nprobe)
         exhaustive = is_exhaustive(self.index, nprobe)
         total = max(int(self.index.ntotal), 1)
-        kc = min(max(candidates or max(2 * k, k + 32), k), total)
+        key = (scorer.name, getattr(scorer, "kappa", None), k, selector is None)
+        kc = min(max(candidates or max(2 * k, k + 32, self._learned.get(key, 0)), k), total)
         out = _empty_outcome(nq, k)
         pending = np.arange(nq)
         while pending.size:
@@ -216,6 +222,7 @@ class CandidateSearch:
             pending = pending[~done]
             kc = min(kc * GROWTH, total, max(max_candidates, k))
         out.exact = out.certified & exhaustive
+        self._learned[key] = int(np.quantile(out.candidates, LEARNED_QUANTILE))
         return out
 
 
