@@ -237,6 +237,10 @@ def print_tables(results: dict) -> None:
             f"{kind} (top-1 recall {g['top1_recall']:.2f}): "
             + ", ".join(f"{k} {v:.2f}" for k, v in g["failure_auroc"].items())
             for kind, g in summary["groups"].items()))
+        picked = summary["selected_on_held_in"]
+        print("\nselected on held-in queries: " + "; ".join(
+            f"{kind} {p['signal']} (held-out AUROC {p['failure_auroc']:.3f}, AURC {p['aurc']:.3f})"
+            for kind, p in picked.items() if p["signal"] is not None))
         print(f"\n(oracle AURC {summary['oracle_aurc']:.3f}, held-out top-1 recall {summary['top1_recall_held_out']:.3f})")
         print("\n| link | ECE | Brier | NLL |\n|---|---|---|---|")
         for name in ("probit", "logistic_map"):

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n| measurement | value | ratio |\n|---|---|---|")
     for entry in summary["benchmarks"].values():
         for row in entry["rows"]:
-            ratio = "" if row["ratio"] is None else f"{row['ratio']:.3f}"
+            ratio = "" if row["ratio"] is None else f"{row['ratio']:.3g}"
             print(f"| {row['measure']} | {row['value']} | {ratio} |")
     path = args.out / "speed_summary.json"
     path.write_text(json.dumps(summary, indent=2))

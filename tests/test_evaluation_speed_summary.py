@@ -35,7 +35,7 @@ def test_summary_from_existing_results(script, tmp_path, capsys):
     ratios = [row["ratio"] for entry in summary["benchmarks"].values() for row in entry["rows"]]
     assert ratios == [0.5, 0.25, 0.5, 0.25, 0.9, 0.02, None]
     printed = capsys.readouterr().out
-    assert "| search flat 1000 x 8, lcb vs plain FAISS | 25 q/s (candidates mean 40) | 0.250 |" in printed
+    assert "| search flat 1000 x 8, lcb vs plain FAISS | 25 q/s (candidates mean 40) | 0.25 |" in printed
     assert json.loads((tmp_path / "speed_summary.json").read_text())["mode"] == "existing"
 
 

@@ -84,6 +84,10 @@ def test_evaluate_and_plots(setup, tmp_path):
     summary = json.loads(json.dumps(evaluation.summary))  # JSON-ready
     assert summary["queries"] == {"total": NQ, "held_in": 25, "held_out": 25}
     assert summary["calibration"]["pairs"]["held_out"] == 250
+    picked = summary["selected_on_held_in"]["bayesian"]
+    best = max((v["failure_auroc_held_in"], k) for k, v in summary["signals"].items() if not v["baseline"])
+    assert picked["signal"] == best[1]
+    np.testing.assert_equal(picked["failure_auroc"], summary["signals"][best[1]]["failure_auroc"])
     for name, signal in summary["signals"].items():
         assert 0 <= signal["aurc"] <= 1 and len(signal["binned_recall@1"]["recall"]) == 10
     first_hit = records.rankings["map"]["first_hit"]

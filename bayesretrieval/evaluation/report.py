@@ -82,7 +82,7 @@ def evaluate(records: SweepRecords, fit: np.ndarray, logit_scale: float, bins: i
     calibration["pairs"] = {"per_query": records.top, "held_out": int(labels.size), "positives": int(labels.sum())}
     top = TopResults(records.pair_mean[:, :2], records.pair_var[:, :2], records.pair_map[:, :2],
                      records.pair_relevant[:, :2], records.query_variance, records.log_normaliser[:, t_index])
-    held_top = top.take(held)
+    held_top, fit_top = top.take(held), top.take(fit)
     fitted = Fitted(probit, temperature, logit_scale)
     failed = ~held_top.relevant[:, 0]
     signals, curves = {}, {"risk_coverage": {}, "reliability": {}}
@@ -90,6 +90,8 @@ def evaluate(records: SweepRecords, fit: np.ndarray, logit_scale: float, bins: i
         u = signal_values(signal, held_top, fitted)
         rc = risk_coverage(u, failed)
         signals[signal.value] = {"baseline": signal.is_baseline, "failure_auroc": _auroc(u, failed),
+                                 "failure_auroc_held_in": _auroc(signal_values(signal, fit_top, fitted),
+                                                                 ~fit_top.relevant[:, 0]),
                                  "aurc": rc["aurc"], "binned_recall@1": binned_recall(u, ~failed, bins)}
         curves["risk_coverage"][signal.value] = (rc["coverage"], rc["risk"])
     for name, p in probabilities.items():
@@ -112,9 +114,20 @@ def evaluate(records: SweepRecords, fit: np.ndarray, logit_scale: float, bins: i
         "signals": signals,
         "calibration": calibration,
         "softmax_temperature": temperature,
+        "selected_on_held_in": {kind: _select(signals, kind == "baseline") for kind in ("bayesian", "baseline")},
         "groups": by_group,
     }
     return Evaluation(summary, curves)
+
+
+def _select(signals: dict, baseline: bool) -> dict:
+    """The signal of a kind with the best held-in failure AUROC, and its held-out numbers."""
+    candidates = {k: v for k, v in signals.items() if v["baseline"] == baseline
+                  and not np.isnan(v["failure_auroc_held_in"])}
+    if not candidates:
+        return {"signal": None}
+    name = max(candidates, key=lambda k: candidates[k]["failure_auroc_held_in"])
+    return {"signal": name, "failure_auroc": candidates[name]["failure_auroc"], "aurc": candidates[name]["aurc"]}
 
 
 def _auroc(u: np.ndarray, failed: np.ndarray) -> float:
