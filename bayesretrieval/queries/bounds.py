@@ -127,10 +127,11 @@ def score_bounds(
     estimator: CosineEstimator | str,
     spectra: tuple[float, float],
 ) -> ScoreBounds:
-    """Bounds for items with FAISS inner product at most ``f_bound`` ``(nq,)``.
+    """Bounds for items with FAISS inner product at most ``f_bound`` (``(nq,)`` or ``(nq, c)``).
 
     Args:
-        f_bound: ``(nq,)`` largest FAISS inner product an unreturned item can have.
+        f_bound: ``(nq,)`` largest FAISS inner product an unreturned item can have, or
+            ``(nq, c)`` such values (e.g. every returned candidate's), bounded one by one.
         query: the prepared queries.
         covs: the covariances the estimator uses.
         extremes: the collection's ratio extremes.
@@ -139,19 +140,20 @@ def score_bounds(
         spectra: largest eigenvalues ``(lambda_max Sigma_I, lambda_max Sigma_Q)``.
 
     Returns:
-        The bounds, each ``(nq,)``.
+        The bounds, shaped like ``f_bound`` (``var`` as ``(nq,)`` or ``(nq, 1)``).
     """
     estimator = CosineEstimator(estimator)
     f_bound = np.asarray(f_bound, dtype=np.float64)
+    per_query = (slice(None),) + (None,) * (f_bound.ndim - 1)
     y = query.stats
-    map_factor = (query.expected_norm / torch.sqrt(y.norm_sq)).numpy()
+    map_factor = (query.expected_norm / torch.sqrt(y.norm_sq)).numpy()[per_query]
     map_bound = _scaled_bound(f_bound, extremes.map_factor_min, extremes.map_factor_max) * map_factor
     if estimator is CosineEstimator.DELTA:
         mean_bound = map_bound
     else:
         mean_bound = _scaled_bound(f_bound, extremes.mean_factor_min, extremes.mean_factor_max)
     var_bound = _VARIANCE_BOUNDS[estimator](y, covs, extremes, UncertaintyForm(form), spectra)
-    return ScoreBounds(mean_bound, var_bound.numpy(), map_bound)
+    return ScoreBounds(mean_bound, var_bound.numpy()[per_query], map_bound)
 
 
 def _item_unit_terms(covs, form, spectra):

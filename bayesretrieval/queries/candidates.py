@@ -208,10 +208,11 @@ class CandidateSearch:
             D, I = self.index.search(xq[pending], kc, params=params)
             with serial_torch():
                 sub = query.take(pending)
-                moments = self.moments(sub, I)
-                ranking = scorer.rank(moments, I, k)
-                bound = scorer.upper_bound(score_bounds(D[:, -1].astype(np.float64) + self.slack, sub, self.covs,
-                                                       self.extremes, self.form, self.estimator, self.spectra))
+                bound_of = lambda f: scorer.upper_bound(score_bounds(  # noqa: E731
+                    f.astype(np.float64) + self.slack, sub, self.covs, self.extremes, self.form, self.estimator,
+                    self.spectra))
+                I, moments, ranking = self._rerank(sub, scorer, k, D, I, bound_of)
+                bound = bound_of(D[:, -1])
             exhausted = (I[:, -1] < 0) | (kc >= total)
             kth = ranking.scores[:, -1] if ranking.scores.shape[1] == k else np.full(len(pending), -np.inf)
             certified = exhausted | (kth > bound)
@@ -224,6 +225,33 @@ class CandidateSearch:
         out.exact = out.certified & exhaustive
         self._learned[key] = int(np.quantile(out.candidates, LEARNED_QUANTILE))
         return out
+
+
+    def _rerank(self, query: QuerySide, scorer: Scorer, k: int, D: np.ndarray, I: np.ndarray, bound_of):
+        """Exact scores of the candidates that can still matter, in two stages.
+
+        The first ``max(2 k, k + 32)`` candidates give a provisional ``k``-th score; a
+        later candidate whose score bound (from its FAISS inner product) is below it
+        cannot enter the top ``k``, and since FAISS returns candidates in decreasing
+        order, only a prefix of the rest is scored.
+
+        Returns:
+            ``(I, moments, ranking)`` over the scored prefix of the candidates.
+        """
+        first = min(I.shape[1], max(2 * k, k + 32))
+        moments = self.moments(query, I[:, :first])
+        ranking = scorer.rank(moments, I[:, :first], k)
+        if first == I.shape[1]:
+            return I, moments, ranking
+        kth = ranking.scores[:, -1] if ranking.scores.shape[1] == k else np.full(len(I), -np.inf)
+        rest = (bound_of(D[:, first:]) >= kth[:, None]) & (I[:, first:] >= 0)
+        upto = first + int(np.max(np.where(rest.any(1), rest.shape[1] - np.argmax(rest[:, ::-1], axis=1), 0)))
+        if upto == first:
+            return I[:, :first], moments, ranking
+        extra = self.moments(query, I[:, first:upto])
+        moments = PairMoments(*(torch.cat([a, b], dim=1) for a, b in (
+            (moments.mean, extra.mean), (moments.var, extra.var), (moments.map_cosine, extra.map_cosine))))
+        return I[:, :upto], moments, scorer.rank(moments, I[:, :upto], k)
 
 
 def _empty_outcome(nq: int, k: int) -> SearchOutcome:
