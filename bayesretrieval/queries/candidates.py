@@ -211,13 +211,13 @@ class CandidateSearch:
                 bound_of = lambda f: scorer.upper_bound(score_bounds(  # noqa: E731
                     f.astype(np.float64) + self.slack, sub, self.covs, self.extremes, self.form, self.estimator,
                     self.spectra))
-                I, moments, ranking = self._rerank(sub, scorer, k, D, I, bound_of)
+                scored, moments, ranking = self._rerank(sub, scorer, k, D, I, bound_of)
                 bound = bound_of(D[:, -1])
             exhausted = (I[:, -1] < 0) | (kc >= total)
             kth = ranking.scores[:, -1] if ranking.scores.shape[1] == k else np.full(len(pending), -np.inf)
             certified = exhausted | (kth > bound)
             done = certified | (kc >= max_candidates)
-            _store(out, pending[done], ranking, moments, I, done)
+            _store(out, pending[done], ranking, moments, scored, done)
             out.certified[pending[done]] = certified[done]
             out.candidates[pending[done]] = kc
             pending = pending[~done]
@@ -225,7 +225,6 @@ class CandidateSearch:
         out.exact = out.certified & exhaustive
         self._learned[key] = int(np.quantile(out.candidates, LEARNED_QUANTILE))
         return out
-
 
     def _rerank(self, query: QuerySide, scorer: Scorer, k: int, D: np.ndarray, I: np.ndarray, bound_of):
         """Exact scores of the candidates that can still matter, in two stages.
