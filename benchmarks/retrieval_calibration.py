@@ -39,7 +39,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from bayesretrieval.encoders import ClipEncoder
-from bayesretrieval.evaluation import evaluate, query_relative_variance, split_queries, sweep
+from bayesretrieval.evaluation import evaluate, failure_auroc, query_relative_variance, split_queries, sweep
 from bayesretrieval.evaluation.plots import plot_evaluation
 from bayesretrieval.indexing.pipeline import BuildConfig, build_index
 from bayesretrieval.posterior import PairReader, PosteriorFitter, PosteriorPair
@@ -154,8 +154,30 @@ def engine_check(searcher: Searcher, texts: list[str], relevant: np.ndarray, rec
     return {"queries": count, "agree": int((hits == dense).sum()), "all_exact": bool(results.attrs["exact"])}
 
 
+def shift_analysis(records, fit: np.ndarray, shifted: np.ndarray) -> dict:
+    """Held-out top results under ``expected``: how often shifted images appear and whether the std sees them.
+
+    Args:
+        records: the sweep.
+        fit: held-in mask.
+        shifted: ``(max id + 1,)`` bool, whether each item id is a shifted image.
+    """
+    held = ~fit
+    top1_shifted = shifted[records.pair_item[held, 0]]
+    correct = records.pair_relevant[held, 0]
+    std = np.sqrt(records.pair_var[held, 0])
+    return {"top1_shifted_fraction": float(top1_shifted.mean()),
+            "top10_shifted_fraction": float(shifted[records.pair_item[held]].mean()),
+            "top1_recall_when_shifted": float(correct[top1_shifted].mean()),
+            "top1_recall_when_clean": float(correct[~top1_shifted].mean()),
+            "auroc_top1_std_for_shifted_top1": (failure_auroc(std, top1_shifted)
+                                                if 0 < top1_shifted.sum() < top1_shifted.size else float("nan")),
+            "top10_precision_shifted_items": float(records.pair_relevant[held][shifted[records.pair_item[held]]].mean()),
+            "top10_precision_clean_items": float(records.pair_relevant[held][~shifted[records.pair_item[held]]].mean())}
+
+
 def run_estimator(index_dir: Path, encoder: ClipEncoder, estimator: str, texts: list[str], relevant: np.ndarray,
-                  fit: np.ndarray, item_ids: np.ndarray, out: Path, groups: dict) -> dict:
+                  fit: np.ndarray, item_ids: np.ndarray, out: Path, groups: dict, shifted: np.ndarray) -> dict:
     """Sweep, evaluate and plot one estimator; returns its summary."""
     searcher = Searcher.open(index_dir, encoder, estimator=estimator)
     encoded = searcher.encode(texts)
@@ -167,6 +189,7 @@ def run_estimator(index_dir: Path, encoder: ClipEncoder, estimator: str, texts: 
                     progress=lambda done: bar.update(done - bar.n))
     bar.close()
     evaluation = evaluate(records, fit, encoder.logit_scale, groups=groups)
+    evaluation.summary["shift"] = shift_analysis(records, fit, shifted)
     evaluation.summary["engine_check"] = engine_check(searcher, texts, _by_id(relevant, item_ids), records)
     evaluation.summary["plots"] = [str(p) for p in plot_evaluation(
         evaluation, out, f"retrieval_calibration_{estimator}", f"small world, {estimator}")]
@@ -209,7 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for estimator in args.estimators:
         results["estimators"][estimator] = run_estimator(work / "index", encoder, estimator, texts, relevant, fit,
-                                                         item_ids, args.out, {"full": is_full, "partial": ~is_full})
+                                                         item_ids, args.out, {"full": is_full, "partial": ~is_full},
+                                                         _by_id(scenes["shifted"].to_numpy(bool)[None, :], item_ids)[0])
     results["seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "retrieval_calibration.json"
@@ -246,6 +270,7 @@ def print_tables(results: dict) -> None:
         for name in ("probit", "logistic_map"):
             c = summary["calibration"][name]
             print(f"| {name} | {c['ece']:.4f} | {c['brier']:.4f} | {c['nll']:.4f} |")
+        print(f"\nshifted gallery images among held-out top results: {summary['shift']}")
         print(f"\nengine check: {summary['engine_check']}")
 
 

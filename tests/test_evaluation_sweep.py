@@ -71,6 +71,7 @@ def test_sweep_matches_certified_search(setup, estimator):
                 np.testing.assert_allclose(np.sqrt(records.pair_var[qi]), group["cosine_std"].to_numpy()[:10],
                                            rtol=1e-9)
                 assert records.pair_relevant[qi].tolist() == hits[:10].tolist()
+                assert records.pair_item[qi].tolist() == group["item_id"].tolist()[:10]
 
 
 def test_evaluate_and_plots(setup, tmp_path):

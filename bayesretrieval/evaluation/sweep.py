@@ -64,6 +64,7 @@ class SweepRecords:
         pair_var: ``(n, top)`` ``Var[cos]``.
         pair_map: ``(n, top)`` cosines of the means.
         pair_relevant: ``(n, top)`` bool.
+        pair_item: ``(n, top)`` int64 item ids of those results.
         query_variance: ``(n,)`` relative variance of each query embedding.
         log_normaliser: ``(n, nT)`` gallery softmax log-normalisers (cosines of the means).
         relevant_log_mass: ``(n, nT)`` the same over the relevant items.
@@ -76,6 +77,7 @@ class SweepRecords:
     pair_var: np.ndarray
     pair_map: np.ndarray
     pair_relevant: np.ndarray
+    pair_item: np.ndarray
     query_variance: np.ndarray
     log_normaliser: np.ndarray
     relevant_log_mass: np.ndarray
@@ -146,6 +148,7 @@ def sweep(
         for name, array in (("pair_mean", moments.mean), ("pair_var", moments.var), ("pair_map", moments.map_cosine)):
             _append(parts, name, np.take_along_axis(array.numpy(), order, axis=1))
         _append(parts, "pair_relevant", np.take_along_axis(relevant, order, axis=1))
+        _append(parts, "pair_item", item_ids[order])
         lse, relevant_lse = softmax_statistics(moments.map_cosine.numpy(), relevant, logit_scale)
         _append(parts, "log_normaliser", lse)
         _append(parts, "relevant_log_mass", relevant_lse)
@@ -154,7 +157,8 @@ def sweep(
     done = {name: np.concatenate(arrays) for name, arrays in parts.items()}
     rankings = {label: {key: done[f"{label}/{key}"] for key in ("first_hit", "ap", "hits")} for label in scorers}
     return SweepRecords(rankings, top, done["pair_mean"], done["pair_var"], done["pair_map"], done["pair_relevant"],
-                        np.asarray(query_variance, dtype=np.float64), done["log_normaliser"], done["relevant_log_mass"])
+                        done["pair_item"], np.asarray(query_variance, dtype=np.float64), done["log_normaliser"],
+                        done["relevant_log_mass"])
 
 
 def _append(parts: dict, name: str, array: np.ndarray) -> None:
