@@ -274,7 +274,8 @@ def print_summary(results: dict) -> None:
         print("\n| signal | failure AUROC | AURC | Spearman | R^2 |\n|---|---|---|---|---|")
         for name, s in summary["signals"].items():
             b = s["binned_recall@1"]
-            print(f"| {name} | {s['failure_auroc']:.3f} | {s['aurc']:.3f} | {b['spearman']:+.3f} | {b['r2']:.3f} |")
+            print(f"| {name} | {s['failure_auroc']:.3f} ± {s['failure_auroc_stderr']:.3f} | {s['aurc']:.3f} | "
+                  f"{b['spearman']:+.3f} | {b['r2']:.3f} |")
         c = summary["calibration"]
         print(f"\nprobit ECE {c['probit']['ece']:.4f} Brier {c['probit']['brier']:.4f} NLL {c['probit']['nll']:.4f}; "
               f"logistic on cosine ECE {c['logistic_map']['ece']:.4f}")

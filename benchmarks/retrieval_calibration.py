@@ -255,7 +255,8 @@ def print_tables(results: dict) -> None:
         print("\n| signal | failure AUROC | AURC | Spearman bin vs R@1 | R^2 |\n|---|---|---|---|---|")
         for name, s in summary["signals"].items():
             b = s["binned_recall@1"]
-            print(f"| {name}{' (baseline)' if s['baseline'] else ''} | {s['failure_auroc']:.3f} | {s['aurc']:.3f} | "
+            print(f"| {name}{' (baseline)' if s['baseline'] else ''} | {s['failure_auroc']:.3f} "
+                  f"± {s['failure_auroc_stderr']:.3f} | {s['aurc']:.3f} | "
                   f"{b['spearman']:+.3f} | {b['r2']:.3f} |")
         print("\nfailure AUROC within query kinds: " + "; ".join(
             f"{kind} (top-1 recall {g['top1_recall']:.2f}): "

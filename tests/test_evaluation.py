@@ -7,6 +7,7 @@ from scipy import special, stats
 
 from bayesretrieval.evaluation import (
     Fitted,
+    auroc_standard_error,
     Signal,
     TopResults,
     average_precision,
@@ -164,3 +165,16 @@ def test_every_signal_is_registered_and_oriented():
     assert Signal.SOFTMAX.is_baseline and not Signal.STD.is_baseline
     expected = np.sqrt(top.var[:, 0]) / (top.mean[:, 0] - top.mean[:, 1])
     np.testing.assert_allclose(signal_values(Signal.STD_OVER_GAP, top, fitted), expected)
+
+
+def test_auroc_standard_error_covers_the_spread_of_resampled_aurocs():
+    rng = np.random.default_rng(8)
+    draws = []
+    for _ in range(400):
+        failed = np.arange(120) < 40
+        u = rng.normal(size=120) + 0.8 * failed
+        draws.append(failure_auroc(u, failed))
+    auroc = float(np.mean(draws))
+    assert auroc_standard_error(auroc, 40, 80) == pytest.approx(np.std(draws), rel=0.15)
+    with pytest.raises(ValueError, match="both classes"):
+        auroc_standard_error(0.7, 0, 10)

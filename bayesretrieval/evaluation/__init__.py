@@ -13,7 +13,7 @@
 from bayesretrieval.evaluation.baselines import fit_temperature, softmax_confidence, softmax_statistics
 from bayesretrieval.evaluation.ranking import average_precision, first_hit_rank, hits_at_k, summarise_ranking
 from bayesretrieval.evaluation.report import Evaluation, evaluate, split_queries
-from bayesretrieval.evaluation.selective import binned_recall, failure_auroc, risk_coverage
+from bayesretrieval.evaluation.selective import auroc_standard_error, binned_recall, failure_auroc, risk_coverage
 from bayesretrieval.evaluation.signals import Fitted, Signal, TopResults, signal_values
 from bayesretrieval.evaluation.sweep import DEFAULT_SCORES, ScoreSpec, SweepRecords, query_relative_variance, sweep
 
@@ -25,6 +25,7 @@ __all__ = [
     "Signal",
     "SweepRecords",
     "TopResults",
+    "auroc_standard_error",
     "average_precision",
     "binned_recall",
     "evaluate",

@@ -14,7 +14,7 @@ import numpy as np
 from bayesretrieval import metrics
 from bayesretrieval.evaluation.baselines import fit_temperature
 from bayesretrieval.evaluation.ranking import summarise_ranking
-from bayesretrieval.evaluation.selective import binned_recall, failure_auroc, risk_coverage
+from bayesretrieval.evaluation.selective import auroc_standard_error, binned_recall, failure_auroc, risk_coverage
 from bayesretrieval.evaluation.signals import Fitted, Signal, TopResults, signal_values
 from bayesretrieval.evaluation.sweep import SweepRecords
 from bayesretrieval.queries.calibration import LogisticCalibration, ProbitCalibration
@@ -89,7 +89,10 @@ def evaluate(records: SweepRecords, fit: np.ndarray, logit_scale: float, bins: i
     for signal in Signal:
         u = signal_values(signal, held_top, fitted)
         rc = risk_coverage(u, failed)
-        signals[signal.value] = {"baseline": signal.is_baseline, "failure_auroc": _auroc(u, failed),
+        auroc = _auroc(u, failed)
+        stderr = float("nan") if np.isnan(auroc) else auroc_standard_error(auroc, failed.sum(), (~failed).sum())
+        signals[signal.value] = {"baseline": signal.is_baseline, "failure_auroc": auroc,
+                                 "failure_auroc_stderr": stderr,
                                  "failure_auroc_held_in": _auroc(signal_values(signal, fit_top, fitted),
                                                                  ~fit_top.relevant[:, 0]),
                                  "aurc": rc["aurc"], "binned_recall@1": binned_recall(u, ~failed, bins)}

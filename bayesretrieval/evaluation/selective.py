@@ -71,6 +71,21 @@ def failure_auroc(uncertainty, failed) -> float:
     return float((ranks[f].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def auroc_standard_error(auroc: float, n_failed: int, n_correct: int) -> float:
+    """Hanley & McNeil (1982) standard error of an AUROC from ``n_failed`` positives and ``n_correct`` negatives.
+
+    ``SE^2 = (A(1-A) + (n_f - 1)(Q1 - A^2) + (n_c - 1)(Q2 - A^2)) / (n_f n_c)`` with
+    ``Q1 = A / (2 - A)`` and ``Q2 = 2A^2 / (1 + A)``.
+    """
+    if n_failed < 1 or n_correct < 1:
+        raise ValueError(f"need both classes, got {n_failed} failures and {n_correct} successes")
+    if not 0 <= auroc <= 1:
+        raise ValueError(f"auroc must be in [0, 1], got {auroc}")
+    q1, q2 = auroc / (2 - auroc), 2 * auroc**2 / (1 + auroc)
+    var = (auroc * (1 - auroc) + (n_failed - 1) * (q1 - auroc**2) + (n_correct - 1) * (q2 - auroc**2))
+    return float(np.sqrt(max(var, 0.0) / (n_failed * n_correct)))
+
+
 def risk_coverage(uncertainty, failed) -> dict:
     """Risk when abstaining on the least certain queries, at every coverage.
 
