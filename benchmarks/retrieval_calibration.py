@@ -23,7 +23,8 @@ Queries are split at random into a held-in half (fits the probit link, the logis
 link and the softmax temperature) and a held-out half (every uncertainty number).
 Writes ``OUT/retrieval_calibration.json`` and three PNGs per estimator; prints tables.
 
-    .venv/bin/python benchmarks/retrieval_calibration.py            # ~10 min on 2 cores
+    .venv/bin/python benchmarks/retrieval_calibration.py            # ~4 min on 2 cores, plus training
+                                                                    # bayes-small once (~10 min idle)
     .venv/bin/python benchmarks/retrieval_calibration.py --size test --n-clean 200 --n-shift 10 --queries 300
 """
 
