@@ -120,7 +120,7 @@ def evaluate(size: str, args: argparse.Namespace) -> dict:
 def markdown(results: list[dict]) -> str:
     """One row per condition: R@1 / R@10 over all queries and over shifted images' queries."""
     header = "| shift | severity | queries | " + " | ".join(
-        f"{r['size']} R@1 | {r['size']} R@10 | {r['size']} R@10 shifted" for r in results
+        f"{r['size']} R@1 | {r['size']} R@10 | {r['size']} R@1 / R@10 shifted" for r in results
     )
     lines = [header + " |", "|" + "---|" * (3 + 3 * len(results))]
     for i, row in enumerate(results[0]["rows"]):
@@ -131,7 +131,9 @@ def markdown(results: list[dict]) -> str:
             cells += [
                 f"{measured['recall'][1]:.3f}",
                 f"{measured['recall'][10]:.3f}",
-                f"{shifted[10]:.3f} (n={measured['n_shifted']})" if shifted else "-",
+                f"{shifted[1]:.3f} / {shifted[10]:.3f} (n={measured['n_shifted']})"
+                if shifted
+                else "-",
             ]
         lines.append("| " + " | ".join(cells) + " |")
     for result in results:
