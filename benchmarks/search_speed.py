@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--nprobe", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--candidates", type=int, help="first-round candidates (default: the engine's)")
+    parser.add_argument("--indexes", nargs="+", choices=["flat", "ivf"], default=["flat", "ivf"],
+                        help="which index kinds to build and time")
     parser.add_argument("--workdir", type=Path, help="where to write the indexes (default: a temp dir)")
     parser.add_argument("--output", type=Path, default=Path("results/search_speed.json"))
     return parser.parse_args(argv)
@@ -187,6 +189,8 @@ def main(argv=None) -> dict:
                "kappa": args.kappa, "nprobe": args.nprobe, "nlist": nlist, "threads": faiss.omp_get_max_threads()}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for label, factory, nprobe in (("flat", "Flat", None), ("ivf", f"IVF{nlist},Flat", args.nprobe)):
+            if label not in args.indexes:
+                continue
             seconds = build(Path(tmp) / label, items, posterior, factory)
             print(f"built {label} ({factory}) in {seconds:.0f} s", flush=True)
             reader = IndexReader.open(Path(tmp) / label)
