@@ -31,7 +31,6 @@ from bayesretrieval.queries.uncertainty import (
 from bayesretrieval.similarity import CosineEstimator
 
 GROWTH = 4
-LEARNED_QUANTILE = 0.9
 DEFAULT_MAX_CANDIDATES = 65_536
 
 
@@ -105,6 +104,11 @@ class SearchOutcome:
     certified: np.ndarray
     exact: np.ndarray
     candidates: np.ndarray
+
+
+def first_stage(k: int) -> int:
+    """Candidates scored before any bound is used: ``max(2 k, k + 32)``."""
+    return max(2 * k, k + 32)
 
 
 @contextlib.contextmanager
@@ -185,10 +189,12 @@ class CandidateSearch:
             k: results per query (``>= 1``).
             selector: a FAISS ``IDSelector`` restricting the search, or ``None``.
             nprobe: IVF lists to probe (``None``: the index's setting).
-            candidates: first-round candidate count. Default: ``max(2 k, k + 32)``, or more
-                when the previous search with the same score, ``kappa``, ``k`` and
-                filtering needed more: the 90th percentile of its candidate counts, so
-                repeated searches rarely pay a second FAISS pass. Only speed depends on it.
+            candidates: first-round FAISS candidate count. Default: four times
+                :func:`first_stage`, or what the previous search with the same score,
+                ``kappa``, ``k`` and filtering needed if that was more, so repeated
+                searches rarely pay a second FAISS pass. FAISS's cost hardly depends on
+                it and only the candidates that can matter are reranked (see
+                :meth:`_rerank`); only speed depends on it.
             max_candidates: stop growing here and report the query as not certified.
 
         Returns:
@@ -201,7 +207,7 @@ class CandidateSearch:
         exhaustive = is_exhaustive(self.index, nprobe)
         total = max(int(self.index.ntotal), 1)
         key = (scorer.name, getattr(scorer, "kappa", None), k, selector is None)
-        kc = min(max(candidates or max(2 * k, k + 32, self._learned.get(key, 0)), k), total)
+        kc = min(max(candidates or max(GROWTH * first_stage(k), self._learned.get(key, 0)), k), total)
         out = _empty_outcome(nq, k)
         pending = np.arange(nq)
         while pending.size:
@@ -223,13 +229,13 @@ class CandidateSearch:
             pending = pending[~done]
             kc = min(kc * GROWTH, total, max(max_candidates, k))
         out.exact = out.certified & exhaustive
-        self._learned[key] = int(np.quantile(out.candidates, LEARNED_QUANTILE))
+        self._learned[key] = int(out.candidates.max(initial=0))
         return out
 
     def _rerank(self, query: QuerySide, scorer: Scorer, k: int, D: np.ndarray, I: np.ndarray, bound_of):
         """Exact scores of the candidates that can still matter, in two stages.
 
-        The first ``max(2 k, k + 32)`` candidates give a provisional ``k``-th score; a
+        The first :func:`first_stage` candidates give a provisional ``k``-th score; a
         later candidate whose score bound (from its FAISS inner product) is below it
         cannot enter the top ``k``, and since FAISS returns candidates in decreasing
         order, only a prefix of the rest is scored.
@@ -237,7 +243,7 @@ class CandidateSearch:
         Returns:
             ``(I, moments, ranking)`` over the scored prefix of the candidates.
         """
-        first = min(I.shape[1], max(2 * k, k + 32))
+        first = min(I.shape[1], first_stage(k))
         moments = self.moments(query, I[:, :first])
         ranking = scorer.rank(moments, I[:, :first], k)
         if first == I.shape[1]:
