@@ -26,6 +26,19 @@ class CommandError(Exception):
     """A user-facing failure: printed as one line, exit status 2, no traceback."""
 
 
+def image_text_values(values: list[float] | None, name: str) -> float | tuple[float, float] | None:
+    """Turn a ``nargs="+"`` option into one number, an ``(image, text)`` pair, or None.
+
+    Raises:
+        CommandError: for more than two values.
+    """
+    if not values:
+        return None
+    if len(values) > 2:
+        raise CommandError(f"{name} takes one value or two (image, text), got {len(values)}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the top-level parser with every registered subcommand."""
     parser = argparse.ArgumentParser(

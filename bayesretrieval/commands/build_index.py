@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bayesretrieval.cli import CommandError
+from bayesretrieval.cli import CommandError, image_text_values
 from bayesretrieval.encoders import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipEncoder, ModelIdentity, file_sha256
 from bayesretrieval.indexing import BuildConfig, BuildReport, IndexBusyError, build_index
 from bayesretrieval.indexing.decode import DEFAULT_MAX_PIXELS
@@ -32,14 +32,6 @@ mismatch with the existing index is an error unless --rebuild.
 
 --posterior bayesvlm fetches BayesVLM's published factors for ViT-B-32/laion2b_s34b_b79k
 (sha256-verified, cached); offline, pass the folder holding them instead."""
-
-
-def _one_or_pair(values: list[float] | None, name: str):
-    if not values:
-        return None
-    if len(values) > 2:
-        raise CommandError(f"{name} takes one value or two (image, text), got {len(values)}")
-    return values[0] if len(values) == 1 else tuple(values)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,8 +74,8 @@ def resolve_posterior(spec: str, model_name: str, pretrained: str | None, n, lam
 def run(args: argparse.Namespace) -> int:
     """Run ``build-index``."""
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
-    n = _one_or_pair(args.pseudo_data_count, "--pseudo-data-count")
-    lam = _one_or_pair(args.prior_precision, "--prior-precision")
+    n = image_text_values(args.pseudo_data_count, "--pseudo-data-count")
+    lam = image_text_values(args.prior_precision, "--prior-precision")
     if not args.source.exists():
         raise CommandError(f"source not found: {args.source}")
     posterior = resolve_posterior(args.posterior, args.model, pretrained, n, lam)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bayesretrieval.cli import CommandError
+from bayesretrieval.cli import CommandError, image_text_values
 from bayesretrieval.encoders import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipEncoder
 from bayesretrieval.posterior.curvature import DEFAULT_SOURCE_BATCH
 from bayesretrieval.posterior.fit import DEFAULT_CHUNK_SIZE, PosteriorFitter, encode_pairs
@@ -23,14 +23,6 @@ a .txt caption beside each (img2dataset's layout). Missing or unreadable images 
 counted. Pairs are used in chunks of --chunk-size (the InfoNCE classes); the pairs after
 the last full chunk are left out. Encoding and curvature can run separately:
 --save-encoded FILE.parquet [--encode-only], then --encoded FILE.parquet."""
-
-
-def _one_or_pair(values: list[float] | None, name: str):
-    if values is None or len(values) == 1:
-        return values[0] if values else None
-    if len(values) == 2:
-        return tuple(values)
-    raise CommandError(f"{name} takes one value or two (image, text), got {len(values)}")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -120,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     fitter = PosteriorFitter(
         chunk_size=args.chunk_size,
-        pseudo_data_count=_one_or_pair(args.pseudo_data_count, "--pseudo-data-count"),
-        prior_precision=_one_or_pair(args.prior_precision, "--prior-precision"),
+        pseudo_data_count=image_text_values(args.pseudo_data_count, "--pseudo-data-count"),
+        prior_precision=image_text_values(args.prior_precision, "--prior-precision"),
         objective=args.objective,
         source_batch=args.source_batch,
         batch_size=args.batch_size,
