@@ -108,36 +108,35 @@ class ExpectedScorer(Scorer):
 
 
 @dataclass
-class LowerBoundScorer(Scorer):
-    """``m - kappa sqrt(v)``; never above ``m``, so the bound on ``m`` bounds it."""
+class ConfidenceBoundScorer(Scorer):
+    """``m + direction * kappa sqrt(v)``; subclasses fix the direction and the bound."""
 
     kappa: float = 1.0
-    name: ClassVar[ScoreName] = ScoreName.LCB
+    direction: ClassVar[float]
 
     @classmethod
     def from_options(cls, kappa, calibration):
         return cls(kappa)
 
     def score(self, moments):
-        return moments.mean - self.kappa * moments.var.sqrt()
+        return moments.mean + self.direction * self.kappa * moments.var.sqrt()
+
+
+class LowerBoundScorer(ConfidenceBoundScorer):
+    """``m - kappa sqrt(v)``; never above ``m``, so the bound on ``m`` bounds it."""
+
+    name = ScoreName.LCB
+    direction = -1.0
 
     def upper_bound(self, bounds):
         return bounds.mean
 
 
-@dataclass
-class UpperBoundScorer(Scorer):
+class UpperBoundScorer(ConfidenceBoundScorer):
     """``m + kappa sqrt(v)``, bounded with the collection-wide bound on ``v``."""
 
-    kappa: float = 1.0
-    name: ClassVar[ScoreName] = ScoreName.UCB
-
-    @classmethod
-    def from_options(cls, kappa, calibration):
-        return cls(kappa)
-
-    def score(self, moments):
-        return moments.mean + self.kappa * moments.var.sqrt()
+    name = ScoreName.UCB
+    direction = 1.0
 
     def upper_bound(self, bounds):
         return bounds.mean + self.kappa * np.sqrt(bounds.var)
