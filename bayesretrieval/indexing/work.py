@@ -1,8 +1,8 @@
 """Resumable build state: encoded batches appended as fsync'd Parquet shards.
 
 A build writes each group of finished batches to the ``shards/`` folder inside the
-index's work folder (temp file, fsync, rename), so a build killed at any point loses at most the batches since the last
-shard. The next run reads the shards back and encodes only what they lack. Shards are
+index's work folder (temp file, fsync, rename), so a build killed at any point loses at
+most the batches since the last shard. The next run reads the shards back and encodes only what they lack. Shards are
 keyed by ``(path, file_size, mtime_ns)``; a changed file is encoded again. The work
 folder remembers the settings it was made with and is discarded when they differ.
 """
