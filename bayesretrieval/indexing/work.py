@@ -10,16 +10,14 @@ folder remembers the settings it was made with and is discarded when they differ
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bayesretrieval.store import format as fmt
-from bayesretrieval.store.writer import write_text_atomic
+from bayesretrieval.store.writer import write_atomic, write_text_atomic
 
 SETTINGS_FILE = "settings.json"
 SHARDS_DIR = "shards"
@@ -76,21 +74,7 @@ class WorkFolder:
         files = self._shard_files()
         number = int(files[-1].stem.split("-")[1]) + 1 if files else 0
         target = self.shards / f"shard-{number:06d}.parquet"
-        fd, temp = tempfile.mkstemp(prefix=".shard-", suffix=".parquet", dir=self.shards)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                pq.write_table(table, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, target)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.shards, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(target, lambda handle: pq.write_table(table, handle))
         return target
 
     def clear(self) -> None:

@@ -10,6 +10,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import faiss
 import numpy as np
@@ -314,13 +315,19 @@ def collect_garbage(index_dir: str | Path, keep: set) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` atomically: temp file in the same folder, fsync, rename."""
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Replace ``path`` durably: ``write`` fills a temp file in the same folder, then fsync,
+    rename and fsync of the folder, so a crash leaves the old file or the new one.
+
+    Args:
+        path: the file to replace.
+        write: called with the temp file opened for binary writing.
+    """
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.chmod(temp, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
@@ -328,6 +335,11 @@ def write_text_atomic(path: Path, text: str) -> None:
         Path(temp).unlink(missing_ok=True)
         raise
     _fsync_path(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` atomically (see :func:`write_atomic`)."""
+    write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def _umask() -> int:
