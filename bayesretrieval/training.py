@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -28,6 +27,7 @@ import torch
 from open_clip.loss import ClipLoss
 from torch import nn
 
+from bayesretrieval.atomic import write_atomic
 from bayesretrieval.cache import cache_dir
 from bayesretrieval.encoders import SMALL_MODEL, TINY_MODEL, register_model_configs
 from bayesretrieval.world.render import images_to_tensor
@@ -220,14 +220,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict | None = 
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "metadata": json.dumps(metadata or {}, sort_keys=True),
     }
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, lambda handle: torch.save(payload, handle))
     return path
 
 

@@ -65,9 +65,8 @@ def test_checkpoint_round_trips_through_open_clip_loader(tmp_path):
 
 
 def test_killed_save_leaves_no_cache_entry(tmp_path, monkeypatch):
-    def dying_save(obj, target):
-        with open(target, "wb") as handle:
-            handle.write(b"partial")
+    def dying_save(obj, handle):
+        handle.write(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(training.torch, "save", dying_save)

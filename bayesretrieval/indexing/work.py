@@ -16,8 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bayesretrieval.atomic import write_atomic, write_text_atomic
 from bayesretrieval.store import format as fmt
-from bayesretrieval.store.writer import write_atomic, write_text_atomic
 
 SETTINGS_FILE = "settings.json"
 SHARDS_DIR = "shards"

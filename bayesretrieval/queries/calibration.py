@@ -21,7 +21,7 @@ import torch
 from scipy import optimize, special
 
 from bayesretrieval import metrics
-from bayesretrieval.store.writer import write_text_atomic
+from bayesretrieval.atomic import write_text_atomic
 
 CALIBRATION_FILE = "calibration.json"
 CALIBRATION_FORMAT_VERSION = 1

@@ -10,7 +10,6 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO, Callable
 
 import faiss
 import numpy as np
@@ -18,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bayesretrieval import __version__
+from bayesretrieval.atomic import current_umask, fsync_path, write_text_atomic
 from bayesretrieval.encoders import file_sha256
 from bayesretrieval.posterior import PosteriorPair
 from bayesretrieval.store import format as fmt
@@ -163,7 +163,7 @@ def write_version(
         if (versions / name).exists():  # never published: left by a build killed before the swap
             shutil.rmtree(versions / name)
         os.replace(staging, versions / name)
-        _fsync_path(versions)
+        fsync_path(versions)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -315,55 +315,14 @@ def collect_garbage(index_dir: str | Path, keep: set) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Replace ``path`` durably: ``write`` fills a temp file in the same folder, then fsync,
-    rename and fsync of the folder, so a crash leaves the old file or the new one.
-
-    Args:
-        path: the file to replace.
-        write: called with the temp file opened for binary writing.
-    """
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.chmod(temp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    _fsync_path(path.parent)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` atomically (see :func:`write_atomic`)."""
-    write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _make_readable(root: Path) -> None:
     """Give the staging tree normal permissions (temp dirs and files are created 0700/0600)."""
-    mask = _umask()
+    mask = current_umask()
     for path in [root, *root.rglob("*")]:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*"), reverse=True):
-        _fsync_path(path)
-    _fsync_path(root)
+        fsync_path(path)
+    fsync_path(root)
