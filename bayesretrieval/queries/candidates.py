@@ -29,28 +29,31 @@ from bayesretrieval.queries.uncertainty import (
     candidate_moments,
 )
 from bayesretrieval.similarity import CosineEstimator
+from bayesretrieval.store import IdLookup
 
 GROWTH = 4
+RERANK_MARGIN = 8
+"""Candidates beyond ``k`` scored exactly before the bounds prune the rest."""
 DEFAULT_MAX_CANDIDATES = 65_536
 
 
 class StoredRows:
-    """Random access to the stored rows by item id (sorted ids, memory-mapped arrays welcome).
+    """Random access to the stored rows by item id (memory-mapped arrays welcome).
 
     Args:
-        item_ids: ``(N,)`` int64, sorted.
+        ids: the id-to-row lookup.
         means: ``(N, D)`` float32.
         scalars: ``(N, 6)`` float64.
         variance_diag: ``(N, D)`` or ``None``.
         variance_lowrank: ``(N, r, D)`` or ``None``.
     """
 
-    def __init__(self, item_ids, means, scalars, variance_diag=None, variance_lowrank=None):
-        self.item_ids, self.means, self.scalars = item_ids, means, scalars
+    def __init__(self, ids: IdLookup, means, scalars, variance_diag=None, variance_lowrank=None):
+        self.ids, self.means, self.scalars = ids, means, scalars
         self.variance_diag, self.variance_lowrank = variance_diag, variance_lowrank
 
     def __len__(self) -> int:
-        return len(self.item_ids)
+        return len(self.ids.item_ids)
 
     def gather(self, I: np.ndarray, form: UncertaintyForm) -> Candidates:
         """Rows for ids ``I`` ``(nq, kc)`` (``-1`` allowed), as :class:`Candidates`.
@@ -60,11 +63,10 @@ class StoredRows:
         """
         flat = I.reshape(-1)
         valid = flat >= 0
-        pos = np.searchsorted(self.item_ids, flat[valid])
-        if pos.size and (pos.max() >= len(self.item_ids) or np.any(np.asarray(self.item_ids[pos]) != flat[valid])):
+        rows = self.ids.positions(flat)
+        if np.any(rows[valid] < 0):
             raise ValueError("FAISS returned ids missing from the stored arrays (corrupt index)")
-        rows = np.zeros(flat.size, dtype=np.int64)
-        rows[valid] = pos
+        rows[~valid] = 0
 
         def take(array, fill):
             if array is None:
@@ -106,9 +108,9 @@ class SearchOutcome:
     candidates: np.ndarray
 
 
-def first_stage(k: int) -> int:
-    """Candidates scored before any bound is used: ``max(2 k, k + 32)``."""
-    return max(2 * k, k + 32)
+def default_candidates(k: int) -> int:
+    """First-round FAISS candidate count: ``4 max(2 k, k + 32)``."""
+    return GROWTH * max(2 * k, k + 32)
 
 
 @contextlib.contextmanager
@@ -189,8 +191,8 @@ class CandidateSearch:
             k: results per query (``>= 1``).
             selector: a FAISS ``IDSelector`` restricting the search, or ``None``.
             nprobe: IVF lists to probe (``None``: the index's setting).
-            candidates: first-round FAISS candidate count. Default: four times
-                :func:`first_stage`, or what the previous search with the same score,
+            candidates: first-round FAISS candidate count. Default:
+                :func:`default_candidates`, or what the previous search with the same score,
                 ``kappa``, ``k`` and filtering needed if that was more, so repeated
                 searches rarely pay a second FAISS pass. FAISS's cost hardly depends on
                 it and only the candidates that can matter are reranked (see
@@ -207,7 +209,7 @@ class CandidateSearch:
         exhaustive = is_exhaustive(self.index, nprobe)
         total = max(int(self.index.ntotal), 1)
         key = (scorer.name, getattr(scorer, "kappa", None), k, selector is None)
-        kc = min(max(candidates or max(GROWTH * first_stage(k), self._learned.get(key, 0)), k), total)
+        kc = min(max(candidates or max(default_candidates(k), self._learned.get(key, 0)), k), total)
         out = _empty_outcome(nq, k)
         pending = np.arange(nq)
         while pending.size:
@@ -235,28 +237,37 @@ class CandidateSearch:
     def _rerank(self, query: QuerySide, scorer: Scorer, k: int, D: np.ndarray, I: np.ndarray, bound_of):
         """Exact scores of the candidates that can still matter, in two stages.
 
-        The first :func:`first_stage` candidates give a provisional ``k``-th score; a
-        later candidate whose score bound (from its FAISS inner product) is below it
-        cannot enter the top ``k``, and since FAISS returns candidates in decreasing
-        order, only a prefix of the rest is scored.
+        The first ``k +`` :data:`RERANK_MARGIN` candidates give a provisional ``k``-th
+        score; a later candidate whose score bound (from its FAISS inner product) is
+        below it cannot enter the top ``k``. Each query's remaining candidates are packed
+        to the left, so the second stage scores only as many columns as the query with
+        the most survivors needs.
 
         Returns:
-            ``(I, moments, ranking)`` over the scored prefix of the candidates.
+            ``(I, moments, ranking)`` over the scored candidates (``-1`` where packing
+            left a gap).
         """
-        first = min(I.shape[1], first_stage(k))
+        first = min(I.shape[1], k + RERANK_MARGIN)
         moments = self.moments(query, I[:, :first])
         ranking = scorer.rank(moments, I[:, :first], k)
         if first == I.shape[1]:
             return I, moments, ranking
         kth = ranking.scores[:, -1] if ranking.scores.shape[1] == k else np.full(len(I), -np.inf)
-        rest = (bound_of(D[:, first:]) >= kth[:, None]) & (I[:, first:] >= 0)
-        upto = first + int(np.max(np.where(rest.any(1), rest.shape[1] - np.argmax(rest[:, ::-1], axis=1), 0)))
-        if upto == first:
+        survivors = _pack_left(I[:, first:], (bound_of(D[:, first:]) >= kth[:, None]) & (I[:, first:] >= 0))
+        if survivors.shape[1] == 0:
             return I[:, :first], moments, ranking
-        extra = self.moments(query, I[:, first:upto])
+        extra = self.moments(query, survivors)
+        scored = np.concatenate([I[:, :first], survivors], axis=1)
         moments = PairMoments(*(torch.cat([a, b], dim=1) for a, b in (
             (moments.mean, extra.mean), (moments.var, extra.var), (moments.map_cosine, extra.map_cosine))))
-        return I[:, :upto], moments, scorer.rank(moments, I[:, :upto], k)
+        return scored, moments, scorer.rank(moments, scored, k)
+
+
+def _pack_left(I: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The ids of ``I`` ``(nq, c)`` where ``keep``, moved left in order, ``-1`` after; as wide as the most kept."""
+    width = int(keep.sum(1).max(initial=0))
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :width]
+    return np.where(np.take_along_axis(keep, order, axis=1), np.take_along_axis(I, order, axis=1), -1)
 
 
 def _empty_outcome(nq: int, k: int) -> SearchOutcome:

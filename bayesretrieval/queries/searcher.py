@@ -87,7 +87,7 @@ class Searcher:
         self.logit_scale = float(logit_scale if logit_scale is not None else (encoder.logit_scale if encoder else 100.0))
         self.posterior = reader.posterior
         self.posterior_fingerprint = reader.manifest.posterior.get("fingerprint")
-        self.rows = StoredRows(reader.item_ids, reader.means, reader.scalars, reader.variance_diag,
+        self.rows = StoredRows(reader.id_lookup, reader.means, reader.scalars, reader.variance_diag,
                                reader.variance_lowrank)
         self._paths = _PathColumn(reader.version_dir)
         self.extremes = CollectionBounds.compute(reader.scalars, reader.trace_image, self.form,

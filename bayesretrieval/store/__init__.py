@@ -69,7 +69,7 @@ from bayesretrieval.store.format import (
     VarianceKind,
     VarianceSpec,
 )
-from bayesretrieval.store.reader import FetchedItems, IndexReader
+from bayesretrieval.store.reader import FetchedItems, IdLookup, IndexReader
 from bayesretrieval.store.writer import (
     ItemArrays,
     VersionInfo,
@@ -83,6 +83,7 @@ __all__ = [
     "FORMAT_VERSION",
     "SCALAR_COLUMNS",
     "FetchedItems",
+    "IdLookup",
     "IndexReader",
     "ItemArrays",
     "Manifest",

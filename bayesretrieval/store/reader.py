@@ -21,6 +21,36 @@ OPEN_ATTEMPTS = 3
 """Re-reads of ``manifest.json`` when the version it named was collected meanwhile."""
 
 
+class IdLookup:
+    """Row positions of item ids in a sorted array of unique ids.
+
+    A version whose ids form one contiguous range (every index built in one go, or
+    grown without removals) maps an id to its row by subtraction; otherwise by
+    binary search.
+
+    Args:
+        item_ids: ``(N,)`` int64, sorted and unique (memory-mapped is fine).
+    """
+
+    def __init__(self, item_ids: np.ndarray):
+        self.item_ids = item_ids
+        count = len(item_ids)
+        contiguous = count > 0 and int(item_ids[-1]) - int(item_ids[0]) == count - 1
+        self.first_id = int(item_ids[0]) if contiguous else None
+
+    def positions(self, item_ids) -> np.ndarray:
+        """Row positions of ``item_ids`` (any shape, flattened), ``-1`` where absent."""
+        ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
+        count = len(self.item_ids)
+        if count == 0:
+            return np.full(len(ids), -1, dtype=np.int64)
+        if self.first_id is not None:
+            pos = ids - self.first_id
+            return np.where((pos >= 0) & (pos < count), pos, -1)
+        pos = np.minimum(np.searchsorted(self.item_ids, ids), count - 1)
+        return np.where(np.asarray(self.item_ids[pos]) == ids, pos, -1)
+
+
 @dataclass
 class FetchedItems:
     """Rows of the index for requested ids, in the order asked for.
@@ -147,14 +177,14 @@ class IndexReader:
         scalars = self.scalars if scalars is None else scalars
         return np.sqrt(scalars[:, 1] + scalars[:, 0] * self.trace_image)
 
+    @cached_property
+    def id_lookup(self) -> IdLookup:
+        """Maps item ids to row positions."""
+        return IdLookup(self.item_ids)
+
     def positions(self, item_ids) -> np.ndarray:
         """Row positions of ``item_ids`` ``(k,)`` in the arrays, ``-1`` where absent."""
-        ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
-        if len(self.item_ids) == 0:
-            return np.full(len(ids), -1, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self.item_ids, ids), len(self.item_ids) - 1)
-        found = np.asarray(self.item_ids[pos]) == ids
-        return np.where(found, pos, -1)
+        return self.id_lookup.positions(item_ids)
 
     def fetch(self, item_ids) -> FetchedItems:
         """Means, scalars, paths (and variance columns) of ``item_ids`` ``(k,)`` in O(k log N).
