@@ -22,6 +22,8 @@ from bayesretrieval.queries.uncertainty import ModelCovariances, QuerySide, Unce
 from bayesretrieval.similarity import CosineEstimator
 
 CHUNK_ROWS = 262_144
+FLOOR_MARGIN = 1 - 1e-9
+"""Shrinks variance floors so that rounding never lifts one above the variance it bounds."""
 
 
 @dataclass(frozen=True)
@@ -92,17 +94,36 @@ class CollectionBounds:
 
 @dataclass
 class ScoreBounds:
-    """Upper bounds for one batch of queries on what any unreturned item can reach.
+    """Bounds for one batch of queries on what the items they cover can reach.
 
     Attributes:
-        mean: ``(nq,)`` bound on ``E[cos]``.
-        var: ``(nq,)`` bound on ``Var[cos]`` over the whole collection.
-        map_cosine: ``(nq,)`` bound on the cosine of the means.
+        mean: ``(nq,)`` upper bound on ``E[cos]``.
+        var: ``(nq,)`` upper bound on ``Var[cos]`` over the whole collection.
+        map_cosine: ``(nq,)`` upper bound on the cosine of the means.
+        var_floor: lower bound on ``Var[cos]``: ``0``, or per candidate when the
+            bounds cover known candidates (see :func:`candidate_variance_floor`).
     """
 
     mean: np.ndarray
     var: np.ndarray
     map_cosine: np.ndarray
+    var_floor: np.ndarray | float = 0.0
+
+
+@dataclass(frozen=True)
+class Spectra:
+    """Extreme eigenvalues of the covariances in use (``Sigma_I`` of the items, ``Sigma_Q`` of the queries)."""
+
+    item_min: float
+    item_max: float
+    query_min: float
+    query_max: float
+
+    @classmethod
+    def of(cls, covs: ModelCovariances) -> "Spectra":
+        """Eigenvalues of ``covs.item_cov`` and ``covs.query_cov``."""
+        item, query = (torch.linalg.eigvalsh(c) for c in (covs.item_cov, covs.query_cov))
+        return cls(float(item[0]), float(item[-1]), float(query[0]), float(query[-1]))
 
 
 def float32_slack(dim: int) -> float:
@@ -125,7 +146,7 @@ def score_bounds(
     extremes: CollectionBounds,
     form: UncertaintyForm | str,
     estimator: CosineEstimator | str,
-    spectra: tuple[float, float],
+    spectra: Spectra,
 ) -> ScoreBounds:
     """Bounds for items with FAISS inner product at most ``f_bound`` (``(nq,)`` or ``(nq, c)``).
 
@@ -137,7 +158,7 @@ def score_bounds(
         extremes: the collection's ratio extremes.
         form: the item uncertainty form.
         estimator: the cosine estimator.
-        spectra: largest eigenvalues ``(lambda_max Sigma_I, lambda_max Sigma_Q)``.
+        spectra: the covariances' extreme eigenvalues.
 
     Returns:
         The bounds, shaped like ``f_bound`` (``var`` as ``(nq,)`` or ``(nq, 1)``).
@@ -160,8 +181,8 @@ def _item_unit_terms(covs, form, spectra):
     """``(lambda_max, tr(S Sigma_Q), tr(S^2))`` per unit of the item-noise ratio."""
     if form is UncertaintyForm.KFAC:
         trace = covs.constants.trace_x
-        return spectra[0] / trace, covs.constants.trace_xy / trace, covs.constants.trace_xx / trace**2
-    return 1.0, spectra[1], 1.0
+        return spectra.item_max / trace, covs.constants.trace_xy / trace, covs.constants.trace_xx / trace**2
+    return 1.0, spectra.query_max, 1.0
 
 
 def _second_order_variance_bound(y, covs, extremes, form, spectra) -> torch.Tensor:
@@ -178,14 +199,14 @@ def _second_order_variance_bound(y, covs, extremes, form, spectra) -> torch.Tens
     lam_item, trace_xy, trace_xx = _item_unit_terms(covs, form, spectra)
     rho = extremes.noise_ratio_max
     ry2 = y.expected_norm_sq(covs.constants.trace_y)
-    return (4 * rho * lam_item * y.norm_sq / ry2 + 4 * y.scale * spectra[1] / ry2 + rho * y.scale * trace_xy / ry2
+    return (4 * rho * lam_item * y.norm_sq / ry2 + 4 * y.scale * spectra.query_max / ry2 + rho * y.scale * trace_xy / ry2
             + 0.5 * (rho**2 * trace_xx + y.scale**2 * covs.constants.trace_yy / ry2**2))
 
 
 def _delta_variance_bound(y, covs, extremes, form, spectra) -> torch.Tensor:
     """Bound on the delta-method variance: ``|grad_x| <= 2 / |mu_x|`` and its mirror."""
     lam_item, _, _ = _item_unit_terms(covs, form, spectra)
-    return 4 * extremes.plain_noise_ratio_max * lam_item + 4 * y.scale * spectra[1] / y.norm_sq
+    return 4 * extremes.plain_noise_ratio_max * lam_item + 4 * y.scale * spectra.query_max / y.norm_sq
 
 
 _VARIANCE_BOUNDS = {
@@ -196,6 +217,55 @@ _VARIANCE_BOUNDS = {
 }
 
 
-def largest_eigenvalues(covs: ModelCovariances) -> tuple[float, float]:
-    """``(lambda_max Sigma_I, lambda_max Sigma_Q)`` of the covariances in use."""
-    return tuple(float(torch.linalg.eigvalsh(c)[-1]) for c in (covs.item_cov, covs.query_cov))
+def candidate_variance_floor(
+    f: np.ndarray,
+    slack: float,
+    item_scalars: np.ndarray,
+    query: QuerySide,
+    covs: ModelCovariances,
+    form: UncertaintyForm | str,
+    estimator: CosineEstimator | str,
+    spectra: Spectra,
+) -> np.ndarray | float:
+    """Lower bound on ``Var[cos]`` of returned candidates, without their mean vectors.
+
+    For the ``kfac`` form ``E[cos]`` is FAISS's inner product ``f`` up to ``slack``, and
+    the stored scalars give every variance term except the cross products
+    ``mu_x^T Sigma mu_y``. ProbCosine's variance needs none of those (it is exact here);
+    in the second-order variance each term with a cross product is a quadratic form
+    ``(b - t a)^T Sigma (b - t a) >= lambda_min |b - t a|^2``, whose norm the scalars give,
+    smallest at the end of the ``f`` interval with the largest ``|E[cos]|``.
+
+    Args:
+        f: ``(nq, c)`` FAISS inner products of the candidates.
+        slack: FAISS's float32 error bound on ``f``.
+        item_scalars: ``(nq, c, 6)`` the candidates' stored scalars.
+        query: the prepared queries.
+        covs: the covariances the estimator uses.
+        form: the item uncertainty form.
+        estimator: the cosine estimator.
+        spectra: the covariances' extreme eigenvalues.
+
+    Returns:
+        ``(nq, c)``, or ``0.0`` for forms and estimators it does not cover (per-item
+        covariances, ``delta``).
+    """
+    estimator = CosineEstimator(estimator)
+    if UncertaintyForm(form) is not UncertaintyForm.KFAC or estimator is CosineEstimator.DELTA:
+        return 0.0
+    const, y = covs.constants, query.stats
+    q_x, norm_x = item_scalars[..., 0], item_scalars[..., 1]
+    rx2 = norm_x + q_x * const.trace_x
+    q_y, norm_y = y.scale.numpy()[:, None], y.norm_sq.numpy()[:, None]
+    ry2 = y.expected_norm_sq(const.trace_y).numpy()[:, None]
+    bilinear = q_x * q_y * const.trace_xy
+    if estimator is not CosineEstimator.SECOND_ORDER:
+        other_quad_x = item_scalars[..., covs.item_columns()[1]]
+        return FLOOR_MARGIN * (q_x * y.other_quad.numpy()[:, None] + q_y * other_quad_x + bilinear) / (rx2 * ry2)
+    mean_abs_min = np.maximum(np.abs(f) - slack, 0.0)
+    dot_sq_max = (np.abs(f) + slack) ** 2 * rx2 * ry2
+    residual_x = np.maximum(norm_y - dot_sq_max * (2 * rx2 - norm_x) / rx2**2, 0.0)
+    residual_y = np.maximum(norm_x - dot_sq_max * (2 * ry2 - norm_y) / ry2**2, 0.0)
+    linear = q_x * max(spectra.item_min, 0.0) * residual_x + q_y * max(spectra.query_min, 0.0) * residual_y
+    curvature = 0.5 * mean_abs_min**2 * (q_x**2 * const.trace_xx / rx2**2 + q_y**2 * const.trace_yy / ry2**2)
+    return FLOOR_MARGIN * ((linear + bilinear) / (rx2 * ry2) + curvature)

@@ -18,7 +18,14 @@ import faiss
 import numpy as np
 import torch
 
-from bayesretrieval.queries.bounds import CollectionBounds, float32_slack, largest_eigenvalues, score_bounds
+from bayesretrieval.queries.bounds import (
+    CollectionBounds,
+    ScoreBounds,
+    Spectra,
+    candidate_variance_floor,
+    float32_slack,
+    score_bounds,
+)
 from bayesretrieval.queries.scorers import Scorer
 from bayesretrieval.queries.uncertainty import (
     Candidates,
@@ -55,8 +62,8 @@ class StoredRows:
     def __len__(self) -> int:
         return len(self.ids.item_ids)
 
-    def gather(self, I: np.ndarray, form: UncertaintyForm) -> Candidates:
-        """Rows for ids ``I`` ``(nq, kc)`` (``-1`` allowed), as :class:`Candidates`.
+    def _rows(self, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row positions of the ids ``I`` flattened (``0`` for ``-1``) and which ids are real.
 
         Raises:
             ValueError: if an id is not stored (index and arrays disagree).
@@ -67,6 +74,22 @@ class StoredRows:
         if np.any(rows[valid] < 0):
             raise ValueError("FAISS returned ids missing from the stored arrays (corrupt index)")
         rows[~valid] = 0
+        return rows, valid
+
+    def gather_scalars(self, I: np.ndarray) -> np.ndarray:
+        """Stored scalars ``(nq, kc, 6)`` of the ids ``I`` ``(nq, kc)``, ones where ``-1``."""
+        rows, valid = self._rows(I)
+        out = np.asarray(self.scalars[rows], dtype=np.float64)
+        out[~valid] = 1.0
+        return out.reshape(*I.shape, -1)
+
+    def gather(self, I: np.ndarray, form: UncertaintyForm) -> Candidates:
+        """Rows for ids ``I`` ``(nq, kc)`` (``-1`` allowed), as :class:`Candidates`.
+
+        Raises:
+            ValueError: if an id is not stored (index and arrays disagree).
+        """
+        rows, valid = self._rows(I)
 
         def take(array, fill):
             if array is None:
@@ -173,7 +196,7 @@ class CandidateSearch:
             raise ValueError(f"FAISS index has dim {index.d}, posterior has dim {covs.item_cov.shape[0]}")
         self.index, self.items, self.covs, self.extremes = index, items, covs, extremes
         self.form, self.estimator = UncertaintyForm(form), CosineEstimator(estimator)
-        self.spectra = largest_eigenvalues(covs)
+        self.spectra = Spectra.of(covs)
         self.slack = float32_slack(index.d)
         self._learned: dict[tuple, int] = {}
 
@@ -216,11 +239,8 @@ class CandidateSearch:
             D, I = self.index.search(xq[pending], kc, params=params)
             with serial_torch():
                 sub = query.take(pending)
-                bound_of = lambda f: scorer.upper_bound(score_bounds(  # noqa: E731
-                    f.astype(np.float64) + self.slack, sub, self.covs, self.extremes, self.form, self.estimator,
-                    self.spectra))
-                scored, moments, ranking = self._rerank(sub, scorer, k, D, I, bound_of)
-                bound = bound_of(D[:, -1])
+                scored, moments, ranking = self._rerank(sub, scorer, k, D, I)
+                bound = scorer.upper_bound(self._bounds(sub, D[:, -1]))
             exhausted = (I[:, -1] < 0) | (kc >= total)
             kth = ranking.scores[:, -1] if ranking.scores.shape[1] == k else np.full(len(pending), -np.inf)
             certified = exhausted | (kth > bound)
@@ -234,12 +254,37 @@ class CandidateSearch:
         self._learned[key] = int(out.candidates.max(initial=0))
         return out
 
-    def _rerank(self, query: QuerySide, scorer: Scorer, k: int, D: np.ndarray, I: np.ndarray, bound_of):
+    def _bounds(self, query: QuerySide, f: np.ndarray, candidate_ids: np.ndarray | None = None) -> ScoreBounds:
+        """Bounds on items with FAISS inner product at most ``f`` ``(nq,)``, or on the
+        candidates ``candidate_ids`` ``(nq, c)`` with inner products ``f`` ``(nq, c)``
+        (then with a per-candidate variance floor from their stored scalars)."""
+        f = f.astype(np.float64)
+        bounds = score_bounds(f + self.slack, query, self.covs, self.extremes, self.form, self.estimator,
+                              self.spectra)
+        if candidate_ids is not None:
+            bounds.var_floor = candidate_variance_floor(f, self.slack, self.items.gather_scalars(candidate_ids), query,
+                                                        self.covs, self.form, self.estimator, self.spectra)
+        return bounds
+
+    def _may_enter(self, query: QuerySide, scorer: Scorer, kth: np.ndarray, f: np.ndarray, ids: np.ndarray):
+        """Which candidates ``ids`` ``(nq, c)`` (FAISS inner products ``f``) can reach ``kth`` ``(nq,)``.
+
+        Bounds from ``f`` alone first; for scorers that gain from it, the candidates that
+        pass are bounded again with their stored scalars' variance floor.
+        """
+        may = (scorer.upper_bound(self._bounds(query, f)) >= kth[:, None]) & (ids >= 0)
+        width = _last_true_column(may) if scorer.uses_variance_floor else 0
+        if width:
+            tighter = scorer.upper_bound(self._bounds(query, f[:, :width], ids[:, :width]))
+            may[:, :width] &= tighter >= kth[:, None]
+        return may
+
+    def _rerank(self, query: QuerySide, scorer: Scorer, k: int, D: np.ndarray, I: np.ndarray):
         """Exact scores of the candidates that can still matter, in two stages.
 
         The first ``k +`` :data:`RERANK_MARGIN` candidates give a provisional ``k``-th
-        score; a later candidate whose score bound (from its FAISS inner product) is
-        below it cannot enter the top ``k``. Each query's remaining candidates are packed
+        score; a later candidate whose score bound (from its FAISS inner product and
+        stored scalars) is below it cannot enter the top ``k``. Each query's remaining candidates are packed
         to the left, so the second stage scores only as many columns as the query with
         the most survivors needs.
 
@@ -253,7 +298,7 @@ class CandidateSearch:
         if first == I.shape[1]:
             return I, moments, ranking
         kth = ranking.scores[:, -1] if ranking.scores.shape[1] == k else np.full(len(I), -np.inf)
-        survivors = _pack_left(I[:, first:], (bound_of(D[:, first:]) >= kth[:, None]) & (I[:, first:] >= 0))
+        survivors = _pack_left(I[:, first:], self._may_enter(query, scorer, kth, D[:, first:], I[:, first:]))
         if survivors.shape[1] == 0:
             return I[:, :first], moments, ranking
         extra = self.moments(query, survivors)
@@ -261,6 +306,12 @@ class CandidateSearch:
         moments = PairMoments(*(torch.cat([a, b], dim=1) for a, b in (
             (moments.mean, extra.mean), (moments.var, extra.var), (moments.map_cosine, extra.map_cosine))))
         return scored, moments, scorer.rank(moments, scored, k)
+
+
+def _last_true_column(mask: np.ndarray) -> int:
+    """One past the last column of ``mask`` ``(nq, c)`` holding a ``True`` (``0`` when none)."""
+    columns = np.flatnonzero(mask.any(axis=0))
+    return int(columns[-1]) + 1 if columns.size else 0
 
 
 def _pack_left(I: np.ndarray, keep: np.ndarray) -> np.ndarray:

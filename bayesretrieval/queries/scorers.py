@@ -55,6 +55,8 @@ class Scorer:
     """
 
     name: ClassVar[ScoreName]
+    uses_variance_floor: ClassVar[bool] = False
+    """Whether :meth:`upper_bound` is tighter with a per-candidate ``var_floor``."""
 
     @classmethod
     def from_options(cls, kappa: float, calibration: ProbitCalibration | None) -> "Scorer":
@@ -123,13 +125,14 @@ class ConfidenceBoundScorer(Scorer):
 
 
 class LowerBoundScorer(ConfidenceBoundScorer):
-    """``m - kappa sqrt(v)``; never above ``m``, so the bound on ``m`` bounds it."""
+    """``m - kappa sqrt(v)``, bounded by the bound on ``m`` less ``kappa`` times the floor of the std."""
 
     name = ScoreName.LCB
     direction = -1.0
+    uses_variance_floor = True
 
     def upper_bound(self, bounds):
-        return bounds.mean
+        return bounds.mean - self.kappa * np.sqrt(bounds.var_floor)
 
 
 class UpperBoundScorer(ConfidenceBoundScorer):
@@ -148,6 +151,7 @@ class ProbabilityScorer(Scorer):
 
     calibration: ProbitCalibration
     name: ClassVar[ScoreName] = ScoreName.PROBABILITY
+    uses_variance_floor: ClassVar[bool] = True
 
     @classmethod
     def from_options(cls, kappa, calibration):
@@ -160,10 +164,10 @@ class ProbabilityScorer(Scorer):
         return self.calibration.probability(moments.mean, moments.var)
 
     def upper_bound(self, bounds):
-        """``Phi(z)`` with ``z`` maximised: the largest variance helps only when ``m < tau``."""
+        """``Phi(z)`` with ``z`` maximised: the largest variance when ``m < tau``, else the smallest."""
         gap = bounds.mean - self.calibration.threshold_
         noise_var = self.calibration.noise_std_**2
-        return _phi(gap / np.sqrt(np.where(gap < 0, bounds.var + noise_var, noise_var)))
+        return _phi(gap / np.sqrt(np.where(gap < 0, bounds.var, bounds.var_floor) + noise_var))
 
 
 class MapScorer(Scorer):

@@ -99,14 +99,14 @@ class QuerySide:
         means: ``(nq, D)`` float64 unnormalised query means ``mu_y``.
         stats: query statistics, each ``(nq,)``: ``scale`` ``q_y``, ``norm_sq``,
             ``own_quad`` ``mu_y^T Sigma_Q mu_y``, ``other_quad`` ``mu_y^T Sigma_I mu_y``.
-        item_cov_means: ``(nq, D)`` ``Sigma_I mu_y``.
-        query_cov_means: ``(nq, D)`` ``Sigma_Q mu_y``.
+        probes: ``(nq, D, 3)``: ``mu_y``, ``Sigma_I mu_y`` and ``Sigma_Q mu_y``, the vectors
+            a candidate mean is multiplied with.
+        expected_norm: ``(nq,)`` ``sqrt(E|y|^2)``.
     """
 
     means: torch.Tensor
     stats: SideStatistics
-    item_cov_means: torch.Tensor
-    query_cov_means: torch.Tensor
+    probes: torch.Tensor
     expected_norm: torch.Tensor
 
     @classmethod
@@ -122,7 +122,8 @@ class QuerySide:
         stats = SideStatistics(scales, (means * means).sum(1), (query_cov_means * means).sum(1),
                                (item_cov_means * means).sum(1))
         expected_norm = torch.sqrt(stats.expected_norm_sq(covs.constants.trace_y))
-        return cls(means, stats, item_cov_means, query_cov_means, expected_norm)
+        probes = torch.stack([means, item_cov_means, query_cov_means], dim=2)
+        return cls(means, stats, probes, expected_norm)
 
     def faiss_queries(self) -> np.ndarray:
         """``xq = mu_y / sqrt(E|y|^2)`` ``(nq, D)`` float32: FAISS inner products are ``E[cos]``."""
@@ -135,8 +136,7 @@ class QuerySide:
         rows = torch.as_tensor(rows, dtype=torch.long)
         stats = SideStatistics(*(t[rows] for t in (self.stats.scale, self.stats.norm_sq,
                                                    self.stats.own_quad, self.stats.other_quad)))
-        return QuerySide(self.means[rows], stats, self.item_cov_means[rows], self.query_cov_means[rows],
-                         self.expected_norm[rows])
+        return QuerySide(self.means[rows], stats, self.probes[rows], self.expected_norm[rows])
 
 
 @dataclass
@@ -198,8 +198,7 @@ def candidate_moments(
         raise ValueError(f"candidates for {nq} queries, got {query.means.shape[0]} queries")
     candidate_means = torch.from_numpy(np.asarray(items.means, dtype=np.float64))  # (nq, kc, D)
     scalars = torch.from_numpy(np.asarray(items.scalars, dtype=np.float64).reshape(nq * kc, -1))
-    probes = torch.stack([query.means, query.item_cov_means, query.query_cov_means], dim=2)  # (nq, D, 3)
-    dot, cross_item, cross_y = torch.bmm(candidate_means, probes).reshape(nq * kc, 3).unbind(1)
+    dot, cross_item, cross_y = torch.bmm(candidate_means, query.probes).reshape(nq * kc, 3).unbind(1)
     repeat = lambda t: t.repeat_interleave(kc, dim=0)  # noqa: E731  (per query -> per pair)
     own_col, other_col = covs.item_columns()
     y = SideStatistics(*(repeat(t) for t in (query.stats.scale, query.stats.norm_sq,
