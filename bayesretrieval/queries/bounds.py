@@ -232,9 +232,8 @@ def candidate_variance_floor(
     For the ``kfac`` form ``E[cos]`` is FAISS's inner product ``f`` up to ``slack``, and
     the stored scalars give every variance term except the cross products
     ``mu_x^T Sigma mu_y``. ProbCosine's variance needs none of those (it is exact here);
-    in the second-order variance each term with a cross product is a quadratic form
-    ``(b - t a)^T Sigma (b - t a) >= lambda_min |b - t a|^2``, whose norm the scalars give,
-    smallest at the end of the ``f`` interval with the largest ``|E[cos]|``.
+    the second-order variance's terms with a cross product are bounded by
+    :func:`_cross_term_floor`.
 
     Args:
         f: ``(nq, c)`` FAISS inner products of the candidates.
@@ -254,18 +253,40 @@ def candidate_variance_floor(
     if UncertaintyForm(form) is not UncertaintyForm.KFAC or estimator is CosineEstimator.DELTA:
         return 0.0
     const, y = covs.constants, query.stats
+    own_col, other_col = covs.item_columns()
     q_x, norm_x = item_scalars[..., 0], item_scalars[..., 1]
+    quad_x_item, quad_x_query = item_scalars[..., own_col], item_scalars[..., other_col]
     rx2 = norm_x + q_x * const.trace_x
     q_y, norm_y = y.scale.numpy()[:, None], y.norm_sq.numpy()[:, None]
+    quad_y_item, quad_y_query = y.other_quad.numpy()[:, None], y.own_quad.numpy()[:, None]
     ry2 = y.expected_norm_sq(const.trace_y).numpy()[:, None]
     bilinear = q_x * q_y * const.trace_xy
     if estimator is not CosineEstimator.SECOND_ORDER:
-        other_quad_x = item_scalars[..., covs.item_columns()[1]]
-        return FLOOR_MARGIN * (q_x * y.other_quad.numpy()[:, None] + q_y * other_quad_x + bilinear) / (rx2 * ry2)
-    mean_abs_min = np.maximum(np.abs(f) - slack, 0.0)
-    dot_sq_max = (np.abs(f) + slack) ** 2 * rx2 * ry2
-    residual_x = np.maximum(norm_y - dot_sq_max * (2 * rx2 - norm_x) / rx2**2, 0.0)
-    residual_y = np.maximum(norm_x - dot_sq_max * (2 * ry2 - norm_y) / ry2**2, 0.0)
-    linear = q_x * max(spectra.item_min, 0.0) * residual_x + q_y * max(spectra.query_min, 0.0) * residual_y
-    curvature = 0.5 * mean_abs_min**2 * (q_x**2 * const.trace_xx / rx2**2 + q_y**2 * const.trace_yy / ry2**2)
-    return FLOOR_MARGIN * ((linear + bilinear) / (rx2 * ry2) + curvature)
+        return FLOOR_MARGIN * (q_x * quad_y_item + q_y * quad_x_query + bilinear) / (rx2 * ry2)
+    mean_abs = (np.maximum(np.abs(f) - slack, 0.0), np.abs(f) + slack)
+    ratio = np.sqrt(ry2 / rx2)
+    linear_x = q_x * _cross_term_floor(norm_y, quad_y_item, norm_x, quad_x_item, rx2,
+                                       (mean_abs[0] * ratio, mean_abs[1] * ratio), spectra.item_min)
+    linear_y = q_y * _cross_term_floor(norm_x, quad_x_query, norm_y, quad_y_query, ry2,
+                                       (mean_abs[0] / ratio, mean_abs[1] / ratio), spectra.query_min)
+    curvature = 0.5 * mean_abs[0] ** 2 * (q_x**2 * const.trace_xx / rx2**2 + q_y**2 * const.trace_yy / ry2**2)
+    return FLOOR_MARGIN * ((linear_x + linear_y + bilinear) / (rx2 * ry2) + curvature)
+
+
+def _cross_term_floor(b_sq, b_quad, a_sq, a_quad, a_expected_sq, t_range, lambda_min: float) -> np.ndarray:
+    """Lower bound on ``(b - t a)^T Sigma (b - t a)`` over ``|t|`` in ``t_range``, from norms alone.
+
+    Here ``t = a.b / r_a^2`` (``r_a^2 = a_expected_sq``), ``b_sq = |b|^2``, ``b_quad = b^T Sigma b``
+    and the same for ``a``. Two bounds, the larger is kept:
+
+    - ``lambda_min |b - t a|^2`` with ``|b - t a|^2 = |b|^2 - t^2 (2 r_a^2 - |a|^2)``, concave
+      in ``t``, so smallest at the largest ``|t|``;
+    - the reverse triangle inequality in the ``Sigma`` norm,
+      ``(sqrt(b^T Sigma b) - |t| sqrt(a^T Sigma a))^2``, convex in ``|t|``, so smallest at
+      its root clamped into the range.
+    """
+    low, high = t_range
+    euclidean = max(lambda_min, 0.0) * np.maximum(b_sq - high**2 * (2 * a_expected_sq - a_sq), 0.0)
+    b_norm, a_norm = np.sqrt(np.maximum(b_quad, 0.0)), np.sqrt(np.maximum(a_quad, 0.0))
+    root = np.clip(b_norm / np.where(a_norm > 0, a_norm, np.inf), low, high)
+    return np.maximum(euclidean, (b_norm - root * a_norm) ** 2)
