@@ -4,11 +4,18 @@ For each requested model size of the world-trained CLIP: write a training world 
 ``--n-fit`` images to disk, fit the posterior on it with ``PosteriorFitter`` (chunks of
 ``--chunk-size``, lambda by the Kronecker evidence), then draw a clean in-distribution
 test world and, for every shift family and severity, its shifted version. Each test
-image gets the predictive variance of its embedding, ``tr Cov(g) = q tr(Sigma_B)`` with
-``q = a^T A^-1 a`` (MATH.md section 1), and the same divided by ``|mu|^2`` (relative
-variance, what the cosine feels). The AUROC says how well each separates the shifted
-images of a family (for held-out families, only the images the shift replaced) from the
-clean test images; 0.5 is chance. Prints a Markdown table and writes JSON.
+image gets three predictive variances: of its embedding, ``tr Cov(g) = q tr(Sigma_B)``
+with ``q = a^T A^-1 a`` (MATH.md section 1); the same divided by ``|mu|^2`` (relative
+variance, what the cosine feels); and ``Var[cos]`` with its own caption (both towers
+uncertain, the default estimator: what a search scores). The AUROC says how well each
+separates the shifted images of a family (for held-out families, only the images the
+shift replaced) from the clean test images; 0.5 is chance.
+
+The prior scan then asks whether any prior could do better: it recomputes ``q`` with
+``(A + rho I)^-1`` for ``rho`` from far below to far above ``A``'s mean eigenvalue, i.e.
+from the Mahalanobis distance of the activation under the fitting data's second moment
+to the plain activation norm, at the highest severity asked for. Prints Markdown tables
+and writes JSON.
 
     .venv/bin/python benchmarks/posterior_shift_auroc.py --sizes test benchmark
 """
@@ -18,7 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -27,10 +36,13 @@ from scipy.stats import rankdata
 
 from bayesretrieval.encoders import ClipEncoder
 from bayesretrieval.posterior import PairReader, PosteriorFitter, PosteriorPair
+from bayesretrieval.similarity import cosine_moments
 from bayesretrieval.training import ModelSize, get_trained_model, model_name
-from bayesretrieval.world import MAX_SEVERITY, Shift, make_world, write_world
+from bayesretrieval.world import MAX_SEVERITY, Shift, World, make_world, write_world
 
-VARIANCES = ("total", "relative")
+VARIANCES = ("total", "relative", "caption")
+PRIOR_SCAN = (1e-4, 1e-2, 1.0, 1e2, 1e4)
+"""``rho`` of the prior scan, in units of ``A``'s mean eigenvalue."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,31 +76,92 @@ def fit_on_world(encoder: ClipEncoder, n_fit: int, seed: int, chunk_size: int) -
         return PosteriorFitter(chunk_size=chunk_size, batch_size=256).fit(encoder, reader)
 
 
-def image_variances(encoder: ClipEncoder, posterior: PosteriorPair, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-image ``tr Cov(g) = q tr(Sigma_B)`` and that over ``|mu|^2``, each ``(N,)``."""
+@dataclass
+class TestImages:
+    """Encoded test images with the variances the AUROCs compare."""
+
+    activations: torch.Tensor
+    variances: dict[str, np.ndarray]
+
+
+def encode_test_images(encoder: ClipEncoder, posterior: PosteriorPair, images: np.ndarray,
+                       captions: list[str]) -> TestImages:
+    """Per image ``tr Cov(g) = q tr(Sigma_B)``, that over ``|mu|^2``, and ``Var[cos]`` with its caption."""
     pixels = torch.stack([encoder.preprocess(Image.fromarray(image)) for image in images])
     encoded = encoder.encode_images(pixels)
-    total = posterior.image.activation_scale(encoded.activations) * torch.trace(posterior.image.output_cov)
+    scales = posterior.image.activation_scale(encoded.activations)
+    total = scales * torch.trace(posterior.image.output_cov)
     norms_sq = encoded.embeds.double().pow(2).sum(dim=1)
-    return {"total": total.numpy(), "relative": (total / norms_sq).numpy()}
+    texts = encoder.encode_texts(captions)
+    _, caption_var = cosine_moments(
+        encoded.embeds, scales, posterior.image.output_cov,
+        texts.embeds, posterior.text.activation_scale(texts.activations), posterior.text.output_cov,
+    )
+    variances = {"total": total.numpy(), "relative": (total / norms_sq).numpy(),
+                 "caption": caption_var.diagonal().numpy()}
+    return TestImages(encoded.activations.double(), variances)
 
 
-def shift_aurocs(
-    encoder: ClipEncoder, posterior: PosteriorPair, n_test: int, seed: int, severities: list[int]
-) -> list[dict]:
-    """AUROC of each variance for shifted vs clean test images, per family and severity."""
-    clean = image_variances(encoder, posterior, make_world(n_test, seed=seed).images)
-    rows = []
+def shifted_worlds(n_test: int, seed: int, severities: list[int]) -> Iterator[tuple[Shift, int, World]]:
+    """Every shift family at every severity, as test worlds of ``n_test`` images."""
     for shift in Shift:
         for severity in severities:
-            world = make_world(n_test, seed=seed, shift=shift, severity=severity)
-            shifted = image_variances(encoder, posterior, world.images[world.shifted])
-            row = {"shift": shift.value, "severity": severity, "n_shifted": int(world.shifted.sum())}
-            for name in VARIANCES:
-                row[f"auroc_{name}"] = auroc(clean[name], shifted[name])
-                row[f"median_ratio_{name}"] = float(np.median(shifted[name]) / np.median(clean[name]))
-            rows.append(row)
+            yield shift, severity, make_world(n_test, seed=seed, shift=shift, severity=severity)
+
+
+def shifted_images(encoder: ClipEncoder, posterior: PosteriorPair, world: World) -> TestImages:
+    """The images of ``world`` its shift changed."""
+    captions = [caption for caption, shifted in zip(world.captions, world.shifted) if shifted]
+    return encode_test_images(encoder, posterior, world.images[world.shifted], captions)
+
+
+def shift_aurocs(encoder: ClipEncoder, posterior: PosteriorPair, clean: TestImages, n_test: int, seed: int,
+                 severities: list[int]) -> list[dict]:
+    """AUROC of each variance for shifted vs clean test images, per family and severity."""
+    rows = []
+    for shift, severity, world in shifted_worlds(n_test, seed, severities):
+        shifted = shifted_images(encoder, posterior, world)
+        row = {"shift": shift.value, "severity": severity, "n_shifted": int(world.shifted.sum())}
+        for name in VARIANCES:
+            row[f"auroc_{name}"] = auroc(clean.variances[name], shifted.variances[name])
+            row[f"median_ratio_{name}"] = float(np.median(shifted.variances[name]) /
+                                                np.median(clean.variances[name]))
+        rows.append(row)
     return rows
+
+
+def prior_scan(encoder: ClipEncoder, posterior: PosteriorPair, clean: TestImages, n_test: int, seed: int,
+               severity: int) -> list[dict]:
+    """AUROC of ``q = a^T (A + rho I)^-1 a`` per shift family for each ``rho`` of :data:`PRIOR_SCAN`."""
+    factor = posterior.image.factors["A"]
+    mean_eigenvalue = float(torch.trace(factor)) / factor.shape[0]
+    shifted = {shift.value: shifted_images(encoder, posterior, world).activations
+               for shift, _, world in shifted_worlds(n_test, seed, [severity])}
+    rows = []
+    for rho in PRIOR_SCAN:
+        inverse = torch.linalg.inv(factor + rho * mean_eigenvalue * torch.eye(factor.shape[0], dtype=factor.dtype))
+        scale = lambda a: ((a @ inverse) * a).sum(1).numpy()  # noqa: E731
+        rows.append({"rho": rho, **{name: auroc(scale(clean.activations), scale(a)) for name, a in shifted.items()}})
+    return rows
+
+
+def print_tables(size: str, entry: dict, chunk_size: int) -> None:
+    """The AUROC table and the prior scan of one model, as Markdown."""
+    lam_image, lam_text = entry["lambda"]
+    print(f"\n{size} ({entry['model']}): fitted on {entry['num_pairs']} pairs, C={chunk_size}, "
+          f"lambda image {lam_image:.4g}, text {lam_text:.4g}")
+    print("| shift | severity | shifted images | AUROC tr Cov | AUROC tr Cov/|mu|^2 | AUROC Var[cos] own caption |"
+          " median ratio tr Cov |")
+    print("|---|---|---|---|---|---|---|")
+    for row in entry["rows"]:
+        print(f"| {row['shift']} | {row['severity']} | {row['n_shifted']} | {row['auroc_total']:.3f} | "
+              f"{row['auroc_relative']:.3f} | {row['auroc_caption']:.3f} | {row['median_ratio_total']:.2f} |")
+    families = [shift.value for shift in Shift]
+    print(f"\nprior scan, severity {entry['scan_severity']}: AUROC of a^T (A + rho mean-eig(A) I)^-1 a")
+    print("| rho | " + " | ".join(families) + " |")
+    print("|---|" + "---|" * len(families))
+    for row in entry["prior_scan"]:
+        print(f"| {row['rho']:g} | " + " | ".join(f"{row[name]:.3f}" for name in families) + " |")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -97,22 +170,20 @@ def main(argv: list[str] | None = None) -> dict:
     for size in args.sizes:
         encoder = ClipEncoder.from_pretrained(model_name(size), get_trained_model(size))
         fitter = fit_on_world(encoder, args.n_fit, args.fit_seed, args.chunk_size)
-        rows = shift_aurocs(encoder, fitter.posterior_, args.n_test, args.test_seed, args.severities)
-        results["models"][size] = {
+        posterior = fitter.posterior_
+        world = make_world(args.n_test, seed=args.test_seed)
+        clean = encode_test_images(encoder, posterior, world.images, list(world.captions))
+        entry = {
             "model": model_name(size),
             "num_pairs": fitter.num_pairs_,
             "lambda": list(fitter.prior_precision_),
             "logit_scale": encoder.logit_scale,
-            "rows": rows,
+            "rows": shift_aurocs(encoder, posterior, clean, args.n_test, args.test_seed, args.severities),
+            "scan_severity": max(args.severities),
+            "prior_scan": prior_scan(encoder, posterior, clean, args.n_test, args.test_seed, max(args.severities)),
         }
-        lam_image, lam_text = fitter.prior_precision_
-        print(f"\n{size} ({model_name(size)}): fitted on {fitter.num_pairs_} pairs, C={args.chunk_size}, "
-              f"lambda image {lam_image:.4g}, text {lam_text:.4g}")
-        print("| shift | severity | shifted images | AUROC tr Cov | AUROC tr Cov/|mu|^2 | median ratio tr Cov |")
-        print("|---|---|---|---|---|---|")
-        for row in rows:
-            print(f"| {row['shift']} | {row['severity']} | {row['n_shifted']} | {row['auroc_total']:.3f} | "
-                  f"{row['auroc_relative']:.3f} | {row['median_ratio_total']:.2f} |")
+        results["models"][size] = entry
+        print_tables(size, entry, args.chunk_size)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.output}")

@@ -51,11 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--clusters", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=100, help="queries per search call")
-    parser.add_argument("--batches", type=int, default=3, help="distinct query batches per repeat")
+    parser.add_argument("--batches", type=int, default=5, help="distinct query batches per repeat")
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--kappa", type=float, default=1.0)
     parser.add_argument("--nprobe", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15, help="timed passes; each batch counts its best")
     parser.add_argument("--candidates", type=int, help="first-round candidates (default: the engine's)")
     parser.add_argument("--indexes", nargs="+", choices=["flat", "ivf"], default=["flat", "ivf"],
                         help="which index kinds to build and time")

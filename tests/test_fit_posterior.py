@@ -217,17 +217,34 @@ def test_benchmark_auroc_matches_pairwise_reference():
 
 
 @pytest.fixture(scope="module")
-def world_shift_aurocs():
-    """AUROCs of the fitted posterior's image variance, trained test model, severity 5."""
-    from benchmarks.posterior_shift_auroc import fit_on_world, shift_aurocs
+def world_shift_study():
+    """AUROCs of the fitted posterior's image variance and the prior scan, trained test model, severity 5."""
+    from benchmarks.posterior_shift_auroc import encode_test_images, fit_on_world, prior_scan, shift_aurocs
     from bayesretrieval.training import ModelSize, get_trained_model, model_name
+    from bayesretrieval.world import make_world
 
     trained = ClipEncoder.from_pretrained(model_name(ModelSize.TEST), get_trained_model(ModelSize.TEST))
-    fitter = fit_on_world(trained, n_fit=1024, seed=11, chunk_size=256)
-    rows = shift_aurocs(trained, fitter.posterior_, n_test=200, seed=12, severities=[5])
-    return {row["shift"]: row for row in rows}
+    posterior = fit_on_world(trained, n_fit=1024, seed=11, chunk_size=256).posterior_
+    world = make_world(200, seed=12)
+    clean = encode_test_images(trained, posterior, world.images, list(world.captions))
+    rows = shift_aurocs(trained, posterior, clean, n_test=200, seed=12, severities=[5])
+    scan = prior_scan(trained, posterior, clean, n_test=200, seed=12, severity=5)
+    return {row["shift"]: row for row in rows}, scan, clean
 
 
 @pytest.mark.parametrize("shift", SHIFTS_WITH_MORE_VARIANCE)
-def test_fitted_posterior_gives_shifted_images_more_variance(world_shift_aurocs, shift):
-    assert world_shift_aurocs[shift]["auroc_total"] > 0.5
+def test_fitted_posterior_gives_shifted_images_more_variance(world_shift_study, shift):
+    assert world_shift_study[0][shift]["auroc_total"] > 0.5
+
+
+def test_prior_scan_covers_every_family_and_prior(world_shift_study):
+    """The scan reports every family at every prior; the weakest prior (Mahalanobis distance
+    under the fitting data's second moment) flags heavy noise like the fitted posterior does."""
+    from benchmarks.posterior_shift_auroc import PRIOR_SCAN
+    from bayesretrieval.world import Shift
+
+    rows, scan, _ = world_shift_study
+    assert [row["rho"] for row in scan] == list(PRIOR_SCAN)
+    assert all(0.0 <= row[shift.value] <= 1.0 for row in scan for shift in Shift)
+    assert set(rows) == {shift.value for shift in Shift}
+    assert scan[0]["noise"] > 0.5
