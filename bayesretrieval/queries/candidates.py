@@ -78,10 +78,7 @@ class StoredRows:
 
     def gather_scalars(self, I: np.ndarray) -> np.ndarray:
         """Stored scalars ``(nq, kc, 6)`` of the ids ``I`` ``(nq, kc)``, ones where ``-1``."""
-        rows, valid = self._rows(I)
-        out = np.asarray(self.scalars[rows], dtype=np.float64)
-        out[~valid] = 1.0
-        return out.reshape(*I.shape, -1)
+        return _take(self.scalars, *self._rows(I), 1.0, I.shape)
 
     def gather(self, I: np.ndarray, form: UncertaintyForm) -> Candidates:
         """Rows for ids ``I`` ``(nq, kc)`` (``-1`` allowed), as :class:`Candidates`.
@@ -90,20 +87,20 @@ class StoredRows:
             ValueError: if an id is not stored (index and arrays disagree).
         """
         rows, valid = self._rows(I)
-
-        def take(array, fill):
-            if array is None:
-                return None
-            out = np.asarray(array[rows])
-            out[~valid] = fill
-            return out.reshape(*I.shape, *out.shape[1:])
-
-        keep_variance = UncertaintyForm(form) is not UncertaintyForm.KFAC
+        form = UncertaintyForm(form)
+        take = lambda array, fill: None if array is None else _take(array, rows, valid, fill, I.shape)  # noqa: E731
         return Candidates(
             I, take(self.means, 0), take(self.scalars, 1),
-            take(self.variance_diag, 0) if keep_variance else None,
-            take(self.variance_lowrank, 0) if UncertaintyForm(form) is UncertaintyForm.LOWRANK else None,
+            take(self.variance_diag, 0) if form is not UncertaintyForm.KFAC else None,
+            take(self.variance_lowrank, 0) if form is UncertaintyForm.LOWRANK else None,
         )
+
+
+def _take(array, rows: np.ndarray, valid: np.ndarray, fill: float, shape: tuple[int, ...]) -> np.ndarray:
+    """``array[rows]`` with ``fill`` where not ``valid``, reshaped to ``shape + array.shape[1:]``."""
+    out = np.asarray(array[rows])
+    out[~valid] = fill
+    return out.reshape(*shape, *out.shape[1:])
 
 
 @dataclass
@@ -284,9 +281,9 @@ class CandidateSearch:
 
         The first ``k +`` :data:`RERANK_MARGIN` candidates give a provisional ``k``-th
         score; a later candidate whose score bound (from its FAISS inner product and
-        stored scalars) is below it cannot enter the top ``k``. Each query's remaining candidates are packed
-        to the left, so the second stage scores only as many columns as the query with
-        the most survivors needs.
+        stored scalars) is below it cannot enter the top ``k``. Each query's remaining
+        candidates are packed to the left, so the second stage scores only as many
+        columns as the query with the most survivors needs.
 
         Returns:
             ``(I, moments, ranking)`` over the scored candidates (``-1`` where packing
