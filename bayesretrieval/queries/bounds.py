@@ -217,6 +217,11 @@ _VARIANCE_BOUNDS = {
 }
 
 
+def has_variance_floor(form: UncertaintyForm | str, estimator: CosineEstimator | str) -> bool:
+    """Whether :func:`candidate_variance_floor` gives more than ``0`` for this form and estimator."""
+    return UncertaintyForm(form) is UncertaintyForm.KFAC and CosineEstimator(estimator) is not CosineEstimator.DELTA
+
+
 def candidate_variance_floor(
     f: np.ndarray,
     slack: float,
@@ -250,7 +255,7 @@ def candidate_variance_floor(
         covariances, ``delta``).
     """
     estimator = CosineEstimator(estimator)
-    if UncertaintyForm(form) is not UncertaintyForm.KFAC or estimator is CosineEstimator.DELTA:
+    if not has_variance_floor(form, estimator):
         return 0.0
     const, y = covs.constants, query.stats
     own_col, other_col = covs.item_columns()

@@ -24,6 +24,7 @@ from bayesretrieval.queries.bounds import (
     Spectra,
     candidate_variance_floor,
     float32_slack,
+    has_variance_floor,
     score_bounds,
 )
 from bayesretrieval.queries.scorers import Scorer
@@ -195,6 +196,7 @@ class CandidateSearch:
         self.form, self.estimator = UncertaintyForm(form), CosineEstimator(estimator)
         self.spectra = Spectra.of(covs)
         self.slack = float32_slack(index.d)
+        self.has_floor = has_variance_floor(self.form, self.estimator)
         self._learned: dict[tuple, int] = {}
 
     def moments(self, query: QuerySide, I: np.ndarray) -> PairMoments:
@@ -270,7 +272,7 @@ class CandidateSearch:
         pass are bounded again with their stored scalars' variance floor.
         """
         may = (scorer.upper_bound(self._bounds(query, f)) >= kth[:, None]) & (ids >= 0)
-        width = _last_true_column(may) if scorer.uses_variance_floor else 0
+        width = _last_true_column(may) if scorer.uses_variance_floor and self.has_floor else 0
         if width:
             tighter = scorer.upper_bound(self._bounds(query, f[:, :width], ids[:, :width]))
             may[:, :width] &= tighter >= kth[:, None]
