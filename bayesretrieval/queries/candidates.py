@@ -253,29 +253,27 @@ class CandidateSearch:
         self._learned[key] = int(out.candidates.max(initial=0))
         return out
 
-    def _bounds(self, query: QuerySide, f: np.ndarray, candidate_ids: np.ndarray | None = None) -> ScoreBounds:
-        """Bounds on items with FAISS inner product at most ``f`` ``(nq,)``, or on the
-        candidates ``candidate_ids`` ``(nq, c)`` with inner products ``f`` ``(nq, c)``
-        (then with a per-candidate variance floor from their stored scalars)."""
-        f = f.astype(np.float64)
-        bounds = score_bounds(f + self.slack, query, self.covs, self.extremes, self.form, self.estimator,
-                              self.spectra)
-        if candidate_ids is not None:
-            bounds.var_floor = candidate_variance_floor(f, self.slack, self.items.gather_scalars(candidate_ids), query,
-                                                        self.covs, self.form, self.estimator, self.spectra)
-        return bounds
+    def _bounds(self, query: QuerySide, f: np.ndarray) -> ScoreBounds:
+        """Bounds on items with FAISS inner product at most ``f`` (``(nq,)`` or ``(nq, c)``)."""
+        return score_bounds(f.astype(np.float64) + self.slack, query, self.covs, self.extremes, self.form,
+                            self.estimator, self.spectra)
 
     def _may_enter(self, query: QuerySide, scorer: Scorer, kth: np.ndarray, f: np.ndarray, ids: np.ndarray):
         """Which candidates ``ids`` ``(nq, c)`` (FAISS inner products ``f``) can reach ``kth`` ``(nq,)``.
 
         Bounds from ``f`` alone first; for scorers that gain from it, the candidates that
-        pass are bounded again with their stored scalars' variance floor.
+        pass get a variance floor from their stored scalars and are bounded again.
         """
-        may = (scorer.upper_bound(self._bounds(query, f)) >= kth[:, None]) & (ids >= 0)
+        bounds = self._bounds(query, f)
+        may = (scorer.upper_bound(bounds) >= kth[:, None]) & (ids >= 0)
         width = _last_true_column(may) if scorer.uses_variance_floor and self.has_floor else 0
         if width:
-            tighter = scorer.upper_bound(self._bounds(query, f[:, :width], ids[:, :width]))
-            may[:, :width] &= tighter >= kth[:, None]
+            floor = np.zeros(f.shape)
+            floor[:, :width] = candidate_variance_floor(
+                f[:, :width].astype(np.float64), self.slack, self.items.gather_scalars(ids[:, :width]), query,
+                self.covs, self.form, self.estimator, self.spectra)
+            bounds.var_floor = floor
+            may &= scorer.upper_bound(bounds) >= kth[:, None]
         return may
 
     def _rerank(self, query: QuerySide, scorer: Scorer, k: int, D: np.ndarray, I: np.ndarray):
