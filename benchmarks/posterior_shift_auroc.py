@@ -27,7 +27,6 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -38,7 +37,7 @@ from bayesretrieval.encoders import ClipEncoder
 from bayesretrieval.posterior import PairReader, PosteriorFitter, PosteriorPair
 from bayesretrieval.similarity import cosine_moments
 from bayesretrieval.training import ModelSize, get_trained_model, model_name
-from bayesretrieval.world import MAX_SEVERITY, Shift, World, make_world, write_world
+from bayesretrieval.world import MAX_SEVERITY, Shift, make_world, write_world
 
 VARIANCES = ("total", "relative", "caption")
 PRIOR_SCAN = (1e-4, 1e-2, 1.0, 1e2, 1e4)
@@ -102,46 +101,59 @@ def encode_test_images(encoder: ClipEncoder, posterior: PosteriorPair, images: n
     return TestImages(encoded.activations.double(), variances)
 
 
-def shifted_worlds(n_test: int, seed: int, severities: list[int]) -> Iterator[tuple[Shift, int, World]]:
-    """Every shift family at every severity, as test worlds of ``n_test`` images."""
+@dataclass
+class ShiftedSet:
+    """The images one shift family changed at one severity, encoded."""
+
+    shift: Shift
+    severity: int
+    images: TestImages
+
+    @property
+    def size(self) -> int:
+        return len(self.images.activations)
+
+
+def encode_shifted(encoder: ClipEncoder, posterior: PosteriorPair, n_test: int, seed: int,
+                   severities: list[int]) -> list[ShiftedSet]:
+    """Every shift family at every severity: the shifted images of a test world of ``n_test``."""
+    sets = []
     for shift in Shift:
         for severity in severities:
-            yield shift, severity, make_world(n_test, seed=seed, shift=shift, severity=severity)
+            world = make_world(n_test, seed=seed, shift=shift, severity=severity)
+            captions = [caption for caption, shifted in zip(world.captions, world.shifted) if shifted]
+            images = encode_test_images(encoder, posterior, world.images[world.shifted], captions)
+            sets.append(ShiftedSet(shift, severity, images))
+    return sets
 
 
-def shifted_images(encoder: ClipEncoder, posterior: PosteriorPair, world: World) -> TestImages:
-    """The images of ``world`` its shift changed."""
-    captions = [caption for caption, shifted in zip(world.captions, world.shifted) if shifted]
-    return encode_test_images(encoder, posterior, world.images[world.shifted], captions)
-
-
-def shift_aurocs(encoder: ClipEncoder, posterior: PosteriorPair, clean: TestImages, n_test: int, seed: int,
-                 severities: list[int]) -> list[dict]:
+def shift_aurocs(clean: TestImages, shifted_sets: list[ShiftedSet]) -> list[dict]:
     """AUROC of each variance for shifted vs clean test images, per family and severity."""
     rows = []
-    for shift, severity, world in shifted_worlds(n_test, seed, severities):
-        shifted = shifted_images(encoder, posterior, world)
-        row = {"shift": shift.value, "severity": severity, "n_shifted": int(world.shifted.sum())}
+    for shifted in shifted_sets:
+        row = {"shift": shifted.shift.value, "severity": shifted.severity, "n_shifted": shifted.size}
         for name in VARIANCES:
-            row[f"auroc_{name}"] = auroc(clean.variances[name], shifted.variances[name])
-            row[f"median_ratio_{name}"] = float(np.median(shifted.variances[name]) /
-                                                np.median(clean.variances[name]))
+            variances = shifted.images.variances[name]
+            row[f"auroc_{name}"] = auroc(clean.variances[name], variances)
+            row[f"median_ratio_{name}"] = float(np.median(variances) / np.median(clean.variances[name]))
         rows.append(row)
     return rows
 
 
-def prior_scan(encoder: ClipEncoder, posterior: PosteriorPair, clean: TestImages, n_test: int, seed: int,
-               severity: int) -> list[dict]:
-    """AUROC of ``q = a^T (A + rho I)^-1 a`` per shift family for each ``rho`` of :data:`PRIOR_SCAN`."""
+def prior_scan(posterior: PosteriorPair, clean: TestImages, shifted_sets: list[ShiftedSet]) -> list[dict]:
+    """AUROC of ``q = a^T (A + rho I)^-1 a`` per shift family for each ``rho`` of :data:`PRIOR_SCAN`.
+
+    ``shifted_sets`` holds one severity per family.
+    """
     factor = posterior.image.factors["A"]
     mean_eigenvalue = float(torch.trace(factor)) / factor.shape[0]
-    shifted = {shift.value: shifted_images(encoder, posterior, world).activations
-               for shift, _, world in shifted_worlds(n_test, seed, [severity])}
     rows = []
     for rho in PRIOR_SCAN:
         inverse = torch.linalg.inv(factor + rho * mean_eigenvalue * torch.eye(factor.shape[0], dtype=factor.dtype))
         scale = lambda a: ((a @ inverse) * a).sum(1).numpy()  # noqa: E731
-        rows.append({"rho": rho, **{name: auroc(scale(clean.activations), scale(a)) for name, a in shifted.items()}})
+        clean_scales = scale(clean.activations)
+        rows.append({"rho": rho, **{s.shift.value: auroc(clean_scales, scale(s.images.activations))
+                                    for s in shifted_sets}})
     return rows
 
 
@@ -173,14 +185,16 @@ def main(argv: list[str] | None = None) -> dict:
         posterior = fitter.posterior_
         world = make_world(args.n_test, seed=args.test_seed)
         clean = encode_test_images(encoder, posterior, world.images, list(world.captions))
+        shifted_sets = encode_shifted(encoder, posterior, args.n_test, args.test_seed, args.severities)
+        scan_severity = max(args.severities)
         entry = {
             "model": model_name(size),
             "num_pairs": fitter.num_pairs_,
             "lambda": list(fitter.prior_precision_),
             "logit_scale": encoder.logit_scale,
-            "rows": shift_aurocs(encoder, posterior, clean, args.n_test, args.test_seed, args.severities),
-            "scan_severity": max(args.severities),
-            "prior_scan": prior_scan(encoder, posterior, clean, args.n_test, args.test_seed, max(args.severities)),
+            "rows": shift_aurocs(clean, shifted_sets),
+            "scan_severity": scan_severity,
+            "prior_scan": prior_scan(posterior, clean, [s for s in shifted_sets if s.severity == scan_severity]),
         }
         results["models"][size] = entry
         print_tables(size, entry, args.chunk_size)

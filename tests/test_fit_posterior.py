@@ -221,7 +221,13 @@ def test_benchmark_auroc_matches_pairwise_reference():
 @pytest.fixture(scope="module")
 def world_shift_study():
     """AUROCs of the fitted posterior's image variance and the prior scan, trained test model, severity 5."""
-    from benchmarks.posterior_shift_auroc import encode_test_images, fit_on_world, prior_scan, shift_aurocs
+    from benchmarks.posterior_shift_auroc import (
+        encode_shifted,
+        encode_test_images,
+        fit_on_world,
+        prior_scan,
+        shift_aurocs,
+    )
     from bayesretrieval.training import ModelSize, get_trained_model, model_name
     from bayesretrieval.world import make_world
 
@@ -229,8 +235,9 @@ def world_shift_study():
     posterior = fit_on_world(trained, n_fit=1024, seed=11, chunk_size=256).posterior_
     world = make_world(500, seed=12)
     clean = encode_test_images(trained, posterior, world.images, list(world.captions))
-    rows = shift_aurocs(trained, posterior, clean, n_test=500, seed=12, severities=[5])
-    scan = prior_scan(trained, posterior, clean, n_test=500, seed=12, severity=5)
+    shifted_sets = encode_shifted(trained, posterior, n_test=500, seed=12, severities=[5])
+    rows = shift_aurocs(clean, shifted_sets)
+    scan = prior_scan(posterior, clean, shifted_sets)
     return {row["shift"]: row for row in rows}, scan, clean
 
 
