@@ -40,8 +40,6 @@ from bayesretrieval.similarity import CosineEstimator
 from bayesretrieval.store import IdLookup
 
 GROWTH = 4
-RERANK_MARGIN = 8
-"""Candidates beyond ``k`` scored exactly before the bounds prune the rest."""
 DEFAULT_MAX_CANDIDATES = 65_536
 
 
@@ -279,17 +277,18 @@ class CandidateSearch:
     def _rerank(self, query: QuerySide, scorer: Scorer, k: int, D: np.ndarray, I: np.ndarray):
         """Exact scores of the candidates that can still matter, in two stages.
 
-        The first ``k +`` :data:`RERANK_MARGIN` candidates give a provisional ``k``-th
-        score; a later candidate whose score bound (from its FAISS inner product and
-        stored scalars) is below it cannot enter the top ``k``. Each query's remaining
-        candidates are packed to the left, so the second stage scores only as many
-        columns as the query with the most survivors needs.
+        FAISS's first ``k`` candidates give a provisional ``k``-th score; a later
+        candidate whose score bound (from its FAISS inner product and stored scalars)
+        is below it cannot enter the top ``k``. Each query's remaining candidates are
+        packed to the left, so the second stage scores only as many columns as the
+        query with the most survivors needs. Every stored row gathered costs a random
+        memory access, so the first stage gathers no more rows than the result needs.
 
         Returns:
             ``(I, moments, ranking)`` over the scored candidates (``-1`` where packing
             left a gap).
         """
-        first = min(I.shape[1], k + RERANK_MARGIN)
+        first = min(I.shape[1], k)
         moments = self.moments(query, I[:, :first])
         ranking = scorer.rank(moments, I[:, :first], k)
         if first == I.shape[1]:

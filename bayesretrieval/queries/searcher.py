@@ -216,8 +216,7 @@ class Searcher:
         if threshold is not None and calibration is None:
             raise ValueError("threshold needs a calibration; run `bayesretrieval calibrate` on the index first")
         engine = self.engine(encoded.modality)
-        with serial_torch():
-            query = QuerySide.build(encoded.means, encoded.scales, engine.covs)
+        query = QuerySide.build(encoded.means, encoded.scales, engine.covs)  # its two products use every core
         selector, k_eff = None, min(int(k), len(self.reader))
         if where is not None and not where.is_empty:
             allowed = where.select(self.reader)
