@@ -12,7 +12,9 @@ is not timed), it measures queries per second of
   gather from the memory-mapped arrays, exact float64 rerank, certificate, result table;
 
 and prints the ratios (engine / plain) with the candidate-set sizes the certificates
-needed and the fraction of queries certified. The untimed first search of each mode
+needed and the fraction of queries certified. It also times gathering ``k`` random stored
+means per query, cold and warm: the least an exact rerank reads, and so the ratio it can
+reach at best on this machine. The untimed first search of each mode
 (warm-up) also records its candidate sizes: later searches start from what it needed. Modes are interleaved batch by batch and
 each batch's best time over the repeats counts (the machine may be shared).
 
@@ -169,6 +171,26 @@ def time_modes(searcher: Searcher, plain: faiss.Index, batches, args, nprobe) ->
     return out
 
 
+def row_gather_cost(reader: IndexReader, args, trials: int = 5) -> dict:
+    """Milliseconds to gather ``batch * k`` random stored means, cold and again at once (warm).
+
+    An exact rerank reads at least ``k`` stored rows per query from the memory-mapped
+    means, at random positions. Rows not read for a while cost far more than rows just
+    read (on a virtual machine, much more than a cache miss), so this bounds the ratio an
+    exact rerank can reach: ``plain / (plain + cold gather)`` per batch.
+    """
+    rng = np.random.default_rng(1)
+    cold, warm = [], []
+    for _ in range(trials):
+        rows = np.sort(rng.choice(len(reader.means), args.batch * args.k, replace=False))
+        for times in (cold, warm):
+            start = time.perf_counter()
+            np.asarray(reader.means[rows])
+            times.append(time.perf_counter() - start)
+    return {"batch": args.batch, "rows": args.batch * args.k, "cold_ms": 1000 * float(np.median(cold)),
+            "warm_ms": 1000 * float(np.median(warm))}
+
+
 def _faiss_queries(searcher: Searcher, batch: Encoded) -> np.ndarray:
     """The exact vectors the engine hands FAISS (``mu_y / sqrt(E|y|^2)``) for the baseline."""
     encoded = searcher.encode(batch, "text")
@@ -196,6 +218,7 @@ def main(argv=None) -> dict:
             reader = IndexReader.open(Path(tmp) / label)
             searcher = Searcher(reader, None, Path(tmp) / label)
             results[label] = time_modes(searcher, plain_index(reader, args.nprobe), batches, args, nprobe)
+            results[label]["row_gather"] = row_gather_cost(reader, args)
             report(label, results[label])
             del searcher, reader
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -207,6 +230,11 @@ def main(argv=None) -> dict:
 def report(label: str, timing: dict) -> None:
     plain = timing["plain"]["qps"]
     print(f"{label}: plain {plain:.0f} q/s")
+    gather = timing["row_gather"]
+    batch_ms = 1000 * gather["batch"] / plain
+    print(f"  gathering {gather['rows']} random stored means: {gather['cold_ms']:.1f} ms cold, "
+          f"{gather['warm_ms']:.1f} ms warm; plain FAISS {batch_ms:.1f} ms per batch, so an exact rerank "
+          f"reaches at most {batch_ms / (batch_ms + gather['cold_ms']):.3f}")
     for name in ("expected", "lcb"):
         t = timing[name]
         print(f"  {name:8s} {t['qps']:.0f} q/s  ratio {t['ratio']:.3f}  candidates mean {t['candidates_mean']:.0f} "

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from bayesretrieval.queries.bounds import (
-    CollectionBounds,
     Spectra,
     candidate_variance_floor,
     float32_slack,
@@ -24,6 +23,35 @@ def index(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def kfac_index(tmp_path_factory):
     return build_index(tmp_path_factory.mktemp("floor"), n=3000, variance="none", seed=12, duplicates=5)
+
+
+def test_stored_extremes_match_the_arrays(index):
+    """The manifest's extremes equal the ratios taken item by item; old manifests get them computed."""
+    reader = IndexReader.open(index)
+    forms = ["kfac"] + (["diag"] if reader.variance_diag is not None else []) + (
+        ["lowrank"] if reader.variance_lowrank is not None else [])
+    assert sorted(reader.manifest.stats["ratio_extremes"]) == sorted(forms)
+    scalars = np.asarray(reader.scalars)
+    norm_sq, noise = scalars[:, 1], scalars[:, 0] * reader.trace_image
+    for form in forms:
+        trace = noise if form == "kfac" else np.asarray(reader.variance_diag, np.float64).sum(1)
+        if form == "lowrank":
+            trace = trace + np.einsum("nrd,nrd->n", *(np.asarray(reader.variance_lowrank, np.float64),) * 2)
+        mean_factor = np.sqrt((norm_sq + noise) / (norm_sq + trace))
+        map_factor = np.sqrt((norm_sq + noise) / norm_sq)
+        stored = reader.collection_bounds(form)
+        np.testing.assert_allclose(
+            [stored.noise_ratio_max, stored.plain_noise_ratio_max, stored.mean_factor_min, stored.mean_factor_max,
+             stored.map_factor_min, stored.map_factor_max],
+            [(trace / (norm_sq + trace)).max(), (trace / norm_sq).max(), mean_factor.min(), mean_factor.max(),
+             map_factor.min(), map_factor.max()], rtol=1e-12)
+        del reader.manifest.stats["ratio_extremes"][form]
+        assert reader.collection_bounds(form) == stored
+    with pytest.raises(ValueError, match="unknown covariance form"):
+        reader.collection_bounds("full")
+    if reader.variance_diag is None:
+        with pytest.raises(ValueError, match="needs variance columns"):
+            reader.collection_bounds("diag")
 
 
 @pytest.mark.parametrize("estimator", ["second_order", "published", "kronecker", "delta"])
@@ -45,8 +73,7 @@ def test_bounds_dominate_all_items(index, estimator, modality):
     moments = candidate_moments(query, every, covs, form, estimator)
     vectors = np.asarray(reader.means, np.float64) / reader.expected_norm()[:, None]
     f = query.faiss_queries().astype(np.float64) @ vectors.T  # what FAISS ranks by, (nq, n)
-    extremes = CollectionBounds.compute(reader.scalars, reader.trace_image, form, reader.variance_diag,
-                                        reader.variance_lowrank)
+    extremes = reader.collection_bounds(form)
     spectra = Spectra.of(covs)
     for cut in (0.0, 0.5, 0.9):  # items with f <= the cut-th quantile of each query's row (plus FAISS slack)
         f_bound = np.quantile(f, cut, axis=1)

@@ -7,8 +7,8 @@ positive per-item factor times a per-query factor, or is bounded by such a produ
 bound on the standard deviation, so collection-wide extremes of a few per-item ratios
 turn ``f_min`` into a bound on the score of every unreturned item.
 
-The extremes are computed once, when an index is opened, from the memory-mapped arrays
-(``O(N)`` for the scalars, ``O(N D)`` when per-item variance columns are present).
+The extremes are computed when an index version is written and read from its manifest
+(:mod:`bayesretrieval.store.extremes`).
 """
 
 from __future__ import annotations
@@ -20,76 +20,10 @@ import torch
 
 from bayesretrieval.queries.uncertainty import ModelCovariances, QuerySide, UncertaintyForm
 from bayesretrieval.similarity import CosineEstimator
+from bayesretrieval.store.extremes import CollectionBounds
 
-CHUNK_ROWS = 262_144
 FLOOR_MARGIN = 1 - 1e-9
 """Shrinks variance floors so that rounding never lifts one above the variance it bounds."""
-
-
-@dataclass(frozen=True)
-class CollectionBounds:
-    """Extremes over the collection of the per-item ratios the bounds need.
-
-    With ``r_I^2 = |mu|^2 + q tr Sigma_I`` (FAISS's normaliser), ``t`` the item's covariance
-    trace (``q tr Sigma_I`` for ``kfac``, ``tr S_i`` for the per-item forms) and
-    ``r_S^2 = |mu|^2 + t``:
-
-    Attributes:
-        noise_ratio_max: ``max t / r_S^2`` (how much of ``E|x|^2`` is noise).
-        plain_noise_ratio_max: ``max t / |mu|^2``.
-        mean_factor_min: ``min r_I / r_S``; ``E[cos] = f * (r_I / r_S)``.
-        mean_factor_max: ``max r_I / r_S``.
-        map_factor_min: ``min r_I / |mu|``; ``cos(mu_x, mu_y) = f * (r_I / |mu|) * (r_y / |mu_y|)``.
-        map_factor_max: ``max r_I / |mu|``.
-    """
-
-    noise_ratio_max: float
-    plain_noise_ratio_max: float
-    mean_factor_min: float
-    mean_factor_max: float
-    map_factor_min: float
-    map_factor_max: float
-
-    @classmethod
-    def compute(cls, scalars, trace_image: float, form: UncertaintyForm | str = UncertaintyForm.KFAC,
-                variance_diag=None, variance_lowrank=None) -> "CollectionBounds":
-        """Scan the stored arrays in chunks.
-
-        Args:
-            scalars: ``(N, 6)`` stored scalars (memory-mapped is fine).
-            trace_image: ``tr Sigma_I``.
-            form: which item covariance the scores use.
-            variance_diag: ``(N, D)`` or ``None`` (needed for the per-item forms).
-            variance_lowrank: ``(N, r, D)`` or ``None`` (needed for ``lowrank``).
-
-        Returns:
-            The extremes; an empty collection gives all-zero ratios and unit factors.
-        """
-        form = UncertaintyForm(form)
-        parts = []
-        for start in range(0, len(scalars), CHUNK_ROWS):
-            rows = slice(start, start + CHUNK_ROWS)
-            block = np.asarray(scalars[rows], dtype=np.float64)
-            norm_sq = np.maximum(block[:, 1], 1e-300)
-            faiss_sq = norm_sq + block[:, 0] * trace_image
-            if form is UncertaintyForm.KFAC:
-                trace = block[:, 0] * trace_image
-            else:
-                trace = np.asarray(variance_diag[rows], dtype=np.float64).sum(1)
-                if form is UncertaintyForm.LOWRANK:
-                    trace = trace + np.square(np.asarray(variance_lowrank[rows], dtype=np.float64)).sum((1, 2))
-            own_sq = norm_sq + trace
-            parts.append(np.stack([
-                trace / own_sq, trace / norm_sq, np.sqrt(faiss_sq / own_sq), np.sqrt(faiss_sq / norm_sq)
-            ], axis=1))
-        if not parts:
-            return cls(0.0, 0.0, 1.0, 1.0, 1.0, 1.0)
-        table = np.concatenate(parts)
-        return cls(
-            noise_ratio_max=float(table[:, 0].max()), plain_noise_ratio_max=float(table[:, 1].max()),
-            mean_factor_min=float(table[:, 2].min()), mean_factor_max=float(table[:, 2].max()),
-            map_factor_min=float(table[:, 3].min()), map_factor_max=float(table[:, 3].max()),
-        )
 
 
 @dataclass

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from bayesretrieval.queries.bounds import (
-    CollectionBounds,
     ScoreBounds,
     Spectra,
     candidate_variance_floor,
@@ -38,6 +37,7 @@ from bayesretrieval.queries.uncertainty import (
 )
 from bayesretrieval.similarity import CosineEstimator
 from bayesretrieval.store import IdLookup
+from bayesretrieval.store.extremes import CollectionBounds
 
 GROWTH = 4
 DEFAULT_MAX_CANDIDATES = 65_536

@@ -21,7 +21,6 @@ import torch
 
 from bayesretrieval.encoders import ClipEncoder, Encoded
 from bayesretrieval.posterior import Modality
-from bayesretrieval.queries.bounds import CollectionBounds
 from bayesretrieval.queries.calibration import ProbitCalibration, load_calibration, save_calibration
 from bayesretrieval.queries.candidates import (
     DEFAULT_MAX_CANDIDATES,
@@ -90,8 +89,7 @@ class Searcher:
         self.rows = StoredRows(reader.id_lookup, reader.means, reader.scalars, reader.variance_diag,
                                reader.variance_lowrank)
         self._paths = _PathColumn(reader.version_dir)
-        self.extremes = CollectionBounds.compute(reader.scalars, reader.trace_image, self.form,
-                                                 reader.variance_diag, reader.variance_lowrank)
+        self.extremes = reader.collection_bounds(self.form.value)
         self._engines: dict[Modality, CandidateSearch] = {}
 
     @classmethod

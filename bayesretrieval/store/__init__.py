@@ -26,7 +26,10 @@ A version folder holds:
   ``lowrank:R``), ``traces`` (``trace_image`` = tr Sigma_I, ``trace_text`` = tr Sigma_T),
   ``stats`` (``max_scale``, ``max_norm_sq``, ``max_quad_image``, ``max_quad_text``,
   ``max_quad_image_diag``, ``max_quad_text_diag``, ``min_expected_norm``,
-  ``max_variance_trace``; ``None`` when empty) and ``files`` (sha256 per file).
+  ``max_variance_trace``; ``None`` when empty; ``ratio_extremes``: the search
+  certificate's collection extremes per covariance form, ``kfac`` and, with variance
+  columns, ``diag`` / ``lowrank``, see :mod:`bayesretrieval.store.extremes`) and
+  ``files`` (sha256 per file).
 - ``items.parquet``: one row per item, sorted by ``item_id``: ``item_id`` int64 (explicit,
   stable per path across rebuilds), ``path`` (POSIX, relative to the indexed folder; for
   precomputed input the given path or the id as text), ``file_size``, ``mtime_ns``,

@@ -134,7 +134,9 @@ class Manifest:
         stats: collection extremes for bounds: ``max_<scalar>`` for every scalar column,
             ``min_expected_norm`` (``min sqrt(|mu|^2 + q tr Sigma_I)``) and
             ``max_variance_trace`` (largest trace of the optional per-item covariance,
-            0 without variance columns); ``None`` values for an empty index.
+            0 without variance columns); ``None`` values for an empty index;
+            ``ratio_extremes``: the search certificate's extremes per covariance form
+            (:func:`bayesretrieval.store.extremes.extremes_by_form`).
         files: sha256 per file of the version folder (relative POSIX paths).
     """
 

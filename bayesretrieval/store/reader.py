@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from bayesretrieval.encoders import ModelIdentity, file_sha256
 from bayesretrieval.posterior import PosteriorPair
 from bayesretrieval.store import format as fmt
+from bayesretrieval.store.extremes import DIAG, KFAC, LOWRANK, CollectionBounds
 from bayesretrieval.store.format import Manifest
 
 OPEN_ATTEMPTS = 3
@@ -176,6 +177,25 @@ class IndexReader:
         """``sqrt(|mu|^2 + q tr Sigma_I)`` for ``scalars`` ``(k, 6)`` (all items by default)."""
         scalars = self.scalars if scalars is None else scalars
         return np.sqrt(scalars[:, 1] + scalars[:, 0] * self.trace_image)
+
+    def collection_bounds(self, form: str = KFAC) -> CollectionBounds:
+        """The certificate's collection extremes for covariance form ``form`` (``kfac``, ``diag``, ``lowrank``).
+
+        Read from the manifest; computed from the arrays for versions written before
+        they were stored there.
+
+        Raises:
+            ValueError: for a per-item form whose variance columns this version lacks.
+        """
+        if form not in (KFAC, DIAG, LOWRANK):
+            raise ValueError(f"unknown covariance form {form!r}; expected {KFAC!r}, {DIAG!r} or {LOWRANK!r}")
+        stored = self.manifest.stats.get("ratio_extremes", {})
+        if form in stored:
+            return CollectionBounds.from_dict(stored[form])
+        if (form != KFAC and self.variance_diag is None) or (form == LOWRANK and self.variance_lowrank is None):
+            raise ValueError(f"covariance form {form!r} needs variance columns; index has {self.manifest.variance!r}")
+        return CollectionBounds.compute(self.scalars, self.trace_image, None if form == KFAC else self.variance_diag,
+                                        self.variance_lowrank if form == LOWRANK else None)
 
     @cached_property
     def id_lookup(self) -> IdLookup:

@@ -21,6 +21,7 @@ from bayesretrieval.atomic import current_umask, fsync_path, write_text_atomic
 from bayesretrieval.encoders import file_sha256
 from bayesretrieval.posterior import PosteriorPair
 from bayesretrieval.store import format as fmt
+from bayesretrieval.store.extremes import extremes_by_form
 from bayesretrieval.store.format import Manifest, VarianceSpec
 
 ROW_GROUP_ROWS = 65536
@@ -217,7 +218,7 @@ def _write_staging(staging, name, items, skipped, posterior, info) -> Manifest:
         next_item_id=int(info.next_item_id),
         variance=str(info.variance),
         traces={"trace_image": trace_image, "trace_text": float(posterior.text.output_cov.trace())},
-        stats=_collection_stats(items, norms),
+        stats=_collection_stats(items, norms, trace_image),
     )
     _write_items_parquet(staging / fmt.ITEMS_FILE, items, manifest)
     np.save(staging / fmt.ITEM_IDS_FILE, items.item_ids.astype(np.int64))
@@ -246,7 +247,7 @@ def _write_staging(staging, name, items, skipped, posterior, info) -> Manifest:
     return manifest
 
 
-def _collection_stats(items: ItemArrays, norms: np.ndarray) -> dict:
+def _collection_stats(items: ItemArrays, norms: np.ndarray, trace_image: float) -> dict:
     empty = len(items) == 0
     stats = {
         f"max_{col}": None if empty else float(items.scalars[:, i].max())
@@ -259,6 +260,7 @@ def _collection_stats(items: ItemArrays, norms: np.ndarray) -> dict:
     if items.variance_lowrank is not None:
         trace += np.square(items.variance_lowrank.astype(np.float64)).sum((1, 2))
     stats["max_variance_trace"] = None if empty else float(trace.max())
+    stats["ratio_extremes"] = extremes_by_form(items.scalars, trace_image, items.variance_diag, items.variance_lowrank)
     return stats
 
 

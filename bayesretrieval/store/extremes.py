@@ -1,0 +1,101 @@
+"""Collection-wide extremes of the per-item ratios the search certificate needs.
+
+They are computed when a version is written and kept in its manifest
+(``stats.ratio_extremes``, one entry per item covariance form the version supports), so
+opening an index does not scan its arrays. Versions written before they were stored get
+them computed on open.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+CHUNK_ROWS = 262_144
+KFAC = "kfac"
+"""Key of the extremes under the Kronecker covariance ``q_i Sigma_I`` (every version)."""
+DIAG = "diag"
+"""Key under the per-item diagonal covariance (versions with ``variance_diag``)."""
+LOWRANK = "lowrank"
+"""Key under the per-item low-rank plus diagonal covariance (versions with ``variance_lowrank``)."""
+
+
+@dataclass(frozen=True)
+class CollectionBounds:
+    """Extremes over the collection of the per-item ratios the bounds need.
+
+    With ``r_I^2 = |mu|^2 + q tr Sigma_I`` (FAISS's normaliser), ``t`` the item's covariance
+    trace (``q tr Sigma_I`` for ``kfac``, ``tr S_i`` for the per-item forms) and
+    ``r_S^2 = |mu|^2 + t``:
+
+    Attributes:
+        noise_ratio_max: ``max t / r_S^2`` (how much of ``E|x|^2`` is noise).
+        plain_noise_ratio_max: ``max t / |mu|^2``.
+        mean_factor_min: ``min r_I / r_S``; ``E[cos] = f * (r_I / r_S)``.
+        mean_factor_max: ``max r_I / r_S``.
+        map_factor_min: ``min r_I / |mu|``; ``cos(mu_x, mu_y) = f * (r_I / |mu|) * (r_y / |mu_y|)``.
+        map_factor_max: ``max r_I / |mu|``.
+    """
+
+    noise_ratio_max: float
+    plain_noise_ratio_max: float
+    mean_factor_min: float
+    mean_factor_max: float
+    map_factor_min: float
+    map_factor_max: float
+
+    @classmethod
+    def compute(cls, scalars, trace_image: float, variance_diag=None, variance_lowrank=None) -> "CollectionBounds":
+        """Scan the stored arrays in chunks (``O(N)``, ``O(N D)`` with variance columns).
+
+        Args:
+            scalars: ``(N, 6)`` stored scalars (memory-mapped is fine).
+            trace_image: ``tr Sigma_I``.
+            variance_diag: ``(N, D)`` for the per-item forms; ``None`` for ``kfac``.
+            variance_lowrank: ``(N, r, D)`` for ``lowrank``; else ``None``.
+
+        Returns:
+            The extremes; an empty collection gives all-zero ratios and unit factors.
+        """
+        parts = []
+        for start in range(0, len(scalars), CHUNK_ROWS):
+            rows = slice(start, start + CHUNK_ROWS)
+            block = np.asarray(scalars[rows], dtype=np.float64)
+            norm_sq = np.maximum(block[:, 1], 1e-300)
+            faiss_sq = norm_sq + block[:, 0] * trace_image
+            if variance_diag is None:
+                trace = block[:, 0] * trace_image
+            else:
+                trace = np.asarray(variance_diag[rows], dtype=np.float64).sum(1)
+                if variance_lowrank is not None:
+                    trace = trace + np.square(np.asarray(variance_lowrank[rows], dtype=np.float64)).sum((1, 2))
+            own_sq = norm_sq + trace
+            parts.append(np.stack([
+                trace / own_sq, trace / norm_sq, np.sqrt(faiss_sq / own_sq), np.sqrt(faiss_sq / norm_sq)
+            ], axis=1))
+        if not parts:
+            return cls(0.0, 0.0, 1.0, 1.0, 1.0, 1.0)
+        table = np.concatenate(parts)
+        return cls(
+            noise_ratio_max=float(table[:, 0].max()), plain_noise_ratio_max=float(table[:, 1].max()),
+            mean_factor_min=float(table[:, 2].min()), mean_factor_max=float(table[:, 2].max()),
+            map_factor_min=float(table[:, 3].min()), map_factor_max=float(table[:, 3].max()),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CollectionBounds":
+        return cls(**{key: float(values[key]) for key in cls.__dataclass_fields__})
+
+
+def extremes_by_form(scalars, trace_image: float, variance_diag=None, variance_lowrank=None) -> dict[str, dict]:
+    """The extremes for every covariance form the arrays support, keyed ``kfac`` / ``diag`` / ``lowrank``."""
+    forms = {KFAC: CollectionBounds.compute(scalars, trace_image)}
+    if variance_diag is not None:
+        forms[DIAG] = CollectionBounds.compute(scalars, trace_image, variance_diag)
+    if variance_lowrank is not None:
+        forms[LOWRANK] = CollectionBounds.compute(scalars, trace_image, variance_diag, variance_lowrank)
+    return {form: bounds.to_dict() for form, bounds in forms.items()}
