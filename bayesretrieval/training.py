@@ -15,7 +15,6 @@ import fcntl
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum

@@ -64,7 +64,7 @@ def test_bounds_dominate_all_items(index, estimator, modality):
     scales = (reader.posterior.text if modality == "text" else reader.posterior.image).activation_scale(
         queries.activations)
     query = QuerySide.build(queries.embeds, scales, covs)
-    nq, n = 5, len(reader)
+    nq = 5
     every = Candidates(np.tile(np.asarray(reader.item_ids), (nq, 1)), np.repeat(np.asarray(reader.means)[None], nq, 0),
                        np.repeat(np.asarray(reader.scalars)[None], nq, 0),
                        None if reader.variance_diag is None else np.repeat(np.asarray(reader.variance_diag)[None], nq, 0),

@@ -9,8 +9,6 @@ Usage::
 
 from __future__ import annotations
 
-import mmap
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -34,7 +32,6 @@ from bayesretrieval.queries.scorers import ScoreName, make_scorer
 from bayesretrieval.queries.uncertainty import ModelCovariances, PairMoments, QuerySide, UncertaintyForm
 from bayesretrieval.similarity import DEFAULT_ESTIMATOR, CosineEstimator
 from bayesretrieval.store import IndexReader, VarianceKind
-from bayesretrieval.store import format as fmt
 
 RESULT_COLUMNS = ("query", "query_index", "rank", "item_id", "path", "score", "cosine_mean", "cosine_std",
                   "logit_mean", "logit_std", "probability", "exact")
@@ -88,7 +85,6 @@ class Searcher:
         self.posterior_fingerprint = reader.manifest.posterior.get("fingerprint")
         self.rows = StoredRows(reader.id_lookup, reader.means, reader.scalars, reader.variance_diag,
                                reader.variance_lowrank)
-        self._paths = _PathColumn(reader.version_dir)
         self.extremes = reader.collection_bounds(self.form.value)
         self._engines: dict[Modality, CandidateSearch] = {}
 
@@ -238,7 +234,7 @@ class Searcher:
         ids = pick(outcome.item_ids)
         frame = pd.DataFrame({
             "query": np.asarray(encoded.labels, dtype=object)[qi], "query_index": qi, "rank": rank + 1,
-            "item_id": ids, "path": self._paths.take(self.reader.positions(ids)), "score": pick(outcome.scores),
+            "item_id": ids, "path": self.reader.paths(self.reader.positions(ids)), "score": pick(outcome.scores),
             "cosine_mean": mean, "cosine_std": std, "logit_mean": self.logit_scale * mean,
             "logit_std": self.logit_scale * std, "probability": probability, "exact": outcome.exact[qi],
         }, columns=list(RESULT_COLUMNS))
@@ -310,26 +306,6 @@ class Searcher:
                     "positives": int(np.sum(np.asarray(labels, dtype=bool)))}
             save_calibration(self.index_dir, encoded_modality.value, link, tags)
         return link
-
-
-class _PathColumn:
-    """Item paths by row position, sliced straight from ``path_offsets.npy`` + ``paths.utf8``.
-
-    (The layout is the store's documented contract; one ``mmap`` slice per path keeps
-    result tables cheap.)
-    """
-
-    def __init__(self, version_dir: Path):
-        self.offsets = np.load(version_dir / fmt.PATH_OFFSETS_FILE, mmap_mode="r")
-        with open(version_dir / fmt.PATHS_FILE, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            self.data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-
-    def take(self, positions: np.ndarray) -> list[str]:
-        """Paths of rows ``positions`` ``(n,)``."""
-        starts = np.asarray(self.offsets[positions]).tolist()
-        stops = np.asarray(self.offsets[positions + 1]).tolist()
-        return [self.data[a:b].decode("utf-8") for a, b in zip(starts, stops)]
 
 
 def _is_images(queries) -> bool:

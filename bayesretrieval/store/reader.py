@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import mmap
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -114,8 +116,7 @@ class IndexReader:
         self.means = np.load(self.version_dir / fmt.MEANS_FILE, mmap_mode=mode)
         self.scalars = np.load(self.version_dir / fmt.SCALARS_FILE, mmap_mode=mode)
         self._path_offsets = np.load(self.version_dir / fmt.PATH_OFFSETS_FILE, mmap_mode=mode)
-        paths_file = self.version_dir / fmt.PATHS_FILE
-        self._paths = np.memmap(paths_file, dtype=np.uint8, mode="r") if paths_file.stat().st_size else np.zeros(0, np.uint8)
+        self._path_bytes = _map_bytes(self.version_dir / fmt.PATHS_FILE)
         spec = self.manifest.variance_spec
         self.variance_diag = np.load(self.version_dir / fmt.VARIANCE_DIAG_FILE, mmap_mode=mode) if spec.has_diag else None
         self.variance_lowrank = (
@@ -222,15 +223,17 @@ class IndexReader:
         inverse[order] = np.arange(len(order))
         sorted_pos = pos[order]
         gather = lambda a: None if a is None else np.asarray(a[sorted_pos])[inverse]  # noqa: E731
-        paths = [self._path(int(p)) for p in pos]
         return FetchedItems(
-            ids.copy(), gather(self.means), gather(self.scalars), paths,
+            ids.copy(), gather(self.means), gather(self.scalars), self.paths(pos),
             gather(self.variance_diag), gather(self.variance_lowrank),
         )
 
-    def _path(self, position: int) -> str:
-        start, stop = int(self._path_offsets[position]), int(self._path_offsets[position + 1])
-        return bytes(self._paths[start:stop]).decode("utf-8")
+    def paths(self, positions: np.ndarray) -> list[str]:
+        """Paths of the rows ``positions`` ``(k,)``: one slice of ``paths.utf8`` each, O(k)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        starts = np.asarray(self._path_offsets[positions]).tolist()
+        stops = np.asarray(self._path_offsets[positions + 1]).tolist()
+        return [self._path_bytes[start:stop].decode("utf-8") for start, stop in zip(starts, stops)]
 
     def read_items(self, columns: list | None = None, filters=None) -> pa.Table:
         """Read ``items.parquet`` (all or some columns; pyarrow ``filters`` for metadata filters)."""
@@ -260,3 +263,11 @@ def _current_version_dir(index_dir: Path) -> Path:
     data = json.loads(manifest_file.read_text())
     Manifest.from_dict(data)
     return index_dir / fmt.VERSIONS_DIR / data["version"]
+
+
+def _map_bytes(path: Path) -> mmap.mmap | bytes:
+    """The file read-only through ``mmap`` (``b""`` when empty: an empty file cannot be mapped)."""
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
