@@ -251,6 +251,16 @@ class CandidateSearch:
         self._learned[key] = int(out.candidates.max(initial=0))
         return out
 
+    def _moments_of_queries_with_ids(self, query: QuerySide, I: np.ndarray) -> PairMoments:
+        """Like :meth:`moments`, computed only for the queries with at least one id in ``I`` (NaN elsewhere)."""
+        rows = np.flatnonzero((I >= 0).any(axis=1))
+        if len(rows) == len(I):
+            return self.moments(query, I)
+        part = self.moments(query.take(rows), I[rows])
+        index = torch.from_numpy(rows)
+        spread = lambda values: torch.full(I.shape, torch.nan, dtype=values.dtype).index_copy_(0, index, values)  # noqa: E731
+        return PairMoments(spread(part.mean), spread(part.var), spread(part.map_cosine))
+
     def _bounds(self, query: QuerySide, f: np.ndarray) -> ScoreBounds:
         """Bounds on items with FAISS inner product at most ``f`` (``(nq,)`` or ``(nq, c)``)."""
         return score_bounds(f.astype(np.float64) + self.slack, query, self.covs, self.extremes, self.form,
@@ -297,7 +307,7 @@ class CandidateSearch:
         survivors = _pack_left(I[:, first:], self._may_enter(query, scorer, kth, D[:, first:], I[:, first:]))
         if survivors.shape[1] == 0:
             return I[:, :first], moments, ranking
-        extra = self.moments(query, survivors)
+        extra = self._moments_of_queries_with_ids(query, survivors)
         scored = np.concatenate([I[:, :first], survivors], axis=1)
         moments = PairMoments(*(torch.cat([a, b], dim=1) for a, b in (
             (moments.mean, extra.mean), (moments.var, extra.var), (moments.map_cosine, extra.map_cosine))))
