@@ -25,6 +25,14 @@ def kfac_index(tmp_path_factory):
     return build_index(tmp_path_factory.mktemp("floor"), n=3000, variance="none", seed=12, duplicates=5)
 
 
+def _prepared_queries(reader, estimator, modality, seed, count=5):
+    """The covariances for ``estimator`` and ``count`` random queries of ``modality``, prepared."""
+    covs = ModelCovariances.from_posterior(reader.posterior, modality, estimator)
+    queries = text_queries(count, seed=seed, modality=modality)
+    posterior = reader.posterior.text if modality == "text" else reader.posterior.image
+    return covs, QuerySide.build(queries.embeds, posterior.activation_scale(queries.activations), covs)
+
+
 def test_stored_extremes_match_the_arrays(index):
     """The manifest's extremes equal the ratios taken item by item; old manifests get them computed."""
     reader = IndexReader.open(index)
@@ -59,11 +67,7 @@ def test_stored_extremes_match_the_arrays(index):
 def test_bounds_dominate_all_items(index, estimator, modality):
     reader = IndexReader.open(index)
     form = {"none": "kfac", "diag": "diag", "lowrank": "lowrank"}[reader.manifest.variance_spec.kind.value]
-    covs = ModelCovariances.from_posterior(reader.posterior, modality, estimator)
-    queries = text_queries(5, seed=10, modality=modality)
-    scales = (reader.posterior.text if modality == "text" else reader.posterior.image).activation_scale(
-        queries.activations)
-    query = QuerySide.build(queries.embeds, scales, covs)
+    covs, query = _prepared_queries(reader, estimator, modality, seed=10)
     nq = 5
     every = Candidates(np.tile(np.asarray(reader.item_ids), (nq, 1)), np.repeat(np.asarray(reader.means)[None], nq, 0),
                        np.repeat(np.asarray(reader.scalars)[None], nq, 0),
@@ -93,11 +97,7 @@ def test_bounds_dominate_all_items(index, estimator, modality):
 def test_candidate_variance_floor_is_below_every_variance(kfac_index, estimator, modality):
     """From scalars and a float32-rounded inner product alone, the floor never exceeds the exact variance."""
     reader = IndexReader.open(kfac_index)
-    covs = ModelCovariances.from_posterior(reader.posterior, modality, estimator)
-    queries = text_queries(5, seed=11, modality=modality)
-    scales = (reader.posterior.text if modality == "text" else reader.posterior.image).activation_scale(
-        queries.activations)
-    query = QuerySide.build(queries.embeds, scales, covs)
+    covs, query = _prepared_queries(reader, estimator, modality, seed=11)
     nq = 5
     ids = np.tile(np.asarray(reader.item_ids), (nq, 1))
     scalars = np.repeat(np.asarray(reader.scalars)[None], nq, 0)

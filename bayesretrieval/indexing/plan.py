@@ -9,33 +9,23 @@ import pyarrow as pa
 
 from bayesretrieval.indexing.decode import RETRIED_REASONS
 from bayesretrieval.indexing.sources import SourceFile
-from bayesretrieval.store import IndexReader
+from bayesretrieval.store import IndexReader, ItemMetadata
 
 ITEM_META_COLUMNS = ["item_id", "path", "file_size", "mtime_ns", "width", "height"]
 
 
 @dataclass
-class PreviousItems:
-    """What an existing index knows about its files, row-aligned with its arrays.
+class PreviousItems(ItemMetadata):
+    """What an existing index knows about its files, row-aligned with its (id-sorted) arrays.
 
     Attributes:
-        item_ids: ``(N,)`` int64 (sorted, as in the version's arrays).
-        paths: ``N`` relative paths.
-        file_size: ``(N,)`` int64, -1 where unknown.
-        mtime_ns: ``(N,)`` int64, -1 where unknown.
-        width: ``(N,)`` int32, -1 where unknown.
-        height: ``(N,)`` int32, -1 where unknown.
         skipped: the version's ``skipped.parquet`` rows as dicts.
         next_item_id: the next unused id.
         reader: the open index the rows come from (``None`` when there is none).
+
+    The file columns are those of :class:`~bayesretrieval.store.ItemMetadata`.
     """
 
-    item_ids: np.ndarray
-    paths: list
-    file_size: np.ndarray
-    mtime_ns: np.ndarray
-    width: np.ndarray
-    height: np.ndarray
     skipped: list = field(default_factory=list)
     next_item_id: int = 0
     reader: IndexReader | None = None

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from bayesretrieval.atomic import publish_directory
 from bayesretrieval.encoders import ModelIdentity
 from bayesretrieval.posterior.kronecker import KroneckerPosterior, Modality
 
@@ -100,7 +98,8 @@ class PosteriorPair:
             save_file(tensors, str(staging / PROJECT_TENSORS))
             (staging / PROJECT_METADATA).write_text(json.dumps(metadata, indent=2))
 
-        return _publish_directory(Path(directory), write)
+        publish_directory(Path(directory), write)
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: str | Path) -> "PosteriorPair":
@@ -148,25 +147,6 @@ def _posterior_from_tensors(tensors: dict, metadata: dict, modality: Modality) -
         prior_precision=info["prior_precision"],
         factors=factors or None,
     )
-
-
-def _publish_directory(target: Path, write) -> Path:
-    """Run ``write(staging_dir)`` then move the staging dir to ``target`` in one rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(staging)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, retired / "old")
-            os.replace(staging, target)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
 
 
 def _pair_values(value, name: str) -> tuple:
@@ -235,7 +215,8 @@ def save_bayesvlm_directory(pair: PosteriorPair, path: str | Path) -> Path:
             torch.save(tensor.contiguous(), staging / file_name)
         (staging / BAYESVLM_PRIOR_FILE).write_text(json.dumps(prior, indent=4))
 
-    return _publish_directory(Path(path), write)
+    publish_directory(Path(path), write)
+    return Path(path)
 
 
 def load_bayesvlm_base(path: str | Path) -> PosteriorPair:

@@ -75,6 +75,7 @@ from bayesretrieval.store.format import (
 from bayesretrieval.store.reader import FetchedItems, IdLookup, IndexReader
 from bayesretrieval.store.writer import (
     ItemArrays,
+    ItemMetadata,
     VersionInfo,
     build_faiss_index,
     default_faiss_factory,
@@ -89,6 +90,7 @@ __all__ = [
     "IdLookup",
     "IndexReader",
     "ItemArrays",
+    "ItemMetadata",
     "Manifest",
     "VarianceKind",
     "VarianceSpec",

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bayesretrieval import __version__
-from bayesretrieval.atomic import current_umask, fsync_path, write_text_atomic
+from bayesretrieval.atomic import publish_directory, write_text_atomic
 from bayesretrieval.encoders import file_sha256
 from bayesretrieval.posterior import PosteriorPair
 from bayesretrieval.store import format as fmt
@@ -30,8 +28,8 @@ IVF_FLAT_MAX_ITEMS = 2_000_000
 
 
 @dataclass
-class ItemArrays:
-    """Columns of the items table, one row per item (any order; the writer sorts by id).
+class ItemMetadata:
+    """The file columns of the items table, one row per item.
 
     Attributes:
         item_ids: ``(N,)`` int64, unique.
@@ -40,10 +38,6 @@ class ItemArrays:
         mtime_ns: ``(N,)`` int64, -1 where unknown (stored as null).
         width: ``(N,)`` int32, -1 where unknown (stored as null).
         height: ``(N,)`` int32, -1 where unknown (stored as null).
-        means: ``(N, D)`` float32 unnormalised mean embeddings ``mu = a @ P``.
-        scalars: ``(N, 6)`` float64 in :data:`~bayesretrieval.store.format.SCALAR_COLUMNS` order.
-        variance_diag: ``(N, D)`` float32 or ``None``.
-        variance_lowrank: ``(N, r, D)`` float32 or ``None``.
     """
 
     item_ids: np.ndarray
@@ -52,13 +46,28 @@ class ItemArrays:
     mtime_ns: np.ndarray
     width: np.ndarray
     height: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.item_ids.shape[0])
+
+
+@dataclass
+class ItemArrays(ItemMetadata):
+    """Every column of the items table (any row order; the writer sorts by id).
+
+    Attributes:
+        means: ``(N, D)`` float32 unnormalised mean embeddings ``mu = a @ P``.
+        scalars: ``(N, 6)`` float64 in :data:`~bayesretrieval.store.format.SCALAR_COLUMNS` order.
+        variance_diag: ``(N, D)`` float32 or ``None``.
+        variance_lowrank: ``(N, r, D)`` float32 or ``None``.
+
+    The file columns come first, as in :class:`ItemMetadata`.
+    """
+
     means: np.ndarray
     scalars: np.ndarray
     variance_diag: np.ndarray | None = None
     variance_lowrank: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return int(self.item_ids.shape[0])
 
     def take(self, order: np.ndarray) -> "ItemArrays":
         """Rows in ``order`` (positions), as a new :class:`ItemArrays`."""
@@ -156,18 +165,9 @@ def write_version(
     name = _next_version_name(previous)
     items = items.take(np.argsort(items.item_ids, kind="stable"))
     _check_items(items, posterior, info)
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{name}-", dir=versions))
-    try:
-        manifest = _write_staging(staging, name, items, skipped, posterior, info)
-        _make_readable(staging)
-        _fsync_tree(staging)
-        if (versions / name).exists():  # never published: left by a build killed before the swap
-            shutil.rmtree(versions / name)
-        os.replace(staging, versions / name)
-        fsync_path(versions)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    # a folder already named ``name`` was never published (a build killed before the swap): replaced
+    manifest = publish_directory(
+        versions / name, lambda staging: _write_staging(staging, name, items, skipped, posterior, info))
     write_text_atomic(index_dir / fmt.MANIFEST_FILE, manifest.to_json())
     collect_garbage(index_dir, keep={name, previous})
     return manifest
@@ -315,16 +315,3 @@ def collect_garbage(index_dir: str | Path, keep: set) -> None:
     for entry in versions.iterdir() if versions.is_dir() else ():
         if entry.name not in keep:
             shutil.rmtree(entry, ignore_errors=True)
-
-
-def _make_readable(root: Path) -> None:
-    """Give the staging tree normal permissions (temp dirs and files are created 0700/0600)."""
-    mask = current_umask()
-    for path in [root, *root.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*"), reverse=True):
-        fsync_path(path)
-    fsync_path(root)
