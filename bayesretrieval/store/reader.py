@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from bayesretrieval.encoders import ModelIdentity, file_sha256
 from bayesretrieval.posterior import PosteriorPair
 from bayesretrieval.store import format as fmt
-from bayesretrieval.store.extremes import DIAG, KFAC, LOWRANK, CollectionBounds
+from bayesretrieval.store.extremes import DIAG, KFAC, LOWRANK, CollectionBounds, extremes_by_form
 from bayesretrieval.store.format import Manifest
 
 OPEN_ATTEMPTS = 3
@@ -190,13 +190,14 @@ class IndexReader:
         """
         if form not in (KFAC, DIAG, LOWRANK):
             raise ValueError(f"unknown covariance form {form!r}; expected {KFAC!r}, {DIAG!r} or {LOWRANK!r}")
-        stored = self.manifest.stats.get("ratio_extremes", {})
-        if form in stored:
-            return CollectionBounds.from_dict(stored[form])
-        if (form != KFAC and self.variance_diag is None) or (form == LOWRANK and self.variance_lowrank is None):
+        extremes = self.manifest.stats.get("ratio_extremes") or self._extremes_from_arrays
+        if form not in extremes:
             raise ValueError(f"covariance form {form!r} needs variance columns; index has {self.manifest.variance!r}")
-        return CollectionBounds.compute(self.scalars, self.trace_image, None if form == KFAC else self.variance_diag,
-                                        self.variance_lowrank if form == LOWRANK else None)
+        return CollectionBounds.from_dict(extremes[form])
+
+    @cached_property
+    def _extremes_from_arrays(self) -> dict[str, dict]:
+        return extremes_by_form(self.scalars, self.trace_image, self.variance_diag, self.variance_lowrank)
 
     @cached_property
     def id_lookup(self) -> IdLookup:
