@@ -14,9 +14,10 @@ is not timed), it measures queries per second of
 and prints the ratios (engine / plain) with the candidate-set sizes the certificates
 needed and the fraction of queries certified. It also times gathering ``k`` random stored
 means per query right after a plain search, and again warm: the least an exact rerank
-reads, and so the ratio it can reach at best on this machine. The untimed first search of each mode
-(warm-up) also records its candidate sizes: later searches start from what it needed. Modes are interleaved batch by batch and
-each batch's best time over the repeats counts (the machine may be shared).
+reads, and so the ratio it can reach at best on this machine. The untimed first search
+of each mode (warm-up) also records its candidate sizes: later searches start from what
+it needed. Modes are interleaved batch by batch and each batch's best time over the
+repeats counts (the machine may be shared).
 
     .venv/bin/python benchmarks/search_speed.py                       # 200k items
     .venv/bin/python benchmarks/search_speed.py --items 1000000       # the 1M run
