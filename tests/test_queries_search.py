@@ -1,5 +1,7 @@
 """Certified search equals a brute-force rerank over the whole collection (ties by item id)."""
 
+import time
+
 import numpy as np
 import pyarrow.compute as pc
 import pytest
@@ -96,6 +98,17 @@ def test_search_equals_brute_force(flat_index, score, kappa):
     assert frame.attrs["exact"] and frame.exact.all()
     if score == "lcb" and kappa == 3.0:
         assert max(frame.attrs["candidates"]) > 168  # the certificate needed a grown set
+
+
+def test_search_reports_where_its_time_went(flat_index):
+    searcher = Searcher(IndexReader.open(flat_index), None, flat_index)
+    start = time.perf_counter()
+    frame = searcher.search(text_queries(), k=10, score="lcb", kappa=3.0)  # grows the candidate set: two rounds
+    wall = time.perf_counter() - start
+    seconds = frame.attrs["seconds"]
+    assert set(seconds) == {"queries", "faiss", "rerank", "table"}
+    assert all(value > 0 for value in seconds.values())
+    assert sum(seconds.values()) <= wall
 
 
 @pytest.mark.parametrize("estimator", ["published", "kronecker", "delta"])

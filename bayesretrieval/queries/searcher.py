@@ -9,6 +9,7 @@ Usage::
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -194,7 +195,9 @@ class Searcher:
             ``score``, ``exact`` (every query equals a brute-force rerank), ``certified``
             (every query's certificate held relative to what FAISS can return; differs
             from ``exact`` for IVF with fewer probes than lists), ``candidates`` (per
-            query) and ``estimator``.
+            query), ``estimator`` and ``seconds``: where the time went (``queries``:
+            encoding, query-side products and filter selection; ``faiss``; ``rerank``;
+            ``table``).
 
         Raises:
             ValueError: for bad arguments (empty query, ``k <= 0``, unknown score, ...).
@@ -203,6 +206,7 @@ class Searcher:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         if threshold is not None and not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
+        start = time.perf_counter()
         encoded = self.encode(queries, modality)
         wants_probability = threshold is not None or getattr(score, "value", score) == ScoreName.PROBABILITY.value
         calibration = self.calibration(encoded.modality, required=wants_probability)
@@ -218,11 +222,14 @@ class Searcher:
         if k_eff == 0:
             empty = np.zeros(len(encoded.labels), bool)
             frame = pd.DataFrame(columns=list(RESULT_COLUMNS))
-            return _with_attrs(frame, score, ~empty, ~empty, np.zeros(len(empty), np.int64), self.estimator)
+            return _with_attrs(frame, score, ~empty, ~empty, np.zeros(len(empty), np.int64), self.estimator, {})
+        prepared = time.perf_counter()
         outcome = engine.search(query, scorer, k_eff, selector, nprobe, candidates, max_candidates)
+        searched = time.perf_counter()
         with serial_torch():
             frame = self._table(encoded, outcome, calibration, threshold)
-        return _with_attrs(frame, score, outcome.exact, outcome.certified, outcome.candidates, self.estimator)
+        seconds = {"queries": prepared - start, **outcome.seconds, "table": time.perf_counter() - searched}
+        return _with_attrs(frame, score, outcome.exact, outcome.certified, outcome.candidates, self.estimator, seconds)
 
     def _table(self, encoded: Queries, outcome: SearchOutcome, calibration, threshold) -> pd.DataFrame:
         """The result rows, built column-wise."""
@@ -315,7 +322,7 @@ def _is_images(queries) -> bool:
     return isinstance(queries, (list, tuple)) and bool(queries) and not isinstance(queries[0], str)
 
 
-def _with_attrs(frame: pd.DataFrame, score, exact, certified, candidates, estimator) -> pd.DataFrame:
+def _with_attrs(frame: pd.DataFrame, score, exact, certified, candidates, estimator, seconds) -> pd.DataFrame:
     frame.attrs.update(score=ScoreName(score).value, exact=bool(np.all(exact)), certified=bool(np.all(certified)),
-                       estimator=estimator.value, candidates=[int(c) for c in candidates])
+                       estimator=estimator.value, candidates=[int(c) for c in candidates], seconds=seconds)
     return frame
