@@ -214,7 +214,8 @@ class Searcher:
         if threshold is not None and calibration is None:
             raise ValueError("threshold needs a calibration; run `bayesretrieval calibrate` on the index first")
         engine = self.engine(encoded.modality)
-        query = QuerySide.build(encoded.means, encoded.scales, engine.covs)  # its two products use every core
+        with serial_torch():  # torch's idle workers would spin against FAISS's right after
+            query = QuerySide.build(encoded.means, encoded.scales, engine.covs)
         selector, k_eff = None, min(int(k), len(self.reader))
         if where is not None and not where.is_empty:
             allowed = where.select(self.reader)
