@@ -282,12 +282,14 @@ class CandidateSearch:
         """
         bounds = self._bounds(query, f)
         may = (scorer.upper_bound(bounds) >= kth[:, None]) & (ids >= 0)
-        width = _last_true_column(may) if scorer.uses_variance_floor and self.has_floor else 0
-        if width:
-            floor = np.zeros(f.shape)
-            floor[:, :width] = candidate_variance_floor(
-                f[:, :width].astype(np.float64), self.slack, self.items.gather_scalars(ids[:, :width]), query,
+        if scorer.uses_variance_floor and self.has_floor and may.any():
+            order, taken = _packed_columns(may)
+            packed_floor = candidate_variance_floor(
+                np.take_along_axis(f, order, axis=1).astype(np.float64), self.slack,
+                self.items.gather_scalars(np.where(taken, np.take_along_axis(ids, order, axis=1), -1)), query,
                 self.covs, self.form, self.estimator, self.spectra)
+            floor = np.zeros(f.shape)
+            np.put_along_axis(floor, order, np.where(taken, packed_floor, 0.0), axis=1)
             bounds.var_floor = floor
             may &= scorer.upper_bound(bounds) >= kth[:, None]
         return may
@@ -322,17 +324,21 @@ class CandidateSearch:
         return scored, moments, scorer.rank(moments, scored, k)
 
 
-def _last_true_column(mask: np.ndarray) -> int:
-    """One past the last column of ``mask`` ``(nq, c)`` holding a ``True`` (``0`` when none)."""
-    columns = np.flatnonzero(mask.any(axis=0))
-    return int(columns[-1]) + 1 if columns.size else 0
+def _packed_columns(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``keep`` ``(nq, c)``, its kept columns first, in order, then others; as wide as the most kept.
+
+    Returns:
+        ``(order, taken)``, both ``(nq, width)``: column indices, and which of them are kept.
+    """
+    width = int(keep.sum(1).max(initial=0))
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :width]
+    return order, np.take_along_axis(keep, order, axis=1)
 
 
 def _pack_left(I: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """The ids of ``I`` ``(nq, c)`` where ``keep``, moved left in order, ``-1`` after; as wide as the most kept."""
-    width = int(keep.sum(1).max(initial=0))
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :width]
-    return np.where(np.take_along_axis(keep, order, axis=1), np.take_along_axis(I, order, axis=1), -1)
+    order, taken = _packed_columns(keep)
+    return np.where(taken, np.take_along_axis(I, order, axis=1), -1)
 
 
 def _empty_outcome(nq: int, k: int) -> SearchOutcome:
