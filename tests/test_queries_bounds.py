@@ -111,4 +111,4 @@ def test_candidate_variance_floor_is_below_every_variance(kfac_index, estimator,
                                      Spectra.of(covs))
     var = moments.var.numpy()
     assert np.all(floor <= var)
-    assert np.median(floor / var) > (0.99 if estimator != "second_order" else 0.5)  # measured 0.75-0.78
+    assert np.median(floor / var) > (0.99 if estimator != "second_order" else 0.5)  # measured 0.83-0.85

@@ -24,6 +24,9 @@ from bayesretrieval.store.extremes import CollectionBounds
 
 FLOOR_MARGIN = 1 - 1e-9
 """Shrinks variance floors so that rounding never lifts one above the variance it bounds."""
+SPLIT_SHRINK = 1 - 1e-6
+"""Takes the split eigenvalue just below the computed smallest one, so ``Sigma - lam I`` stays
+positive semidefinite despite the eigensolver's rounding."""
 
 
 @dataclass
@@ -218,14 +221,25 @@ def _cross_term_floor(b_sq, b_quad, a_sq, a_quad, a_expected_sq, t_range, lambda
     Here ``t = a.b / r_a^2`` (``r_a^2 = a_expected_sq``), ``b_sq = |b|^2``, ``b_quad = b^T Sigma b``
     and the same for ``a``. Two bounds, the larger is kept:
 
-    - ``lambda_min |b - t a|^2`` with ``|b - t a|^2 = |b|^2 - t^2 (2 r_a^2 - |a|^2)``, concave
-      in ``t``, so smallest at the largest ``|t|``;
-    - the reverse triangle inequality in the ``Sigma`` norm,
-      ``(sqrt(b^T Sigma b) - |t| sqrt(a^T Sigma a))^2``, convex in ``|t|``, so smallest at
-      its root clamped into the range.
+    - the split ``Sigma = lam I + (Sigma - lam I)`` with ``lam`` just below the smallest
+      eigenvalue: ``lam |b - t a|^2`` (with ``|b - t a|^2 = |b|^2 - t^2 (2 r_a^2 - |a|^2)``,
+      concave in ``t``, so smallest at the largest ``|t|``) plus the reverse triangle
+      inequality in the norm of the positive semidefinite rest,
+      ``(|b|_R - |t| |a|_R)^2`` with ``|b|_R^2 = b^T Sigma b - lam |b|^2`` (convex in ``|t|``,
+      so smallest at its root clamped into the range);
+    - the reverse triangle inequality in the ``Sigma`` norm alone,
+      ``(sqrt(b^T Sigma b) - |t| sqrt(a^T Sigma a))^2``.
     """
     low, high = t_range
-    euclidean = max(lambda_min, 0.0) * np.maximum(b_sq - high**2 * (2 * a_expected_sq - a_sq), 0.0)
+    lam = max(lambda_min, 0.0) * SPLIT_SHRINK
+    euclidean = lam * np.maximum(b_sq - high**2 * (2 * a_expected_sq - a_sq), 0.0)
+    split = euclidean + _triangle_floor(np.maximum(b_quad - lam * b_sq, 0.0), np.maximum(a_quad - lam * a_sq, 0.0),
+                                        low, high)
+    return np.maximum(split, _triangle_floor(b_quad, a_quad, low, high))
+
+
+def _triangle_floor(b_quad, a_quad, low, high) -> np.ndarray:
+    """``min (|b| - |t| |a|)^2`` over ``|t|`` in ``[low, high]``, for norms given by their squares."""
     b_norm, a_norm = np.sqrt(np.maximum(b_quad, 0.0)), np.sqrt(np.maximum(a_quad, 0.0))
     root = np.clip(b_norm / np.where(a_norm > 0, a_norm, np.inf), low, high)
-    return np.maximum(euclidean, (b_norm - root * a_norm) ** 2)
+    return (b_norm - root * a_norm) ** 2
