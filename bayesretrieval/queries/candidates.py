@@ -41,6 +41,11 @@ from bayesretrieval.store import IdLookup
 from bayesretrieval.store.extremes import CollectionBounds
 
 GROWTH = 4
+RERANK_MARGIN = 1
+"""Candidates beyond ``k`` the first rerank stage scores. One more makes its provisional
+``k``-th score tight enough that, for ``expected``, no later candidate usually survives the
+bound, and the second stage is skipped (benchmark collection: 11 stored means read per
+query in one pass, against 10.02 in two passes with none, or 18 with eight)."""
 DEFAULT_MAX_CANDIDATES = 65_536
 
 
@@ -297,18 +302,18 @@ class CandidateSearch:
     def _rerank(self, query: QuerySide, scorer: Scorer, k: int, D: np.ndarray, I: np.ndarray):
         """Exact scores of the candidates that can still matter, in two stages.
 
-        FAISS's first ``k`` candidates give a provisional ``k``-th score; a later
-        candidate whose score bound (from its FAISS inner product and stored scalars)
-        is below it cannot enter the top ``k``. Each query's remaining candidates are
-        packed to the left, so the second stage scores only as many columns as the
-        query with the most survivors needs. Every stored row gathered costs a random
-        memory access, so the first stage gathers no more rows than the result needs.
+        FAISS's first ``k +`` :data:`RERANK_MARGIN` candidates give a provisional
+        ``k``-th score; a later candidate whose score bound (from its FAISS inner
+        product and stored scalars) is below it cannot enter the top ``k``. Each query's
+        remaining candidates are packed to the left, so the second stage scores only as
+        many columns as the query with the most survivors needs. Every stored row
+        gathered costs a random memory access, so the first stage reads few rows.
 
         Returns:
             ``(I, moments, ranking)`` over the scored candidates (``-1`` where packing
             left a gap).
         """
-        first = min(I.shape[1], k)
+        first = min(I.shape[1], k + RERANK_MARGIN)
         moments = self.moments(query, I[:, :first])
         ranking = scorer.rank(moments, I[:, :first], k)
         if first == I.shape[1]:
