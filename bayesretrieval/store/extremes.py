@@ -46,14 +46,14 @@ class CollectionBounds:
     map_factor_max: float
 
     @classmethod
-    def compute(cls, scalars, trace_image: float, variance_diag=None, variance_lowrank=None) -> "CollectionBounds":
-        """Scan the stored arrays in chunks (``O(N)``, ``O(N D)`` with variance columns).
+    def compute(cls, scalars, trace_image: float, item_trace: np.ndarray | None = None) -> "CollectionBounds":
+        """Scan the stored scalars in chunks (``O(N)``).
 
         Args:
             scalars: ``(N, 6)`` stored scalars (memory-mapped is fine).
             trace_image: ``tr Sigma_I``.
-            variance_diag: ``(N, D)`` for the per-item forms; ``None`` for ``kfac``.
-            variance_lowrank: ``(N, r, D)`` for ``lowrank``; else ``None``.
+            item_trace: ``(N,)`` per-item covariance traces ``tr S_i`` for the per-item
+                forms (:func:`item_covariance_traces`); ``None`` for ``kfac``.
 
         Returns:
             The extremes; an empty collection gives all-zero ratios and unit factors.
@@ -64,12 +64,7 @@ class CollectionBounds:
             block = np.asarray(scalars[rows], dtype=np.float64)
             norm_sq = np.maximum(block[:, 1], 1e-300)
             faiss_sq = norm_sq + block[:, 0] * trace_image
-            if variance_diag is None:
-                trace = block[:, 0] * trace_image
-            else:
-                trace = np.asarray(variance_diag[rows], dtype=np.float64).sum(1)
-                if variance_lowrank is not None:
-                    trace = trace + np.square(np.asarray(variance_lowrank[rows], dtype=np.float64)).sum((1, 2))
+            trace = block[:, 0] * trace_image if item_trace is None else item_trace[rows]
             own_sq = norm_sq + trace
             parts.append(np.stack([
                 trace / own_sq, trace / norm_sq, np.sqrt(faiss_sq / own_sq), np.sqrt(faiss_sq / norm_sq)
@@ -91,11 +86,24 @@ class CollectionBounds:
         return cls(**{key: float(values[key]) for key in cls.__dataclass_fields__})
 
 
-def extremes_by_form(scalars, trace_image: float, variance_diag=None, variance_lowrank=None) -> dict[str, dict]:
-    """The extremes for every covariance form the arrays support, keyed ``kfac`` / ``diag`` / ``lowrank``."""
+def item_covariance_traces(variance_diag=None, variance_lowrank=None) -> dict[str, np.ndarray]:
+    """Per-item covariance traces ``(N,)`` of each per-item form the arrays support, in one chunked pass.
+
+    ``diag``: ``sum d_i``; ``lowrank``: ``sum d_i + |L_i|_F^2``. Empty without ``variance_diag``.
+    """
+    if variance_diag is None:
+        return {}
+    diag, lowrank = np.empty(len(variance_diag)), np.empty(len(variance_diag))
+    for start in range(0, len(variance_diag), CHUNK_ROWS):
+        rows = slice(start, start + CHUNK_ROWS)
+        diag[rows] = np.asarray(variance_diag[rows], dtype=np.float64).sum(1)
+        if variance_lowrank is not None:
+            lowrank[rows] = diag[rows] + np.square(np.asarray(variance_lowrank[rows], dtype=np.float64)).sum((1, 2))
+    return {DIAG: diag} if variance_lowrank is None else {DIAG: diag, LOWRANK: lowrank}
+
+
+def extremes_by_form(scalars, trace_image: float, item_traces: dict[str, np.ndarray]) -> dict[str, dict]:
+    """The extremes for ``kfac`` and every per-item form in ``item_traces`` (:func:`item_covariance_traces`)."""
     forms = {KFAC: CollectionBounds.compute(scalars, trace_image)}
-    if variance_diag is not None:
-        forms[DIAG] = CollectionBounds.compute(scalars, trace_image, variance_diag)
-    if variance_lowrank is not None:
-        forms[LOWRANK] = CollectionBounds.compute(scalars, trace_image, variance_diag, variance_lowrank)
+    forms.update({form: CollectionBounds.compute(scalars, trace_image, trace) for form, trace in item_traces.items()})
     return {form: bounds.to_dict() for form, bounds in forms.items()}

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from bayesretrieval.encoders import ModelIdentity, file_sha256
 from bayesretrieval.posterior import PosteriorPair
 from bayesretrieval.store import format as fmt
-from bayesretrieval.store.extremes import DIAG, KFAC, LOWRANK, CollectionBounds, extremes_by_form
+from bayesretrieval.store.extremes import DIAG, KFAC, LOWRANK, CollectionBounds, extremes_by_form, item_covariance_traces
 from bayesretrieval.store.format import Manifest
 
 OPEN_ATTEMPTS = 3
@@ -197,7 +197,8 @@ class IndexReader:
 
     @cached_property
     def _extremes_from_arrays(self) -> dict[str, dict]:
-        return extremes_by_form(self.scalars, self.trace_image, self.variance_diag, self.variance_lowrank)
+        traces = item_covariance_traces(self.variance_diag, self.variance_lowrank)
+        return extremes_by_form(self.scalars, self.trace_image, traces)
 
     @cached_property
     def id_lookup(self) -> IdLookup:

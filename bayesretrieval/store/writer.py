@@ -19,7 +19,7 @@ from bayesretrieval.atomic import publish_directory, write_text_atomic
 from bayesretrieval.encoders import file_sha256
 from bayesretrieval.posterior import PosteriorPair
 from bayesretrieval.store import format as fmt
-from bayesretrieval.store.extremes import extremes_by_form
+from bayesretrieval.store.extremes import DIAG, LOWRANK, extremes_by_form, item_covariance_traces
 from bayesretrieval.store.format import Manifest, VarianceSpec
 
 ROW_GROUP_ROWS = 65536
@@ -254,13 +254,10 @@ def _collection_stats(items: ItemArrays, norms: np.ndarray, trace_image: float) 
         for i, col in enumerate(fmt.SCALAR_COLUMNS)
     }
     stats["min_expected_norm"] = None if empty else float(norms.min())
-    trace = np.zeros(len(items))
-    if items.variance_diag is not None:
-        trace += items.variance_diag.astype(np.float64).sum(1)
-    if items.variance_lowrank is not None:
-        trace += np.square(items.variance_lowrank.astype(np.float64)).sum((1, 2))
-    stats["max_variance_trace"] = None if empty else float(trace.max())
-    stats["ratio_extremes"] = extremes_by_form(items.scalars, trace_image, items.variance_diag, items.variance_lowrank)
+    traces = item_covariance_traces(items.variance_diag, items.variance_lowrank)
+    full_trace = traces.get(LOWRANK, traces.get(DIAG, np.zeros(len(items))))
+    stats["max_variance_trace"] = None if empty else float(full_trace.max())
+    stats["ratio_extremes"] = extremes_by_form(items.scalars, trace_image, traces)
     return stats
 
 
