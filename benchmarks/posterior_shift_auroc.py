@@ -157,6 +157,18 @@ def prior_scan(posterior: PosteriorPair, clean: TestImages, shifted_sets: list[S
     return rows
 
 
+def shift_study(encoder: ClipEncoder, posterior: PosteriorPair, n_test: int, seed: int,
+                severities: list[int]) -> dict:
+    """AUROC rows of a clean test world of ``n_test`` against its shifted versions, and the
+    prior scan at the highest severity: keys ``rows``, ``scan_severity``, ``prior_scan``."""
+    world = make_world(n_test, seed=seed)
+    clean = encode_test_images(encoder, posterior, world.images, list(world.captions))
+    shifted_sets = encode_shifted(encoder, posterior, n_test, seed, severities)
+    scan_severity = max(severities)
+    return {"rows": shift_aurocs(clean, shifted_sets), "scan_severity": scan_severity,
+            "prior_scan": prior_scan(posterior, clean, [s for s in shifted_sets if s.severity == scan_severity])}
+
+
 def print_tables(size: str, entry: dict, chunk_size: int) -> None:
     """The AUROC table and the prior scan of one model, as Markdown."""
     lam_image, lam_text = entry["lambda"]
@@ -182,19 +194,12 @@ def main(argv: list[str] | None = None) -> dict:
     for size in args.sizes:
         encoder = ClipEncoder.from_pretrained(model_name(size), get_trained_model(size))
         fitter = fit_on_world(encoder, args.n_fit, args.fit_seed, args.chunk_size)
-        posterior = fitter.posterior_
-        world = make_world(args.n_test, seed=args.test_seed)
-        clean = encode_test_images(encoder, posterior, world.images, list(world.captions))
-        shifted_sets = encode_shifted(encoder, posterior, args.n_test, args.test_seed, args.severities)
-        scan_severity = max(args.severities)
         entry = {
             "model": model_name(size),
             "num_pairs": fitter.num_pairs_,
             "lambda": list(fitter.prior_precision_),
             "logit_scale": encoder.logit_scale,
-            "rows": shift_aurocs(clean, shifted_sets),
-            "scan_severity": scan_severity,
-            "prior_scan": prior_scan(posterior, clean, [s for s in shifted_sets if s.severity == scan_severity]),
+            **shift_study(encoder, fitter.posterior_, args.n_test, args.test_seed, args.severities),
         }
         results["models"][size] = entry
         print_tables(size, entry, args.chunk_size)

@@ -221,24 +221,13 @@ def test_benchmark_auroc_matches_pairwise_reference():
 @pytest.fixture(scope="module")
 def world_shift_study():
     """AUROCs of the fitted posterior's image variance and the prior scan, trained test model, severity 5."""
-    from benchmarks.posterior_shift_auroc import (
-        encode_shifted,
-        encode_test_images,
-        fit_on_world,
-        prior_scan,
-        shift_aurocs,
-    )
+    from benchmarks.posterior_shift_auroc import fit_on_world, shift_study
     from bayesretrieval.training import ModelSize, get_trained_model, model_name
-    from bayesretrieval.world import make_world
 
     trained = ClipEncoder.from_pretrained(model_name(ModelSize.TEST), get_trained_model(ModelSize.TEST))
     posterior = fit_on_world(trained, n_fit=1024, seed=11, chunk_size=256).posterior_
-    world = make_world(500, seed=12)
-    clean = encode_test_images(trained, posterior, world.images, list(world.captions))
-    shifted_sets = encode_shifted(trained, posterior, n_test=500, seed=12, severities=[5])
-    rows = shift_aurocs(clean, shifted_sets)
-    scan = prior_scan(posterior, clean, shifted_sets)
-    return {row["shift"]: row for row in rows}, scan, clean
+    study = shift_study(trained, posterior, n_test=500, seed=12, severities=[5])
+    return {row["shift"]: row for row in study["rows"]}, study["prior_scan"]
 
 
 @pytest.mark.parametrize("shift", SHIFTS_WITH_MORE_EMBEDDING_VARIANCE)
@@ -259,7 +248,7 @@ def test_prior_scan_covers_every_family_and_prior(world_shift_study):
     under the fitting data's second moment) flags heavy noise like the fitted posterior does."""
     from benchmarks.posterior_shift_auroc import PRIOR_SCAN
 
-    rows, scan, _ = world_shift_study
+    rows, scan = world_shift_study
     assert [row["rho"] for row in scan] == list(PRIOR_SCAN)
     assert all(0.0 <= row[shift.value] <= 1.0 for row in scan for shift in Shift)
     assert set(rows) == {shift.value for shift in Shift}
