@@ -39,6 +39,7 @@ from bayesretrieval.queries.uncertainty import (
 from bayesretrieval.similarity import CosineEstimator
 from bayesretrieval.store import IdLookup
 from bayesretrieval.store.extremes import CollectionBounds
+from bayesretrieval.store.reader import IndexedMeans
 
 GROWTH = 4
 RERANK_MARGIN = 1
@@ -58,11 +59,16 @@ class StoredRows:
         scalars: ``(N, 6)`` float64.
         variance_diag: ``(N, D)`` or ``None``.
         variance_lowrank: ``(N, r, D)`` or ``None``.
+        indexed_means: where the FAISS index reproduces ``means`` exactly, the means
+            from there (hot after a search, unlike random rows of ``means``); ``None``:
+            read ``means``.
     """
 
-    def __init__(self, ids: IdLookup, means, scalars, variance_diag=None, variance_lowrank=None):
+    def __init__(self, ids: IdLookup, means, scalars, variance_diag=None, variance_lowrank=None,
+                 indexed_means: IndexedMeans | None = None):
         self.ids, self.means, self.scalars = ids, means, scalars
         self.variance_diag, self.variance_lowrank = variance_diag, variance_lowrank
+        self.indexed_means = indexed_means
 
     def __len__(self) -> int:
         return len(self.ids.item_ids)
@@ -94,11 +100,20 @@ class StoredRows:
         rows, valid = self._rows(I)
         form = UncertaintyForm(form)
         take = lambda array, fill: None if array is None else _take(array, rows, valid, fill, I.shape)  # noqa: E731
+        scalars = take(self.scalars, 1)
         return Candidates(
-            I, take(self.means, 0), take(self.scalars, 1),
+            I, self._means(rows, valid, scalars, I.shape), scalars,
             take(self.variance_diag, 0) if form is not UncertaintyForm.KFAC else None,
             take(self.variance_lowrank, 0) if form is UncertaintyForm.LOWRANK else None,
         )
+
+    def _means(self, rows: np.ndarray, valid: np.ndarray, scalars: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Means of ``rows`` (zeros where not ``valid``) from the FAISS index if it can, else from ``means``."""
+        if self.indexed_means is None:
+            return _take(self.means, rows, valid, 0, shape)
+        means = self.indexed_means(rows, scalars.reshape(len(rows), -1))
+        means[~valid] = 0
+        return means.reshape(*shape, -1)
 
 
 def _take(array, rows: np.ndarray, valid: np.ndarray, fill: float, shape: tuple[int, ...]) -> np.ndarray:

@@ -85,7 +85,7 @@ class Searcher:
         self.posterior = reader.posterior
         self.posterior_fingerprint = reader.manifest.posterior.get("fingerprint")
         self.rows = StoredRows(reader.id_lookup, reader.means, reader.scalars, reader.variance_diag,
-                               reader.variance_lowrank)
+                               reader.variance_lowrank, reader.indexed_means)
         self.extremes = reader.collection_bounds(self.form.value)
         self._engines: dict[Modality, CandidateSearch] = {}
 

@@ -21,7 +21,7 @@ A version folder holds:
   ``embeddings``), ``source_root``, ``model`` (open_clip name, pretrained tag or checkpoint
   path, checkpoint sha256), ``posterior`` (source, fingerprint, ``n``/``lambda`` per
   modality), ``embed_dim``, ``faiss_factory``, ``faiss_metric`` (``inner_product``),
-  ``faiss_vectors`` (``expected_norm_scaled``), ``item_count``, ``skipped_count``,
+  ``faiss_vectors`` (``expected_norm_scaled_invertible``), ``item_count``, ``skipped_count``,
   ``next_item_id`` (ids are never reused), ``variance`` (``none``, ``diag`` or
   ``lowrank:R``), ``traces`` (``trace_image`` = tr Sigma_I, ``trace_text`` = tr Sigma_T),
   ``stats`` (``max_scale``, ``max_norm_sq``, ``max_quad_image``, ``max_quad_text``,
@@ -55,8 +55,11 @@ A version folder holds:
   (concatenated UTF-8 paths), and when present ``variance_diag.npy`` (float32 (N, D)) and
   ``variance_lowrank.npy`` (float32 (N, r, D)).
 - ``index.faiss``: ``faiss.index_factory(D, "IDMap2," + faiss_factory, METRIC_INNER_PRODUCT)``
-  over ``mu / sqrt(|mu|^2 + q tr Sigma_I)`` with ids = ``item_id``, so FAISS's raw top-k
-  is the ranking by expected cosine to an expected-norm-scaled query.
+  over ``x = fl32(mu / s)``, ``s = sqrt(|mu|^2 + q tr Sigma_I)``, with ids = ``item_id``,
+  so FAISS's raw top-k is the ranking by expected cosine to an expected-norm-scaled query.
+  The stored means are exactly ``fl32(s x)`` (:mod:`bayesretrieval.store.vectors`), so
+  ``Flat`` and ``IVF*,Flat`` indexes reproduce them bit for bit; IVF indexes carry a
+  direct map (id to list position) for that.
 - ``posterior/``: the :class:`~bayesretrieval.posterior.PosteriorPair` in the project format.
 - ``skipped.parquet``: ``path``, ``reason`` (a
   :class:`~bayesretrieval.indexing.decode.SkipReason` value), ``detail``, ``file_size``,
@@ -79,9 +82,9 @@ from bayesretrieval.store.writer import (
     VersionInfo,
     build_faiss_index,
     default_faiss_factory,
-    expected_norm,
     write_version,
 )
+from bayesretrieval.store.vectors import expected_norm
 
 __all__ = [
     "FORMAT_VERSION",

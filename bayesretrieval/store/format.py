@@ -42,8 +42,11 @@ SCALAR_COLUMNS = (
 """Column order of ``scalars.npy`` and of the scalar columns of ``items.parquet``."""
 
 FAISS_METRIC = "inner_product"
-FAISS_VECTORS = "expected_norm_scaled"
-"""FAISS holds ``mu / sqrt(|mu|^2 + q tr Sigma_I)`` (MATH.md section 4)."""
+FAISS_VECTORS = "expected_norm_scaled_invertible"
+"""FAISS holds ``x = fl32(mu / s)``, ``s = sqrt(|mu|^2 + q tr Sigma_I)`` (MATH.md section 4),
+and ``means.npy`` holds exactly ``fl32(s x)`` (:mod:`bayesretrieval.store.vectors`)."""
+FAISS_VECTORS_APPROXIMATE = "expected_norm_scaled"
+"""Versions written before the means were made invertible: FAISS holds ``fl32(mu / s)`` only."""
 
 
 class VarianceKind(str, Enum):
@@ -125,7 +128,8 @@ class Manifest:
         embed_dim: ``D``.
         faiss_factory: the factory string after ``IDMap2,`` (e.g. ``"Flat"``).
         faiss_metric: always ``"inner_product"``.
-        faiss_vectors: always ``"expected_norm_scaled"``.
+        faiss_vectors: :data:`FAISS_VECTORS` (:data:`FAISS_VECTORS_APPROXIMATE` in older
+            versions, whose means the FAISS vectors do not reproduce exactly).
         item_count: rows in ``items.parquet``.
         skipped_count: rows in ``skipped.parquet``.
         next_item_id: the next id to hand out (ids are never reused).

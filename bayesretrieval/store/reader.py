@@ -19,9 +19,43 @@ from bayesretrieval.posterior import PosteriorPair
 from bayesretrieval.store import format as fmt
 from bayesretrieval.store.extremes import DIAG, KFAC, LOWRANK, CollectionBounds, extremes_by_form, item_covariance_traces
 from bayesretrieval.store.format import Manifest
+from bayesretrieval.store.vectors import expected_norm, means_from_vectors
 
 OPEN_ATTEMPTS = 3
 """Re-reads of ``manifest.json`` when the version it named was collected meanwhile."""
+
+
+class IndexedMeans:
+    """Stored means of given rows, rebuilt bit for bit from the FAISS index's own vectors.
+
+    FAISS holds ``x = fl32(mu / s)`` and the stored means are exactly ``fl32(s x)``
+    (:mod:`bayesretrieval.store.vectors`). Right after a search, the candidates' vectors
+    sit in the lists FAISS has just scanned, while their rows of ``means.npy`` are cold
+    random reads: this is the cheap way to a candidate's mean.
+
+    Args:
+        index: the version's ``IDMap2`` index over a ``Flat`` or ``IVF*,Flat`` index,
+            added in row order.
+        trace_image: ``tr Sigma_I``.
+    """
+
+    def __init__(self, index: faiss.Index, trace_image: float):
+        self.index, self.trace_image = index, trace_image
+        self.storage = faiss.downcast_index(index.index)
+        if isinstance(self.storage, faiss.IndexIVF) and self.storage.direct_map.no():
+            self.storage.make_direct_map()  # versions written before the map was stored
+
+    @staticmethod
+    def supports(index: faiss.Index) -> bool:
+        """Whether ``index`` stores its vectors exactly (``IDMap2`` over ``Flat`` or ``IVF*,Flat``)."""
+        if not isinstance(index, faiss.IndexIDMap2):
+            return False
+        return isinstance(faiss.downcast_index(index.index), (faiss.IndexFlat, faiss.IndexIVFFlat))
+
+    def __call__(self, rows: np.ndarray, scalars: np.ndarray) -> np.ndarray:
+        """Means ``(n, D)`` float32 of the rows ``rows`` ``(n,)``, whose stored scalars are ``scalars`` ``(n, 6)``."""
+        vectors = self.storage.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64))
+        return means_from_vectors(vectors, expected_norm(scalars, self.trace_image))
 
 
 class IdLookup:
@@ -176,8 +210,24 @@ class IndexReader:
 
     def expected_norm(self, scalars: np.ndarray | None = None) -> np.ndarray:
         """``sqrt(|mu|^2 + q tr Sigma_I)`` for ``scalars`` ``(k, 6)`` (all items by default)."""
-        scalars = self.scalars if scalars is None else scalars
-        return np.sqrt(scalars[:, 1] + scalars[:, 0] * self.trace_image)
+        return expected_norm(self.scalars if scalars is None else scalars, self.trace_image)
+
+    @cached_property
+    def indexed_means(self) -> IndexedMeans | None:
+        """The stored means from the FAISS index, or ``None`` where it cannot reproduce them.
+
+        ``None`` for lossy FAISS storage (``SQ8``, ...) and for versions written before
+        the means were made invertible (:data:`~bayesretrieval.store.format.FAISS_VECTORS_APPROXIMATE`).
+
+        Raises:
+            ValueError: if the FAISS index's ids are not ``item_ids.npy`` in row order (a corrupt version).
+        """
+        index = self.faiss_index
+        if self.manifest.faiss_vectors != fmt.FAISS_VECTORS or not IndexedMeans.supports(index):
+            return None
+        if not np.array_equal(faiss.vector_to_array(index.id_map), self.item_ids):
+            raise ValueError(f"{self.version_dir}: the FAISS index's ids are not {fmt.ITEM_IDS_FILE} in row order")
+        return IndexedMeans(index, self.trace_image)
 
     def collection_bounds(self, form: str = KFAC) -> CollectionBounds:
         """The certificate's collection extremes for covariance form ``form`` (``kfac``, ``diag``, ``lowrank``).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from bayesretrieval.posterior import PosteriorPair
 from bayesretrieval.store import format as fmt
 from bayesretrieval.store.extremes import DIAG, LOWRANK, extremes_by_form, item_covariance_traces
 from bayesretrieval.store.format import Manifest, VarianceSpec
+from bayesretrieval.store.vectors import expected_norm, faiss_vectors, invertible_means
 
 ROW_GROUP_ROWS = 65536
 FLAT_MAX_ITEMS = 100_000
@@ -112,11 +113,6 @@ def default_faiss_factory(num_items: int) -> str:
     return f"IVF{nlist},Flat" if num_items <= IVF_FLAT_MAX_ITEMS else f"IVF{nlist},SQ8"
 
 
-def expected_norm(scalars: np.ndarray, trace_image: float) -> np.ndarray:
-    """``sqrt(|mu|^2 + q tr Sigma_I)`` per row of a ``(N, 6)`` scalars array (MATH.md s.4)."""
-    return np.sqrt(scalars[:, 1] + scalars[:, 0] * trace_image)
-
-
 def empty_faiss_index(factory: str, dim: int) -> faiss.Index:
     """An untrained, empty inner-product ``IDMap2,<factory>`` index (validates the string).
 
@@ -131,7 +127,7 @@ def empty_faiss_index(factory: str, dim: int) -> faiss.Index:
 
 
 def build_faiss_index(vectors: np.ndarray, item_ids: np.ndarray, factory: str) -> faiss.Index:
-    """An inner-product ``IDMap2,<factory>`` index over ``vectors`` ``(N, d)`` with ids."""
+    """An inner-product ``IDMap2,<factory>`` index over ``vectors`` ``(N, d)`` with ids (IVF: with a direct map)."""
     index = empty_faiss_index(factory, vectors.shape[1])
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if not index.is_trained:
@@ -142,6 +138,9 @@ def build_faiss_index(vectors: np.ndarray, item_ids: np.ndarray, factory: str) -
                              f"{str(err).strip().splitlines()[-1]}") from None
     if len(vectors):
         index.add_with_ids(vectors, np.ascontiguousarray(item_ids, dtype=np.int64))
+    inner = faiss.downcast_index(index.index)
+    if isinstance(inner, faiss.IndexIVF):
+        inner.make_direct_map()  # saved with the index: row -> list position, for exact reconstruction
     return index
 
 
@@ -153,7 +152,9 @@ def write_version(
     The version is written to a hidden staging folder, fsync'd, renamed into
     ``versions/``, and only then ``manifest.json`` is replaced (write temp + fsync +
     ``os.replace``). Afterwards every version but the current and the previous one is
-    deleted.
+    deleted. The stored means are :func:`~bayesretrieval.store.vectors.invertible_means`
+    of the given ones (at most one unit in the last place apart), so the FAISS index
+    reproduces them exactly.
 
     Returns:
         The published manifest.
@@ -165,6 +166,8 @@ def write_version(
     name = _next_version_name(previous)
     items = items.take(np.argsort(items.item_ids, kind="stable"))
     _check_items(items, posterior, info)
+    norms = expected_norm(items.scalars, float(posterior.image.output_cov.trace()))
+    items = replace(items, means=invertible_means(items.means, norms))
     # a folder already named ``name`` was never published (a build killed before the swap): replaced
     manifest = publish_directory(
         versions / name, lambda staging: _write_staging(staging, name, items, skipped, posterior, info))
@@ -233,8 +236,8 @@ def _write_staging(staging, name, items, skipped, posterior, info) -> Manifest:
         np.save(staging / fmt.VARIANCE_DIAG_FILE, items.variance_diag.astype(np.float32))
     if items.variance_lowrank is not None:
         np.save(staging / fmt.VARIANCE_LOWRANK_FILE, items.variance_lowrank.astype(np.float32))
-    vectors = items.means / np.maximum(norms, 1e-30)[:, None]
-    faiss.write_index(build_faiss_index(vectors, items.item_ids, factory), str(staging / fmt.FAISS_FILE))
+    faiss.write_index(build_faiss_index(faiss_vectors(items.means, norms), items.item_ids, factory),
+                      str(staging / fmt.FAISS_FILE))
     posterior.save(staging / fmt.POSTERIOR_DIR)
     pq.write_table(skipped.cast(fmt.SKIPPED_SCHEMA), staging / fmt.SKIPPED_FILE)
     files = {

@@ -1,0 +1,76 @@
+"""FAISS vectors, and stored means that they reproduce bit for bit.
+
+FAISS holds ``x = fl32(mu / s)`` with ``s = sqrt(|mu|^2 + q tr Sigma_I)`` (MATH.md
+section 4). The writer stores the means ``m`` for which ``fl32(s * x) == m`` exactly,
+for every component (:func:`invertible_means`; at most one unit in the last place from
+the encoder's ``mu``). An exact rerank can then read a candidate's mean from the FAISS
+lists it has just scanned instead of from ``means.npy``: same bits, but memory that is
+already hot, where a random row of a large memory-mapped file is a page-cache access.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MIN_NORM = 1e-30
+"""Floor on ``s``, so an all-zero item maps to the zero vector."""
+MAX_ROUNDS = 8
+"""Round trips :func:`invertible_means` tries before giving up (one suffices in practice)."""
+CHUNK_ROWS = 65_536
+"""Rows per chunk, so the float64 temporaries stay small on large collections."""
+
+
+def expected_norm(scalars: np.ndarray, trace_image: float) -> np.ndarray:
+    """``s = sqrt(|mu|^2 + q tr Sigma_I)`` per row of a ``(N, 6)`` scalars array."""
+    scalars = np.asarray(scalars, np.float64)
+    return np.sqrt(scalars[:, 1] + scalars[:, 0] * trace_image)
+
+
+def faiss_vectors(means: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """``fl32(m / s)``: the vectors FAISS indexes, ``(N, D)`` float32, for norms ``s`` ``(N,)``."""
+    return _by_chunks(lambda m, s: (m / s).astype(np.float32), means, norms)
+
+
+def means_from_vectors(vectors: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """``fl32(s * x)``: the stored means back from FAISS vectors ``x`` ``(N, D)`` and norms ``s``."""
+    return _by_chunks(lambda x, s: (s * x).astype(np.float32), vectors, norms)
+
+
+def invertible_means(means: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """The float32 means nearest ``means`` that :func:`means_from_vectors` gives back exactly.
+
+    Round trips ``m -> fl32(s fl32(m / s))`` until nothing changes. Each round trip is
+    monotone in ``m``, so the iterates move one way and stop at a fixed point; means
+    that already are one (an unchanged item in a rebuild) come back unchanged.
+
+    Args:
+        means: ``(N, D)`` means.
+        norms: ``(N,)`` their ``s`` (:func:`expected_norm`).
+
+    Returns:
+        ``(N, D)`` float32 means ``m`` with ``means_from_vectors(faiss_vectors(m, s), s) == m``.
+
+    Raises:
+        RuntimeError: if :data:`MAX_ROUNDS` round trips leave some row moving.
+    """
+    current = np.array(means, dtype=np.float32)
+    moving = np.arange(len(current))
+    for _ in range(MAX_ROUNDS):
+        rows = current[moving]
+        back = means_from_vectors(faiss_vectors(rows, norms[moving]), norms[moving])
+        changed = np.any(back != rows, axis=1)
+        if not changed.any():
+            return current
+        moving = moving[changed]
+        current[moving] = back[changed]
+    raise RuntimeError(f"{len(moving)} means found no float32 fixed point in {MAX_ROUNDS} round trips")
+
+
+def _by_chunks(operation, rows: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """``operation(rows64, norms[:, None])`` chunk by chunk (norms at least :data:`MIN_NORM`), as float32 ``(N, D)``."""
+    out = np.empty(np.shape(rows), np.float32)
+    norms = np.maximum(np.asarray(norms, np.float64), MIN_NORM)
+    for start in range(0, len(out), CHUNK_ROWS):
+        part = slice(start, start + CHUNK_ROWS)
+        out[part] = operation(np.asarray(rows[part], np.float64), norms[part, None])
+    return out
