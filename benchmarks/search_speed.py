@@ -9,13 +9,15 @@ is not timed), it measures queries per second of
 - plain FAISS top-``k``: the stored inner-product index itself (``IndexFlatIP`` /
   ``IndexIVFFlat`` with ``--nprobe``), no ids, no rerank;
 - ``Searcher.search(score="expected")`` and ``score="lcb"`` (``--kappa``): FAISS candidates,
-  gather from the memory-mapped arrays, exact float64 rerank, certificate, result table,
-  with the time of each stage (the result's ``attrs["seconds"]``);
+  gather of the candidates' stored rows (means from the FAISS lists, scalars from the
+  memory-mapped arrays), exact float64 rerank, certificate, result table, with the time
+  of each stage (the result's ``attrs["seconds"]``);
 
 and prints the ratios (engine / plain) with the candidate-set sizes the certificates
-needed and the fraction of queries certified. It also times gathering ``k`` random stored
-means per query right after a plain search, and again warm: the least an exact rerank
-reads, and so the ratio it can reach at best on this machine. The untimed first search
+needed and the fraction of queries certified. It also times fetching the stored means of
+a fresh batch's top ``k`` right after its plain search, from ``means.npy`` and from the
+FAISS index: the least an exact rerank reads, and so the ratio it can reach at best on
+this machine reading them either way. The untimed first search
 of each mode (warm-up) also records its candidate sizes: later searches start from what
 it needed. Modes are interleaved batch by batch and each batch's best time over the
 repeats counts (the machine may be shared).
@@ -47,6 +49,8 @@ from bayesretrieval.store.format import SKIPPED_SCHEMA
 
 ACTIVATION_WIDTH = 16
 CHUNK = 65_536
+FETCH_TRIALS = 5
+"""Fresh query batches per source in :func:`mean_fetch_cost`."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -136,8 +140,11 @@ def plain_index(reader: IndexReader, nprobe: int) -> faiss.Index:
     return inner
 
 
-def time_modes(searcher: Searcher, plain: faiss.Index, batches, args, nprobe) -> dict:
-    """Seconds per mode (per batch the best of the interleaved repeats, summed), plus candidate sizes."""
+def time_modes(searcher: Searcher, plain: faiss.Index, batches, fresh, args, nprobe) -> dict:
+    """Seconds per mode (per batch the best of the interleaved repeats, summed), plus candidate sizes.
+
+    ``fresh``: query batches never searched before, for :func:`mean_fetch_cost`.
+    """
     xq = [_faiss_queries(searcher, b) for b in batches]
     modes = {
         "plain": lambda i: plain.search(xq[i], args.k),
@@ -176,29 +183,32 @@ def time_modes(searcher: Searcher, plain: faiss.Index, batches, args, nprobe) ->
     out = {name: {"qps": total / seconds, "seconds": seconds} for name, seconds in best.items()}
     for name in ("expected", "lcb"):
         out[name].update(stats[name], ratio=out[name]["qps"] / out["plain"]["qps"])
-    out["row_gather"] = row_gather_cost(searcher.reader, plain, xq, args)
+    out["mean_fetch"] = mean_fetch_cost(searcher.reader, plain, [_faiss_queries(searcher, b) for b in fresh], args)
     return out
 
 
-def row_gather_cost(reader: IndexReader, plain: faiss.Index, xq: list[np.ndarray], args, trials: int = 5) -> dict:
-    """Milliseconds to gather ``batch * k`` random stored means right after a plain FAISS search, and again at once.
+def mean_fetch_cost(reader: IndexReader, plain: faiss.Index, xq: list[np.ndarray], args) -> dict:
+    """Milliseconds to fetch the stored means of a plain search's own top-``k``, right after it.
 
-    An exact rerank reads at least ``k`` stored rows per query from the memory-mapped
-    means, at random positions, right after FAISS has streamed its lists through the
-    caches. The first gather measures that (cold), the second the same rows warm. So
-    ``plain / (plain + cold gather)`` per batch bounds the ratio an exact rerank can reach.
+    An exact rerank reads at least these ``batch * k`` means. From ``means.npy`` they are
+    random rows of a large memory-mapped file; from the FAISS index
+    (:class:`~bayesretrieval.store.reader.IndexedMeans`) they sit in the lists the search
+    has just scanned. Each fresh batch (never searched before) serves one source, the
+    sources taking turns. ``plain / (plain + fetch)`` per batch bounds the ratio an exact
+    rerank that fetches them that way can reach.
     """
-    rng = np.random.default_rng(1)
-    cold, warm = [], []
-    for trial in range(trials):
-        rows = np.sort(rng.choice(len(reader.means), args.batch * args.k, replace=False))
-        plain.search(xq[trial % len(xq)], args.k)
-        for times in (cold, warm):
-            start = time.perf_counter()
-            np.asarray(reader.means[rows])
-            times.append(time.perf_counter() - start)
-    return {"batch": args.batch, "rows": args.batch * args.k, "cold_ms": 1000 * float(np.median(cold)),
-            "warm_ms": 1000 * float(np.median(warm))}
+    sources = {"means_npy": lambda rows: np.asarray(reader.means[rows])}
+    if reader.indexed_means is not None:
+        sources["faiss_index"] = lambda rows: reader.indexed_means(rows, np.asarray(reader.scalars[rows]))
+    names = list(sources)
+    times = {name: [] for name in names}
+    for trial, queries in enumerate(xq):
+        name = names[trial % len(names)]
+        rows = plain.search(queries, args.k)[1].reshape(-1)  # the stored index's inner ids are row positions
+        start = time.perf_counter()
+        sources[name](rows)
+        times[name].append(time.perf_counter() - start)
+    return {"batch": args.batch, "rows": args.batch * args.k, **{f"{name}_ms": 1000 * float(np.median(t)) for name, t in times.items()}}
 
 
 def _faiss_queries(searcher: Searcher, batch: Encoded) -> np.ndarray:
@@ -215,6 +225,7 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     items = make_items(args, posterior, centres, rng)
     batches = make_queries(args, posterior, centres, rng)
+    fresh = make_queries(argparse.Namespace(**{**vars(args), "batches": 2 * FETCH_TRIALS}), posterior, centres, rng)
     print(f"generated {args.items} items x {args.dim} in {time.perf_counter() - start:.0f} s", flush=True)
     nlist = 2 ** round(math.log2(math.sqrt(args.items)))
     results = {"items": args.items, "dim": args.dim, "batch": args.batch, "batches": args.batches, "k": args.k,
@@ -227,7 +238,7 @@ def main(argv=None) -> dict:
             print(f"built {label} ({factory}) in {seconds:.0f} s", flush=True)
             reader = IndexReader.open(Path(tmp) / label)
             searcher = Searcher(reader, None, Path(tmp) / label)
-            results[label] = time_modes(searcher, plain_index(reader, args.nprobe), batches, args, nprobe)
+            results[label] = time_modes(searcher, plain_index(reader, args.nprobe), batches, fresh, args, nprobe)
             report(label, results[label])
             del searcher, reader
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -239,11 +250,13 @@ def main(argv=None) -> dict:
 def report(label: str, timing: dict) -> None:
     plain = timing["plain"]["qps"]
     print(f"{label}: plain {plain:.0f} q/s")
-    gather = timing["row_gather"]
-    batch_ms = 1000 * gather["batch"] / plain
-    print(f"  gathering {gather['rows']} random stored means after a search: {gather['cold_ms']:.1f} ms, "
-          f"{gather['warm_ms']:.1f} ms warm; plain FAISS {batch_ms:.1f} ms per batch, so an exact rerank "
-          f"reaches at most {batch_ms / (batch_ms + gather['cold_ms']):.3f}")
+    fetch = timing["mean_fetch"]
+    batch_ms = 1000 * fetch["batch"] / plain
+    print(f"  fetching the means of a fresh batch's top results ({fetch['rows']}) right after its search: "
+          f"plain FAISS {batch_ms:.1f} ms per batch; " + "; ".join(
+              f"from {source}: {fetch[source + '_ms']:.1f} ms, so an exact rerank reaches at most "
+              f"{batch_ms / (batch_ms + fetch[source + '_ms']):.3f}" for source in ("means_npy", "faiss_index")
+              if source + "_ms" in fetch))
     for name in ("expected", "lcb"):
         t = timing[name]
         print(f"  {name:8s} {t['qps']:.0f} q/s  ratio {t['ratio']:.3f}  candidates mean {t['candidates_mean']:.0f} "

@@ -28,12 +28,12 @@ def expected_norm(scalars: np.ndarray, trace_image: float) -> np.ndarray:
 
 def faiss_vectors(means: np.ndarray, norms: np.ndarray) -> np.ndarray:
     """``fl32(m / s)``: the vectors FAISS indexes, ``(N, D)`` float32, for norms ``s`` ``(N,)``."""
-    return _by_chunks(lambda m, s: (m / s).astype(np.float32), means, norms)
+    return _scaled(means, norms, np.divide)
 
 
 def means_from_vectors(vectors: np.ndarray, norms: np.ndarray) -> np.ndarray:
     """``fl32(s * x)``: the stored means back from FAISS vectors ``x`` ``(N, D)`` and norms ``s``."""
-    return _by_chunks(lambda x, s: (s * x).astype(np.float32), vectors, norms)
+    return _scaled(vectors, norms, np.multiply)
 
 
 def invertible_means(means: np.ndarray, norms: np.ndarray) -> np.ndarray:
@@ -66,11 +66,17 @@ def invertible_means(means: np.ndarray, norms: np.ndarray) -> np.ndarray:
     raise RuntimeError(f"{len(moving)} means found no float32 fixed point in {MAX_ROUNDS} round trips")
 
 
-def _by_chunks(operation, rows: np.ndarray, norms: np.ndarray) -> np.ndarray:
-    """``operation(rows64, norms[:, None])`` chunk by chunk (norms at least :data:`MIN_NORM`), as float32 ``(N, D)``."""
+def _scaled(rows: np.ndarray, norms: np.ndarray, ufunc: np.ufunc) -> np.ndarray:
+    """``fl32(ufunc(rows, s))`` in float64, row ``i`` with ``s_i = max(norms_i, MIN_NORM)``; ``(N, D)`` float32.
+
+    Chunk by chunk, in place in one float64 buffer per chunk: every temporary of a
+    gather is fresh memory, and fresh pages are what a search pays for after FAISS.
+    """
     out = np.empty(np.shape(rows), np.float32)
     norms = np.maximum(np.asarray(norms, np.float64), MIN_NORM)
     for start in range(0, len(out), CHUNK_ROWS):
         part = slice(start, start + CHUNK_ROWS)
-        out[part] = operation(np.asarray(rows[part], np.float64), norms[part, None])
+        chunk = np.array(rows[part], dtype=np.float64)
+        ufunc(chunk, norms[part, None], out=chunk)
+        out[part] = chunk
     return out
