@@ -108,11 +108,14 @@ class StoredRows:
         )
 
     def _means(self, rows: np.ndarray, valid: np.ndarray, scalars: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        """Means of ``rows`` (zeros where not ``valid``) from the FAISS index if it can, else from ``means``."""
+        """Means of ``rows`` (zeros where not ``valid``) from the FAISS index if it can, else from ``means``.
+
+        The index path rebuilds only the valid rows: a packed second stage is mostly padding.
+        """
         if self.indexed_means is None:
             return _take(self.means, rows, valid, 0, shape)
-        means = self.indexed_means(rows, scalars.reshape(len(rows), -1))
-        means[~valid] = 0
+        means = np.zeros((len(rows), self.means.shape[1]), np.float32)
+        means[valid] = self.indexed_means(rows[valid], scalars.reshape(len(rows), -1)[valid])
         return means.reshape(*shape, -1)
 
 
