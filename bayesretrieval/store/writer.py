@@ -170,7 +170,7 @@ def write_version(
     items = replace(items, means=invertible_means(items.means, norms))
     # a folder already named ``name`` was never published (a build killed before the swap): replaced
     manifest = publish_directory(
-        versions / name, lambda staging: _write_staging(staging, name, items, skipped, posterior, info))
+        versions / name, lambda staging: _write_staging(staging, name, items, norms, skipped, posterior, info))
     write_text_atomic(index_dir / fmt.MANIFEST_FILE, manifest.to_json())
     collect_garbage(index_dir, keep={name, previous})
     return manifest
@@ -199,9 +199,8 @@ def _check_items(items: ItemArrays, posterior: PosteriorPair, info: VersionInfo)
         )
 
 
-def _write_staging(staging, name, items, skipped, posterior, info) -> Manifest:
+def _write_staging(staging, name, items, norms, skipped, posterior, info) -> Manifest:
     trace_image = float(posterior.image.output_cov.trace())
-    norms = expected_norm(items.scalars, trace_image)
     factory = info.faiss_factory or default_faiss_factory(len(items))
     manifest = Manifest(
         format_version=fmt.FORMAT_VERSION,
