@@ -40,7 +40,7 @@ class IndexedMeans:
     """
 
     def __init__(self, index: faiss.Index, trace_image: float):
-        self.index, self.trace_image = index, trace_image
+        self.index, self.trace_image = index, trace_image  # the IDMap2 owns ``storage``: keep it alive
         self.storage = faiss.downcast_index(index.index)
         if isinstance(self.storage, faiss.IndexIVF) and self.storage.direct_map.no():
             self.storage.make_direct_map()  # versions written before the map was stored
