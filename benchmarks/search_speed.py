@@ -19,8 +19,10 @@ a fresh batch's top ``k`` right after its plain search, from ``means.npy`` and f
 FAISS index: the least an exact rerank reads, and so the ratio it can reach at best on
 this machine reading them either way. The untimed first search
 of each mode (warm-up) also records its candidate sizes: later searches start from what
-it needed. Modes are interleaved batch by batch and each batch's best time over the
-repeats counts (the machine may be shared).
+it needed. Modes are interleaved batch by batch, in an order that rotates every repeat
+(whatever runs right after another FAISS search pays for the caches it emptied, so no
+mode always goes first), and each batch's best time over the repeats counts (the
+machine may be shared).
 
     .venv/bin/python benchmarks/search_speed.py                       # 200k items
     .venv/bin/python benchmarks/search_speed.py --items 1000000       # the 1M run
@@ -156,11 +158,13 @@ def time_modes(searcher: Searcher, plain: faiss.Index, batches, fresh, args, npr
     cold = {name: run(0) for name, run in modes.items()}  # warm-up: page in the arrays, learn candidate counts
     best = {name: np.full(len(batches), math.inf) for name in modes}
     outputs, stages = {}, {}
-    for _ in range(args.repeats):
+    names = list(modes)
+    for repeat in range(args.repeats):
+        order = names[repeat % len(names):] + names[:repeat % len(names)]
         for i in range(len(batches)):
-            for name, run in modes.items():
+            for name in order:
                 start = time.perf_counter()
-                outputs[name, i] = run(i)
+                outputs[name, i] = modes[name](i)
                 seconds = time.perf_counter() - start
                 if seconds < best[name][i]:
                     best[name][i] = seconds
