@@ -19,10 +19,10 @@ a fresh batch's top ``k`` right after its plain search, from ``means.npy`` and f
 FAISS index: the least an exact rerank reads, and so the ratio it can reach at best on
 this machine reading them either way. The untimed first search
 of each mode (warm-up) also records its candidate sizes: later searches start from what
-it needed. Modes are interleaved batch by batch, in an order that rotates every repeat
-(whatever runs right after another FAISS search pays for the caches it emptied, so no
-mode always goes first), and each batch's best time over the repeats counts (the
-machine may be shared).
+it needed. Modes are interleaved batch by batch, in forward and reverse order on
+alternate repeats: whatever runs right after plain FAISS pays for the caches it emptied,
+so each engine mode follows it in half the repeats. Each batch's best time over the
+repeats counts (the machine may be shared).
 
     .venv/bin/python benchmarks/search_speed.py                       # 200k items
     .venv/bin/python benchmarks/search_speed.py --items 1000000       # the 1M run
@@ -158,9 +158,9 @@ def time_modes(searcher: Searcher, plain: faiss.Index, batches, fresh, args, npr
     cold = {name: run(0) for name, run in modes.items()}  # warm-up: page in the arrays, learn candidate counts
     best = {name: np.full(len(batches), math.inf) for name in modes}
     outputs, stages = {}, {}
-    names = list(modes)
+    forward = list(modes)
     for repeat in range(args.repeats):
-        order = names[repeat % len(names):] + names[:repeat % len(names)]
+        order = forward if repeat % 2 == 0 else forward[:1] + forward[:0:-1]
         for i in range(len(batches)):
             for name in order:
                 start = time.perf_counter()
