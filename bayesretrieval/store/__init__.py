@@ -34,7 +34,8 @@ A version folder holds:
   stable per path across rebuilds), ``path`` (POSIX, relative to the indexed folder; for
   precomputed input the given path or the id as text), ``file_size``, ``mtime_ns``,
   ``width``, ``height`` (null when unknown), ``embedding`` (fixed_size_list<float32>[D],
-  the unnormalised mean ``mu = a @ P``), the per-item scalars of MATH.md section 4
+  the unnormalised mean ``mu = a @ P``, made invertible: see ``index.faiss``), the
+  per-item scalars of MATH.md section 4, computed from the encoder's ``mu``:
   ``scale`` (q = a^T A^-1 a), ``norm_sq`` (|mu|^2), ``quad_image`` (mu^T Sigma_I mu),
   ``quad_text`` (mu^T Sigma_T mu), ``quad_image_diag`` and ``quad_text_diag`` (the same
   with diagonal Sigmas, for the ``published`` estimator), all float64; optional
