@@ -166,11 +166,9 @@ def write_version(
     name = _next_version_name(previous)
     items = items.take(np.argsort(items.item_ids, kind="stable"))
     _check_items(items, posterior, info)
-    norms = expected_norm(items.scalars, float(posterior.image.output_cov.trace()))
-    items = replace(items, means=invertible_means(items.means, norms))
     # a folder already named ``name`` was never published (a build killed before the swap): replaced
     manifest = publish_directory(
-        versions / name, lambda staging: _write_staging(staging, name, items, norms, skipped, posterior, info))
+        versions / name, lambda staging: _write_staging(staging, name, items, skipped, posterior, info))
     write_text_atomic(index_dir / fmt.MANIFEST_FILE, manifest.to_json())
     collect_garbage(index_dir, keep={name, previous})
     return manifest
@@ -199,8 +197,10 @@ def _check_items(items: ItemArrays, posterior: PosteriorPair, info: VersionInfo)
         )
 
 
-def _write_staging(staging, name, items, norms, skipped, posterior, info) -> Manifest:
+def _write_staging(staging, name, items, skipped, posterior, info) -> Manifest:
     trace_image = float(posterior.image.output_cov.trace())
+    norms = expected_norm(items.scalars, trace_image)
+    items = replace(items, means=invertible_means(items.means, norms))
     factory = info.faiss_factory or default_faiss_factory(len(items))
     manifest = Manifest(
         format_version=fmt.FORMAT_VERSION,
