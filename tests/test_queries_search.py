@@ -12,6 +12,7 @@ from bayesretrieval.indexing.scalars import ScalarComputer
 from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair
 from bayesretrieval.queries import ItemFilter, ProbitCalibration, Searcher
 from bayesretrieval.queries.calibration import save_calibration
+from bayesretrieval.queries.searcher import RESULT_COLUMNS
 from bayesretrieval.queries.uncertainty import Candidates, ModelCovariances, QuerySide, candidate_moments
 from bayesretrieval.similarity import cosine_moments
 from bayesretrieval.store import IndexReader, ItemArrays, VarianceSpec, VersionInfo, write_version
@@ -100,6 +101,7 @@ def test_search_equals_brute_force(flat_index, score, kappa):
     ref_ids, ref_values = brute_force_top_k(reference_scores(reader, queries, score, kappa), reader.item_ids, 10)
     assert_same_ranking(frame, ref_ids, ref_values, 6)
     assert frame.attrs["exact"] and frame.exact.all()
+    assert list(frame.columns) == list(RESULT_COLUMNS)
     if score == "lcb" and kappa == 3.0:
         assert max(frame.attrs["candidates"]) > 168  # the certificate needed a grown set
 

@@ -163,7 +163,7 @@ class KroneckerPosterior:
             raise ValueError(
                 f"activations must have shape (N, {self.in_features}), got {tuple(a.shape)}"
             )
-        return torch.einsum("nh,hk,nk->n", a, self.a_inv, a)
+        return ((a @ self.a_inv) * a).sum(1)
 
     def embedding_variance(self, activations: ArrayLike) -> torch.Tensor:
         """Diagonal variance of the unnormalised embeddings, shape ``(N, D)``.

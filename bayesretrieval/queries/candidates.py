@@ -114,6 +114,8 @@ class StoredRows:
         """
         if self.indexed_means is None:
             return _take(self.means, rows, valid, 0, shape)
+        if valid.all():
+            return self.indexed_means(rows, scalars.reshape(len(rows), -1)).reshape(*shape, -1)
         means = np.zeros((len(rows), self.means.shape[1]), np.float32)
         means[valid] = self.indexed_means(rows[valid], scalars.reshape(len(rows), -1)[valid])
         return means.reshape(*shape, -1)

@@ -245,7 +245,7 @@ class Searcher:
             "item_id": ids, "path": self.reader.paths(self.reader.positions(ids)), "score": pick(outcome.scores),
             "cosine_mean": mean, "cosine_std": std, "logit_mean": self.logit_scale * mean,
             "logit_std": self.logit_scale * std, "probability": probability, "exact": outcome.exact[qi],
-        }, columns=list(RESULT_COLUMNS))
+        })  # in RESULT_COLUMNS order: selecting them again costs a third of the table's time
         if threshold is not None:
             frame = frame[frame.probability >= threshold].reset_index(drop=True)
         return frame
