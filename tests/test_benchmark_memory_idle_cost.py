@@ -1,30 +1,18 @@
 """benchmarks/memory_idle_cost.py on tiny arrays: one median per array and pause, written to JSON."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_idle_cost.py"
+from benchmark_scripts import benchmark_module
 
 
-@pytest.fixture(scope="module")
-def probe():
-    spec = importlib.util.spec_from_file_location("memory_idle_cost", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
-
-
-def test_probe_reports_every_pause_for_both_arrays(probe, tmp_path, capsys):
+def test_probe_reports_every_pause_for_both_arrays(tmp_path, capsys):
     output = tmp_path / "idle.json"
-    results = probe.main(["--rows", "2000", "--dim", "16", "--table-mib", "1", "--reads", "50",
-                          "--pauses", "0", "0.01", "--trials", "2", "--output", str(output)])
+    with benchmark_module("memory_idle_cost") as probe:
+        results = probe.main(["--rows", "2000", "--dim", "16", "--table-mib", "1", "--reads", "50",
+                              "--pauses", "0", "0.01", "--trials", "2", "--output", str(output)])
     assert json.loads(output.read_text()) == results
     assert set(results["us_per_read"]) == {"row", "table"}
     for by_pause in results["us_per_read"].values():
@@ -35,6 +23,6 @@ def test_probe_reports_every_pause_for_both_arrays(probe, tmp_path, capsys):
     assert "8 B from 1 MiB: after 0 s idle" in printed
 
 
-def test_probe_refuses_empty_sizes(probe, tmp_path):
-    with pytest.raises(SystemExit, match="must be positive"):
+def test_probe_refuses_empty_sizes(tmp_path):
+    with benchmark_module("memory_idle_cost") as probe, pytest.raises(SystemExit, match="must be positive"):
         probe.main(["--rows", "0", "--output", str(tmp_path / "x.json")])

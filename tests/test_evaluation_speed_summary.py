@@ -1,23 +1,16 @@
 """benchmarks/speed_summary.py: ratios read from the speed benchmarks' JSON files (no benchmark is run)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed_summary.py"
+from benchmark_scripts import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("speed_summary", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_module("speed_summary") as module:
+        yield module
 
 
 def test_summary_from_existing_results(script, tmp_path, capsys):

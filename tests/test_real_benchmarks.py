@@ -1,8 +1,6 @@
 """The COCO / Flickr30k benchmark script on a tiny fake dataset in the Karpathy layout (random-init bayes-tiny)."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,20 +9,16 @@ import torch
 from PIL import Image
 
 from bayesretrieval.posterior.io import save_bayesvlm_directory
+from benchmark_scripts import benchmark_module
 from test_store import random_posterior
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "real_benchmarks.py"
 EMBED_DIM, WIDTH = 64, 64  # bayes-tiny
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("real_benchmarks", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through it
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_module("real_benchmarks") as module:
+        yield module
 
 
 def fake_dataset(root: Path, name: str, n_test: int = 12, folder: str | None = "val2014") -> Path:
