@@ -39,6 +39,16 @@ def test_invertible_means_are_reproduced_exactly_and_move_at_most_one_ulp():
     assert not np.any(fixed[:5]) and not np.any(faiss_vectors(fixed[:5], np.zeros(5)))
 
 
+def test_means_from_vectors_in_place_equal_a_new_array():
+    means, norms = wide_range_means()
+    vectors = faiss_vectors(means, norms)
+    expected = means_from_vectors(vectors, norms)
+    assert np.mean(expected != vectors) > 0.5  # the scaling does change them
+    written = means_from_vectors(vectors, norms, out=vectors)
+    assert written is vectors
+    np.testing.assert_array_equal(vectors, expected)
+
+
 def test_chunks_change_nothing(monkeypatch):
     means, norms = wide_range_means(n=500)
     whole = invertible_means(means, norms), faiss_vectors(means, norms)

@@ -55,7 +55,7 @@ class IndexedMeans:
     def __call__(self, rows: np.ndarray, scalars: np.ndarray) -> np.ndarray:
         """Means ``(n, D)`` float32 of the rows ``rows`` ``(n,)``, whose stored scalars are ``scalars`` ``(n, 6)``."""
         vectors = self.storage.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64))
-        return means_from_vectors(vectors, expected_norm(scalars, self.trace_image))
+        return means_from_vectors(vectors, expected_norm(scalars, self.trace_image), out=vectors)
 
 
 class IdLookup:

@@ -33,9 +33,16 @@ def faiss_vectors(means: np.ndarray, norms: np.ndarray) -> np.ndarray:
     return _scaled(means, norms, np.divide)
 
 
-def means_from_vectors(vectors: np.ndarray, norms: np.ndarray) -> np.ndarray:
-    """``fl32(s * x)``: the stored means back from FAISS vectors ``x`` ``(N, D)`` and norms ``s``."""
-    return _scaled(vectors, norms, np.multiply)
+def means_from_vectors(vectors: np.ndarray, norms: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``fl32(s * x)``: the stored means back from FAISS vectors ``x`` ``(N, D)`` and norms ``s``.
+
+    Args:
+        vectors: ``(N, D)`` float32.
+        norms: ``(N,)``.
+        out: ``(N, D)`` float32 to write into; may be ``vectors`` itself (each element
+            is read before it is written). Default: a new array.
+    """
+    return _scaled(vectors, norms, np.multiply, out)
 
 
 def invertible_means(means: np.ndarray, norms: np.ndarray) -> np.ndarray:
@@ -69,7 +76,8 @@ def _fixed_point(means: np.ndarray, norms: np.ndarray) -> np.ndarray:
     moving = np.arange(len(means))
     for _ in range(MAX_ROUNDS):
         rows = means[moving]
-        back = means_from_vectors(faiss_vectors(rows, norms[moving]), norms[moving])
+        vectors = faiss_vectors(rows, norms[moving])
+        back = means_from_vectors(vectors, norms[moving], out=vectors)
         changed = np.any(back != rows, axis=1)
         if not changed.any():
             return means
@@ -78,13 +86,14 @@ def _fixed_point(means: np.ndarray, norms: np.ndarray) -> np.ndarray:
     raise RuntimeError(f"{len(moving)} means found no float32 fixed point in {MAX_ROUNDS} round trips")
 
 
-def _scaled(rows: np.ndarray, norms: np.ndarray, ufunc: np.ufunc) -> np.ndarray:
+def _scaled(rows: np.ndarray, norms: np.ndarray, ufunc: np.ufunc, out: np.ndarray | None = None) -> np.ndarray:
     """``fl32(ufunc(rows, s))`` computed in float64, row ``i`` with ``s_i = max(norms_i, MIN_NORM)``; ``(N, D)`` float32.
 
-    One float64 ufunc loop writing float32: numpy casts through small internal buffers,
-    so no float64 copy of ``rows`` is ever made.
+    One float64 ufunc loop writing float32 (into ``out`` when given): numpy casts
+    through small internal buffers, so no float64 copy of ``rows`` is ever made.
     """
-    out = np.empty(np.shape(rows), np.float32)
+    if out is None:
+        out = np.empty(np.shape(rows), np.float32)
     scale = np.maximum(np.asarray(norms, np.float64), MIN_NORM)[:, None]
     ufunc(rows, scale, out=out, dtype=np.float64, casting="same_kind")
     return out
