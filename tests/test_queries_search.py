@@ -271,3 +271,20 @@ def test_repeated_searches_start_from_the_learned_candidate_count(flat_index):
     pd_equal = (first[["item_id", "score"]].to_numpy() == second[["item_id", "score"]].to_numpy()).all()
     assert pd_equal
     assert min(searcher.search(queries, k=10, score="expected").attrs["candidates"]) == 168
+
+
+def test_survivors_are_scored_like_a_plain_rerank(flat_index):
+    reader = IndexReader.open(flat_index)
+    searcher = Searcher(reader, None, flat_index)
+    encoded = searcher.encode(text_queries(5, seed=3), "text")
+    engine = searcher.engine("text")
+    query = QuerySide.build(encoded.means, encoded.scales, engine.covs)
+    survivors = np.full((5, 6), -1, dtype=np.int64)  # packed left: 0, 6, 1, 0 and 3 ids per query
+    for qi, rows in enumerate([[], [5, 9, 40, 41, 77, 300], [12], [], [8, 2, 1000]]):
+        survivors[qi, :len(rows)] = reader.item_ids[rows]
+    got = engine._moments_of_survivors(query, survivors)
+    want = engine.moments(query, survivors)
+    valid = torch.from_numpy(survivors >= 0)
+    for name in ("mean", "var", "map_cosine"):
+        torch.testing.assert_close(getattr(got, name)[valid], getattr(want, name)[valid], rtol=0, atol=0)
+        assert getattr(got, name)[~valid].isnan().all()

@@ -110,14 +110,13 @@ class StoredRows:
     def _means(self, rows: np.ndarray, valid: np.ndarray, scalars: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """Means of ``rows`` (zeros where not ``valid``) from the FAISS index if it can, else from ``means``.
 
-        The index path rebuilds only the valid rows: a packed second stage is mostly padding.
+        The index path rebuilds padding from row 0 and then zeroes it: one array written
+        once, where rebuilding only the valid rows and scattering them would write two.
         """
         if self.indexed_means is None:
             return _take(self.means, rows, valid, 0, shape)
-        if valid.all():
-            return self.indexed_means(rows, scalars.reshape(len(rows), -1)).reshape(*shape, -1)
-        means = np.zeros((len(rows), self.means.shape[1]), np.float32)
-        means[valid] = self.indexed_means(rows[valid], scalars.reshape(len(rows), -1)[valid])
+        means = self.indexed_means(rows, scalars.reshape(len(rows), -1))
+        means[~valid] = 0
         return means.reshape(*shape, -1)
 
 
@@ -284,14 +283,25 @@ class CandidateSearch:
         self._learned[key] = int(out.candidates.max(initial=0))
         return out
 
-    def _moments_of_queries_with_ids(self, query: QuerySide, I: np.ndarray) -> PairMoments:
-        """Like :meth:`moments`, computed only for the queries with at least one id in ``I`` (NaN elsewhere)."""
-        rows = np.flatnonzero((I >= 0).any(axis=1))
-        if len(rows) == len(I):
-            return self.moments(query, I)
-        part = self.moments(query.take(rows), I[rows])
-        index = torch.from_numpy(rows)
-        spread = lambda values: torch.full(I.shape, torch.nan, dtype=values.dtype).index_copy_(0, index, values)  # noqa: E731
+    def _moments_of_survivors(self, query: QuerySide, survivors: np.ndarray) -> PairMoments:
+        """Like :meth:`moments` for ids packed left in ``survivors`` ``(nq, w)`` (NaN where ``-1``), scoring only real ids.
+
+        Each query's ids are laid out in rows of the mean survivor count per query that
+        has any (a row repeats its query's side), so the padding scored stays under
+        one such row per query, however many survivors the busiest query has.
+        """
+        valid = survivors >= 0
+        counts = valid.sum(1)
+        width = -(-int(counts.sum()) // max(int(np.count_nonzero(counts)), 1))
+        rows_per_query = -(-counts // width)
+        owner = np.repeat(np.arange(len(survivors)), rows_per_query)
+        q, j = np.nonzero(valid)  # by query, then column 0, 1, ... (packed left)
+        row, column = (np.cumsum(rows_per_query) - rows_per_query)[q] + j // width, j % width
+        ids = np.full((len(owner), width), -1, dtype=survivors.dtype)
+        ids[row, column] = survivors[q, j]
+        part = self.moments(query.take(owner), ids)
+        spread = lambda values: torch.full(survivors.shape, torch.nan, dtype=values.dtype).index_put_(  # noqa: E731
+            (torch.from_numpy(q), torch.from_numpy(j)), values[torch.from_numpy(row), torch.from_numpy(column)])
         return PairMoments(spread(part.mean), spread(part.var), spread(part.map_cosine))
 
     def _bounds(self, query: QuerySide, f: np.ndarray) -> ScoreBounds:
@@ -342,7 +352,7 @@ class CandidateSearch:
         survivors = _pack_left(I[:, first:], self._may_enter(query, scorer, kth, D[:, first:], I[:, first:]))
         if survivors.shape[1] == 0:
             return I[:, :first], moments, ranking
-        extra = self._moments_of_queries_with_ids(query, survivors)
+        extra = self._moments_of_survivors(query, survivors)
         scored = np.concatenate([I[:, :first], survivors], axis=1)
         moments = PairMoments(*(torch.cat([a, b], dim=1) for a, b in (
             (moments.mean, extra.mean), (moments.var, extra.var), (moments.map_cosine, extra.map_cosine))))

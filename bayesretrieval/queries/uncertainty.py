@@ -49,6 +49,8 @@ class UncertaintyForm(str, Enum):
 
 
 _COL = {name: i for i, name in enumerate(SCALAR_COLUMNS)}
+PRODUCT_CHUNK_ROWS = 128
+"""Candidate means converted to float64 at a time by :func:`candidate_moments` (512 KiB at D = 512)."""
 
 
 @dataclass(frozen=True)
@@ -196,9 +198,8 @@ def candidate_moments(
     nq, kc = items.item_ids.shape
     if query.means.shape[0] != nq:
         raise ValueError(f"candidates for {nq} queries, got {query.means.shape[0]} queries")
-    candidate_means = torch.from_numpy(np.asarray(items.means, dtype=np.float64))  # (nq, kc, D)
     scalars = torch.from_numpy(np.asarray(items.scalars, dtype=np.float64).reshape(nq * kc, -1))
-    dot, cross_item, cross_y = torch.bmm(candidate_means, query.probes).reshape(nq * kc, 3).unbind(1)
+    dot, cross_item, cross_y = _probe_products(items.means, query.probes).reshape(nq * kc, 3).unbind(1)
     repeat = lambda t: t.repeat_interleave(kc, dim=0)  # noqa: E731  (per query -> per pair)
     own_col, other_col = covs.item_columns()
     y = SideStatistics(*(repeat(t) for t in (query.stats.scale, query.stats.norm_sq,
@@ -209,7 +210,8 @@ def candidate_moments(
         pair = PairTerms(dot, cross_item, cross_y)
         constants = covs.constants
     else:
-        means, y_means = candidate_means.reshape(nq * kc, -1), repeat(query.means)
+        means = torch.from_numpy(np.asarray(items.means, dtype=np.float64).reshape(nq * kc, -1))
+        y_means = repeat(query.means)
         item_cov = _item_covariance(items, form, nq * kc, covs.diagonal)
         x = SideStatistics(torch.ones_like(dot), scalars[:, 1], item_cov.quad(means, means), scalars[:, other_col])
         y.other_quad = item_cov.quad(y_means, y_means)
@@ -219,6 +221,22 @@ def candidate_moments(
     mean, var = cosine_moments_from_statistics(x, y, pair, constants, estimator)
     map_cosine = dot / torch.sqrt(scalars[:, 1] * query.stats.norm_sq.repeat_interleave(kc))
     return PairMoments(mean.reshape(nq, kc), var.reshape(nq, kc), map_cosine.reshape(nq, kc))
+
+
+def _probe_products(means: np.ndarray, probes: torch.Tensor) -> torch.Tensor:
+    """``(nq, kc, 3)`` float64: each candidate mean ``(nq, kc, D)`` times its query's probes ``(nq, D, 3)``.
+
+    The means go to float64 a few queries at a time: a float64 copy of them all would be
+    as large again as the means and, on some machines, that much fresh memory costs
+    more than the products.
+    """
+    nq, kc = means.shape[:2]
+    out = torch.empty((nq, kc, probes.shape[2]), dtype=torch.float64)
+    step = max(1, PRODUCT_CHUNK_ROWS // max(kc, 1))
+    for start in range(0, nq, step):
+        block = slice(start, start + step)
+        torch.bmm(torch.from_numpy(np.asarray(means[block], dtype=np.float64)), probes[block], out=out[block])
+    return out
 
 
 @dataclass
