@@ -18,8 +18,9 @@ needed and the fraction of queries certified. It also times fetching the stored 
 a fresh batch's top ``k`` right after its plain search, from ``means.npy`` and from the
 FAISS index: the least an exact rerank reads, and so the ratio it can reach at best on
 this machine reading them either way. The untimed first search
-of each mode (warm-up) also records its candidate sizes: later searches start from what
-it needed. Modes are interleaved batch by batch, in forward and reverse order on
+of each mode (warm-up) also records its candidate sizes: later searches start from
+twice what its hardest query needed (``needed``: the fewest FAISS candidates whose
+certificate holds). Modes are interleaved batch by batch, in forward and reverse order on
 alternate repeats: whatever runs right after plain FAISS pays for the caches it emptied,
 so each engine mode follows it in half the repeats. Each batch's best time over the
 repeats counts (the machine may be shared).
@@ -182,8 +183,10 @@ def time_modes(searcher: Searcher, plain: faiss.Index, batches, fresh, args, npr
     for name in engine_modes:
         frames = [outputs[name, i] for i in range(len(batches))]
         sizes = np.concatenate([f.attrs["candidates"] for f in frames])
+        needed = np.concatenate([f.attrs["needed"] for f in frames])
         stats[name] = {"candidates_mean": float(sizes.mean()), "candidates_median": float(np.median(sizes)),
-                       "candidates_max": int(sizes.max()),
+                       "candidates_max": int(sizes.max()), "needed_mean": float(needed.mean()),
+                       "needed_max": int(needed.max()),
                        "exact_fraction": float(np.mean([f.attrs["exact"] for f in frames])),
                        "certified_fraction": float(np.mean([f.attrs["certified"] for f in frames])),
                        "first_search_candidates_mean": float(np.mean(cold[name].attrs["candidates"])),
@@ -273,7 +276,8 @@ def report(label: str, timing: dict) -> None:
     for name in [name for name in timing if "ratio" in timing[name]]:
         t = timing[name]
         print(f"  {name:8s} {t['qps']:.0f} q/s  ratio {t['ratio']:.3f}  candidates mean {t['candidates_mean']:.0f} "
-              f"median {t['candidates_median']:.0f} max {t['candidates_max']}  certified {t['certified_fraction']:.2f} "
+              f"median {t['candidates_median']:.0f} max {t['candidates_max']}  (needed mean {t['needed_mean']:.1f} "
+              f"max {t['needed_max']})  certified {t['certified_fraction']:.2f} "
               f"exact {t['exact_fraction']:.2f}  (first search: mean {t['first_search_candidates_mean']:.0f}, "
               f"max {t['first_search_candidates_max']})")
         print("           ms per batch (best runs): " + ", ".join(

@@ -260,17 +260,36 @@ def test_queries_without_encoder_or_wrong_dim_raise(flat_index):
         searcher.search(Encoded(torch.zeros(1, D + 1), torch.zeros(1, H_TEXT)))
 
 
-def test_repeated_searches_start_from_the_learned_candidate_count(flat_index):
+def test_repeated_searches_start_from_what_the_last_one_needed(flat_index):
     searcher = Searcher(IndexReader.open(flat_index), None, flat_index)
     queries = text_queries(6, seed=12)
     first = searcher.search(queries, k=10, score="lcb", kappa=3.0, candidates=42)
-    learned = max(first.attrs["candidates"])
-    assert learned > 42
+    assert max(first.attrs["candidates"]) > 42  # grown
+    needed = max(first.attrs["needed"])
+    assert 10 < needed < max(first.attrs["candidates"])
     second = searcher.search(queries, k=10, score="lcb", kappa=3.0)
-    assert min(second.attrs["candidates"]) >= learned
-    pd_equal = (first[["item_id", "score"]].to_numpy() == second[["item_id", "score"]].to_numpy()).all()
-    assert pd_equal
-    assert min(searcher.search(queries, k=10, score="expected").attrs["candidates"]) == 168
+    assert second.attrs["candidates"] == [2 * needed] * 6  # one round, learned from the first search
+    assert (first[["item_id", "score"]].to_numpy() == second[["item_id", "score"]].to_numpy()).all()
+    expected = searcher.search(queries, k=10, score="expected")
+    assert expected.attrs["candidates"] == [168] * 6  # a first search with this score
+    learned = 2 * max(expected.attrs["needed"])
+    assert searcher.search(queries, k=10, score="expected").attrs["candidates"] == [learned] * 6
+
+
+@pytest.mark.parametrize("score,kappa", [("expected", 1.0), ("lcb", 1.0), ("lcb", 3.0), ("ucb", 1.0)])
+def test_needed_is_the_fewest_candidates_that_certify(flat_index, score, kappa):
+    queries = text_queries(6, seed=5)
+    searcher = Searcher(IndexReader.open(flat_index), None, flat_index)
+    reference = searcher.search(queries, k=10, score=score, kappa=kappa)
+    needed = reference.attrs["needed"]
+    enough = Searcher(IndexReader.open(flat_index), None, flat_index).search(
+        queries, k=10, score=score, kappa=kappa, candidates=max(needed))
+    assert enough.attrs["candidates"] == [max(needed)] * 6 and enough.attrs["needed"] == needed
+    assert (enough[["item_id", "score"]].to_numpy() == reference[["item_id", "score"]].to_numpy()).all()
+    short = Searcher(IndexReader.open(flat_index), None, flat_index).search(
+        queries, k=10, score=score, kappa=kappa, candidates=max(needed) - 1)
+    hardest = int(np.argmax(needed))
+    assert short.attrs["candidates"][hardest] > max(needed) - 1  # one fewer: its certificate fails, the set grows
 
 
 def test_survivors_are_scored_like_a_plain_rerank(flat_index):

@@ -48,6 +48,11 @@ RERANK_MARGIN = 1
 bound, and the second stage is skipped (benchmark collection: 11 stored means read per
 query in one pass, against 10.02 in two passes with none, or 18 with eight)."""
 DEFAULT_MAX_CANDIDATES = 65_536
+LEARNED_HEADROOM = 2
+"""A search's first FAISS round asks for this many times what the hardest query of the
+previous search with the same settings needed. FAISS's cost grows with the count (1M
+IVF, 100 queries: 157.1 ms for 16 candidates, 158.0 for 48, 162.4 for 168), and a query
+that needs more than it got pays a second FAISS round."""
 
 
 class StoredRows:
@@ -140,6 +145,8 @@ class SearchOutcome:
         certified: ``(nq,)`` whether the certificate held (no unreturned item can enter).
         exact: ``(nq,)`` certified and FAISS's ranking exhaustive: equal to a brute-force rerank.
         candidates: ``(nq,)`` candidate-set size the last round used.
+        needed: ``(nq,)`` the fewest FAISS candidates whose certificate holds (the
+            last round's size where none of its does).
         seconds: wall time of the ``faiss`` searches and of the ``rerank`` (scoring,
             bounds and certificate), summed over the rounds.
     """
@@ -152,7 +159,15 @@ class SearchOutcome:
     certified: np.ndarray
     exact: np.ndarray
     candidates: np.ndarray
+    needed: np.ndarray
     seconds: dict = field(default_factory=lambda: {"faiss": 0.0, "rerank": 0.0})
+
+    @classmethod
+    def empty(cls, nq: int, k: int) -> "SearchOutcome":
+        """No results yet for ``nq`` queries: ids ``-1``, scores ``-inf``, nothing certified."""
+        nan = np.full((nq, k), np.nan)
+        return cls(np.full((nq, k), -1, np.int64), np.full((nq, k), -np.inf), nan.copy(), nan.copy(), nan.copy(),
+                   np.zeros(nq, bool), np.zeros(nq, bool), np.zeros(nq, np.int64), np.zeros(nq, np.int64))
 
 
 def default_candidates(k: int) -> int:
@@ -240,11 +255,10 @@ class CandidateSearch:
             selector: a FAISS ``IDSelector`` restricting the search, or ``None``.
             nprobe: IVF lists to probe (``None``: the index's setting).
             candidates: first-round FAISS candidate count. Default:
-                :func:`default_candidates`, or what the previous search with the same score,
-                ``kappa``, ``k`` and filtering needed if that was more, so repeated
-                searches rarely pay a second FAISS pass. FAISS's cost hardly depends on
-                it and only the candidates that can matter are reranked (see
-                :meth:`_rerank`); only speed depends on it.
+                :func:`default_candidates` for the first search with a score, ``kappa``,
+                ``k`` and filtering; after it, :data:`LEARNED_HEADROOM` times what the
+                hardest query of the previous such search needed. Only speed depends on
+                it: only the candidates that can matter are reranked (see :meth:`_rerank`).
             max_candidates: stop growing here and report the query as not certified.
 
         Returns:
@@ -257,8 +271,8 @@ class CandidateSearch:
         exhaustive = is_exhaustive(self.index, nprobe)
         total = max(int(self.index.ntotal), 1)
         key = (scorer.name, getattr(scorer, "kappa", None), k, selector is None)
-        kc = min(max(candidates or max(default_candidates(k), self._learned.get(key, 0)), k), total)
-        out = _empty_outcome(nq, k)
+        kc = min(max(candidates or self._learned.get(key, default_candidates(k)), k), total)
+        out = SearchOutcome.empty(nq, k)
         pending = np.arange(nq)
         while pending.size:
             start = time.perf_counter()
@@ -268,19 +282,20 @@ class CandidateSearch:
             with serial_torch():
                 sub = query.take(pending)
                 scored, moments, ranking = self._rerank(sub, scorer, k, D, I)
-                bound = scorer.upper_bound(self._bounds(sub, D[:, -1]))
+                column_bounds = scorer.upper_bound(self._bounds(sub, D))  # column j: any item with f <= D[:, j]
             exhausted = (I[:, -1] < 0) | (kc >= total)
             kth = ranking.scores[:, -1] if ranking.scores.shape[1] == k else np.full(len(pending), -np.inf)
-            certified = exhausted | (kth > bound)
+            certified = exhausted | (kth > column_bounds[:, -1])
             done = certified | (kc >= max_candidates)
             _store(out, pending[done], ranking, moments, scored, done)
             out.certified[pending[done]] = certified[done]
             out.candidates[pending[done]] = kc
+            out.needed[pending[done]] = _certifying_count(column_bounds, kth)[done]
             pending = pending[~done]
             kc = min(kc * GROWTH, total, max(max_candidates, k))
             out.seconds["rerank"] += time.perf_counter() - searched
         out.exact = out.certified & exhaustive
-        self._learned[key] = int(out.candidates.max(initial=0))
+        self._learned[key] = int(min(max(LEARNED_HEADROOM * out.needed.max(initial=0), k + RERANK_MARGIN), total))
         return out
 
     def _moments_of_survivors(self, query: QuerySide, survivors: np.ndarray) -> PairMoments:
@@ -359,6 +374,14 @@ class CandidateSearch:
         return scored, moments, scorer.rank(moments, scored, k)
 
 
+def _certifying_count(column_bounds: np.ndarray, kth: np.ndarray) -> np.ndarray:
+    """Per query, the fewest candidates whose certificate holds: one past the first column
+    whose bound is below the ``k``-th score (bounds only fall along a row); all columns if none is.
+    """
+    below = column_bounds < kth[:, None]
+    return np.where(below.any(axis=1), below.argmax(axis=1) + 1, column_bounds.shape[1])
+
+
 def _packed_columns(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row of ``keep`` ``(nq, c)``, its kept columns first, in order, then others; as wide as the most kept.
 
@@ -374,12 +397,6 @@ def _pack_left(I: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """The ids of ``I`` ``(nq, c)`` where ``keep``, moved left in order, ``-1`` after; as wide as the most kept."""
     order, taken = _packed_columns(keep)
     return np.where(taken, np.take_along_axis(I, order, axis=1), -1)
-
-
-def _empty_outcome(nq: int, k: int) -> SearchOutcome:
-    nan = np.full((nq, k), np.nan)
-    return SearchOutcome(np.full((nq, k), -1, np.int64), np.full((nq, k), -np.inf), nan.copy(), nan.copy(),
-                         nan.copy(), np.zeros(nq, bool), np.zeros(nq, bool), np.zeros(nq, np.int64))
 
 
 def _store(out: SearchOutcome, rows: np.ndarray, ranking, moments: PairMoments, I: np.ndarray, done: np.ndarray):

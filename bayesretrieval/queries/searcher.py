@@ -195,9 +195,10 @@ class Searcher:
             ``score``, ``exact`` (every query equals a brute-force rerank), ``certified``
             (every query's certificate held relative to what FAISS can return; differs
             from ``exact`` for IVF with fewer probes than lists), ``candidates`` (per
-            query), ``estimator`` and ``seconds``: where the time went (``queries``:
-            encoding, query-side products and filter selection; ``faiss``; ``rerank``;
-            ``table``).
+            query, the FAISS candidates its last round used), ``needed`` (per query, the
+            fewest that certify it), ``estimator`` and ``seconds``: where the time went
+            (``queries``: encoding, query-side products and filter selection; ``faiss``;
+            ``rerank``; ``table``).
 
         Raises:
             ValueError: for bad arguments (empty query, ``k <= 0``, unknown score, ...).
@@ -221,16 +222,16 @@ class Searcher:
             allowed = where.select(self.reader)
             selector, k_eff = id_selector(allowed), min(int(k), len(allowed))
         if k_eff == 0:
-            empty = np.zeros(len(encoded.labels), bool)
-            frame = pd.DataFrame(columns=list(RESULT_COLUMNS))
-            return _with_attrs(frame, score, ~empty, ~empty, np.zeros(len(empty), np.int64), self.estimator, {})
+            nothing = SearchOutcome.empty(len(encoded.labels), 0)  # no eligible item: trivially exact
+            nothing.certified[:] = nothing.exact[:] = True
+            return _with_attrs(pd.DataFrame(columns=list(RESULT_COLUMNS)), score, nothing, self.estimator, {})
         prepared = time.perf_counter()
         outcome = engine.search(query, scorer, k_eff, selector, nprobe, candidates, max_candidates)
         searched = time.perf_counter()
         with serial_torch():
             frame = self._table(encoded, outcome, calibration, threshold)
         seconds = {"queries": prepared - start, **outcome.seconds, "table": time.perf_counter() - searched}
-        return _with_attrs(frame, score, outcome.exact, outcome.certified, outcome.candidates, self.estimator, seconds)
+        return _with_attrs(frame, score, outcome, self.estimator, seconds)
 
     def _table(self, encoded: Queries, outcome: SearchOutcome, calibration, threshold) -> pd.DataFrame:
         """The result rows, built column-wise."""
@@ -323,7 +324,8 @@ def _is_images(queries) -> bool:
     return isinstance(queries, (list, tuple)) and bool(queries) and not isinstance(queries[0], str)
 
 
-def _with_attrs(frame: pd.DataFrame, score, exact, certified, candidates, estimator, seconds) -> pd.DataFrame:
-    frame.attrs.update(score=ScoreName(score).value, exact=bool(np.all(exact)), certified=bool(np.all(certified)),
-                       estimator=estimator.value, candidates=[int(c) for c in candidates], seconds=seconds)
+def _with_attrs(frame: pd.DataFrame, score, outcome: SearchOutcome, estimator, seconds) -> pd.DataFrame:
+    frame.attrs.update(score=ScoreName(score).value, exact=bool(np.all(outcome.exact)),
+                       certified=bool(np.all(outcome.certified)), estimator=estimator.value,
+                       candidates=outcome.candidates.tolist(), needed=outcome.needed.tolist(), seconds=seconds)
     return frame
