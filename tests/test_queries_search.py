@@ -12,6 +12,7 @@ from bayesretrieval.indexing.scalars import ScalarComputer
 from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair
 from bayesretrieval.queries import ItemFilter, ProbitCalibration, Searcher
 from bayesretrieval.queries.calibration import save_calibration
+from bayesretrieval.queries.candidates import _next_first_round
 from bayesretrieval.queries.searcher import RESULT_COLUMNS
 from bayesretrieval.queries.uncertainty import Candidates, ModelCovariances, QuerySide, candidate_moments
 from bayesretrieval.similarity import cosine_moments
@@ -307,3 +308,8 @@ def test_survivors_are_scored_like_a_plain_rerank(flat_index):
     for name in ("mean", "var", "map_cosine"):
         torch.testing.assert_close(getattr(got, name)[valid], getattr(want, name)[valid], rtol=0, atol=0)
         assert getattr(got, name)[~valid].isnan().all()
+
+
+@pytest.mark.parametrize("needed,first_round", [(11, 22), (84, 168), (85, 168), (168, 168), (169, 338), (673, 1346)])
+def test_next_first_round_leaves_headroom_unless_the_default_is_close(needed, first_round):
+    assert _next_first_round(needed, 168) == first_round

@@ -257,8 +257,10 @@ class CandidateSearch:
             candidates: first-round FAISS candidate count. Default:
                 :func:`default_candidates` for the first search with a score, ``kappa``,
                 ``k`` and filtering; after it, :data:`LEARNED_HEADROOM` times what the
-                hardest query of the previous such search needed. Only speed depends on
-                it: only the candidates that can matter are reranked (see :meth:`_rerank`).
+                hardest query of the previous such search needed, where that is less than
+                the default or the default fell short (:func:`_next_first_round`). Only
+                speed depends on it: only the candidates that can matter are reranked
+                (see :meth:`_rerank`).
             max_candidates: stop growing here and report the query as not certified.
 
         Returns:
@@ -295,7 +297,8 @@ class CandidateSearch:
             kc = min(kc * GROWTH, total, max(max_candidates, k))
             out.seconds["rerank"] += time.perf_counter() - searched
         out.exact = out.certified & exhaustive
-        self._learned[key] = int(min(max(LEARNED_HEADROOM * out.needed.max(initial=0), k + RERANK_MARGIN), total))
+        learned = _next_first_round(int(out.needed.max(initial=0)), default_candidates(k))
+        self._learned[key] = min(max(learned, k + RERANK_MARGIN), total)
         return out
 
     def _moments_of_survivors(self, query: QuerySide, survivors: np.ndarray) -> PairMoments:
@@ -372,6 +375,17 @@ class CandidateSearch:
         moments = PairMoments(*(torch.cat([a, b], dim=1) for a, b in (
             (moments.mean, extra.mean), (moments.var, extra.var), (moments.map_cosine, extra.map_cosine))))
         return scored, moments, scorer.rank(moments, scored, k)
+
+
+def _next_first_round(needed: int, default: int) -> int:
+    """First-round FAISS candidates after a search whose hardest query needed ``needed``.
+
+    :data:`LEARNED_HEADROOM` times that where it fits under ``default`` (or where
+    ``default`` fell short), else ``default``: a need close to it does not make a larger
+    first round pay.
+    """
+    wanted = LEARNED_HEADROOM * needed
+    return wanted if wanted <= default or needed > default else default
 
 
 def _certifying_count(column_bounds: np.ndarray, kth: np.ndarray) -> np.ndarray:
