@@ -23,7 +23,8 @@ twice what its hardest query needed (``needed``: the fewest FAISS candidates who
 certificate holds). Modes are interleaved batch by batch, in forward and reverse order on
 alternate repeats: whatever runs right after plain FAISS pays for the caches it emptied,
 so each engine mode follows it in half the repeats. Each batch's best time over the
-repeats counts (the machine may be shared).
+repeats counts (the machine may be shared); the ratio of the per-batch median times is
+printed beside it.
 
     .venv/bin/python benchmarks/search_speed.py                       # 200k items
     .venv/bin/python benchmarks/search_speed.py --items 1000000       # the 1M run
@@ -147,7 +148,7 @@ def plain_index(reader: IndexReader, nprobe: int) -> faiss.Index:
 
 
 def time_modes(searcher: Searcher, plain: faiss.Index, batches, fresh, args, nprobe) -> dict:
-    """Seconds per mode (per batch the best of the interleaved repeats, summed), plus candidate sizes.
+    """Seconds per mode (per batch the best of the interleaved repeats, summed; medians too), plus candidate sizes.
 
     ``fresh``: query batches never searched before, for :func:`mean_fetch_cost`.
     """
@@ -167,6 +168,7 @@ def time_modes(searcher: Searcher, plain: faiss.Index, batches, fresh, args, npr
     engine_modes = [name for name in modes if name != "plain"]
     cold = {name: run(0) for name, run in modes.items()}  # warm-up: page in the arrays, learn candidate counts
     best = {name: np.full(len(batches), math.inf) for name in modes}
+    times = {name: np.zeros((args.repeats, len(batches))) for name in modes}
     outputs, stages = {}, {}
     forward = list(modes)
     for repeat in range(args.repeats):
@@ -176,6 +178,7 @@ def time_modes(searcher: Searcher, plain: faiss.Index, batches, fresh, args, npr
                 start = time.perf_counter()
                 outputs[name, i] = modes[name](i)
                 seconds = time.perf_counter() - start
+                times[name][repeat, i] = seconds
                 if seconds < best[name][i]:
                     best[name][i] = seconds
                     stages[name, i] = getattr(outputs[name, i], "attrs", {}).get("seconds")
@@ -194,11 +197,12 @@ def time_modes(searcher: Searcher, plain: faiss.Index, batches, fresh, args, npr
                        "stage_ms_per_batch": {stage: 1000 * float(np.mean([stages[name, i][stage]
                                                                             for i in range(len(batches))]))
                                               for stage in stages[name, 0]}}
-    best = {name: float(times.sum()) for name, times in best.items()}
     total = args.batch * len(batches)
-    out = {name: {"qps": total / seconds, "seconds": seconds} for name, seconds in best.items()}
+    out = {name: {"qps": total / float(best[name].sum()), "seconds": float(best[name].sum()),
+                  "qps_median": total / float(np.median(times[name], axis=0).sum())} for name in modes}
     for name in engine_modes:
-        out[name].update(stats[name], ratio=out[name]["qps"] / out["plain"]["qps"])
+        out[name].update(stats[name], ratio=out[name]["qps"] / out["plain"]["qps"],
+                         ratio_median=out[name]["qps_median"] / out["plain"]["qps_median"])
     out["mean_fetch"] = mean_fetch_cost(searcher.reader, plain, [_faiss_queries(searcher, b) for b in fresh], args)
     return out
 
@@ -275,7 +279,7 @@ def report(label: str, timing: dict) -> None:
               if source + "_ms" in fetch))
     for name in [name for name in timing if "ratio" in timing[name]]:
         t = timing[name]
-        print(f"  {name:8s} {t['qps']:.0f} q/s  ratio {t['ratio']:.3f}  candidates mean {t['candidates_mean']:.0f} "
+        print(f"  {name:8s} {t['qps']:.0f} q/s  ratio {t['ratio']:.3f} (of medians {t['ratio_median']:.3f})  candidates mean {t['candidates_mean']:.0f} "
               f"median {t['candidates_median']:.0f} max {t['candidates_max']}  (needed mean {t['needed_mean']:.1f} "
               f"max {t['needed_max']})  certified {t['certified_fraction']:.2f} "
               f"exact {t['exact_fraction']:.2f}  (first search: mean {t['first_search_candidates_mean']:.0f}, "
