@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from bayesretrieval.queries.bounds import (
+    ScoreBounds,
     Spectra,
     candidate_variance_floor,
     float32_slack,
@@ -112,3 +113,14 @@ def test_candidate_variance_floor_is_below_every_variance(kfac_index, estimator,
     var = moments.var.numpy()
     assert np.all(floor <= var)
     assert np.median(floor / var) > (0.99 if estimator != "second_order" else 0.5)  # measured 0.83-0.85
+
+
+def test_score_bounds_columns_slice_the_candidates_and_keep_the_per_query_variance():
+    mean, map_cosine = np.arange(12.0).reshape(3, 4), -np.arange(12.0).reshape(3, 4)
+    var, floor = np.ones((3, 1)), np.full((3, 4), 0.5) + np.arange(4)
+    part = ScoreBounds(mean, var, map_cosine, floor).columns(1)
+    np.testing.assert_array_equal(part.mean, mean[:, 1:])
+    np.testing.assert_array_equal(part.map_cosine, map_cosine[:, 1:])
+    np.testing.assert_array_equal(part.var_floor, floor[:, 1:])
+    assert part.var is var
+    assert ScoreBounds(mean, var, map_cosine).columns(3).var_floor == 0.0

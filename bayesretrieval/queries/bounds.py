@@ -46,6 +46,11 @@ class ScoreBounds:
     map_cosine: np.ndarray
     var_floor: np.ndarray | float = 0.0
 
+    def columns(self, start: int) -> "ScoreBounds":
+        """The bounds of candidates ``start:`` of per-candidate bounds ``(nq, c)`` (``var`` stays per query)."""
+        floor = self.var_floor[:, start:] if np.ndim(self.var_floor) == 2 else self.var_floor
+        return ScoreBounds(self.mean[:, start:], self.var, self.map_cosine[:, start:], floor)
+
 
 @dataclass(frozen=True)
 class Spectra:

@@ -51,8 +51,8 @@ DEFAULT_MAX_CANDIDATES = 65_536
 LEARNED_HEADROOM = 2
 """A search's first FAISS round asks for this many times what the hardest query of the
 previous search with the same settings needed. FAISS's cost grows with the count (1M
-IVF, 100 queries: 157.1 ms for 16 candidates, 158.0 for 48, 162.4 for 168), and a query
-that needs more than it got pays a second FAISS round."""
+IVF, 100 queries: 168 candidates cost 1.4-4.3 ms more than 24-48 in interleaved
+measurements), and a query that needs more than it got pays a second FAISS round."""
 
 
 class StoredRows:
@@ -283,8 +283,9 @@ class CandidateSearch:
             out.seconds["faiss"] += searched - start
             with serial_torch():
                 sub = query.take(pending)
-                scored, moments, ranking = self._rerank(sub, scorer, k, D, I)
-                column_bounds = scorer.upper_bound(self._bounds(sub, D))  # column j: any item with f <= D[:, j]
+                bounds = self._bounds(sub, D)  # column j: on any item whose inner product is at most D[:, j]
+                scored, moments, ranking = self._rerank(sub, scorer, k, D, I, bounds)
+                column_bounds = scorer.upper_bound(bounds)
             exhausted = (I[:, -1] < 0) | (kc >= total)
             kth = ranking.scores[:, -1] if ranking.scores.shape[1] == k else np.full(len(pending), -np.inf)
             certified = exhausted | (kth > column_bounds[:, -1])
@@ -327,13 +328,14 @@ class CandidateSearch:
         return score_bounds(f.astype(np.float64) + self.slack, query, self.covs, self.extremes, self.form,
                             self.estimator, self.spectra)
 
-    def _may_enter(self, query: QuerySide, scorer: Scorer, kth: np.ndarray, f: np.ndarray, ids: np.ndarray):
+    def _may_enter(self, query: QuerySide, scorer: Scorer, kth: np.ndarray, f: np.ndarray, ids: np.ndarray,
+                   bounds: ScoreBounds):
         """Which candidates ``ids`` ``(nq, c)`` (FAISS inner products ``f``) can reach ``kth`` ``(nq,)``.
 
-        Bounds from ``f`` alone first; for scorers that gain from it, the candidates that
-        pass get a variance floor from their stored scalars and are bounded again.
+        Their ``bounds`` from ``f`` alone first; for scorers that gain from it, the
+        candidates that pass get a variance floor from their stored scalars and are
+        bounded again (in ``bounds``, a slice of the caller's).
         """
-        bounds = self._bounds(query, f)
         may = (scorer.upper_bound(bounds) >= kth[:, None]) & (ids >= 0)
         if scorer.uses_variance_floor and self.has_floor and may.any():
             order, taken = _packed_columns(may)
@@ -347,15 +349,18 @@ class CandidateSearch:
             may &= scorer.upper_bound(bounds) >= kth[:, None]
         return may
 
-    def _rerank(self, query: QuerySide, scorer: Scorer, k: int, D: np.ndarray, I: np.ndarray):
+    def _rerank(self, query: QuerySide, scorer: Scorer, k: int, D: np.ndarray, I: np.ndarray, bounds: ScoreBounds):
         """Exact scores of the candidates that can still matter, in two stages.
 
         FAISS's first ``k +`` :data:`RERANK_MARGIN` candidates give a provisional
         ``k``-th score; a later candidate whose score bound (from its FAISS inner
         product and stored scalars) is below it cannot enter the top ``k``. Each query's
-        remaining candidates are packed to the left, so the second stage scores only as
-        many columns as the query with the most survivors needs. Every stored row
-        gathered costs a random memory access, so the first stage reads few rows.
+        remaining candidates are packed to the left, and the second stage scores only
+        them (:meth:`_moments_of_survivors`). Every stored row gathered costs a random
+        memory access, so the first stage reads few rows.
+
+        Args:
+            bounds: every candidate column's bounds from its FAISS inner product ``D``.
 
         Returns:
             ``(I, moments, ranking)`` over the scored candidates (``-1`` where packing
@@ -367,7 +372,8 @@ class CandidateSearch:
         if first == I.shape[1]:
             return I, moments, ranking
         kth = ranking.scores[:, -1] if ranking.scores.shape[1] == k else np.full(len(I), -np.inf)
-        survivors = _pack_left(I[:, first:], self._may_enter(query, scorer, kth, D[:, first:], I[:, first:]))
+        may = self._may_enter(query, scorer, kth, D[:, first:], I[:, first:], bounds.columns(first))
+        survivors = _pack_left(I[:, first:], may)
         if survivors.shape[1] == 0:
             return I[:, :first], moments, ranking
         extra = self._moments_of_survivors(query, survivors)
