@@ -120,12 +120,14 @@ class QuerySide:
             raise ValueError(f"query means have shape {tuple(means.shape)}, expected (nq, {covs.item_cov.shape[0]})")
         if scales.shape != (means.shape[0],):
             raise ValueError(f"query scales have shape {tuple(scales.shape)}, expected ({means.shape[0]},)")
-        item_cov_means, query_cov_means = means @ covs.item_cov, means @ covs.query_cov
-        stats = SideStatistics(scales, (means * means).sum(1), (query_cov_means * means).sum(1),
-                               (item_cov_means * means).sum(1))
+        rows = torch.empty((len(means), 3, means.shape[1]), dtype=torch.float64)  # written in place: no copies
+        rows[:, 0] = means
+        torch.mm(means, covs.item_cov, out=rows[:, 1])
+        torch.mm(means, covs.query_cov, out=rows[:, 2])
+        norm_sq, other_quad, own_quad = torch.bmm(rows, means[:, :, None])[:, :, 0].unbind(1)
+        stats = SideStatistics(scales, norm_sq, own_quad, other_quad)
         expected_norm = torch.sqrt(stats.expected_norm_sq(covs.constants.trace_y))
-        probes = torch.stack([means, item_cov_means, query_cov_means], dim=2)
-        return cls(means, stats, probes, expected_norm)
+        return cls(means, stats, rows.transpose(1, 2), expected_norm)
 
     def faiss_queries(self) -> np.ndarray:
         """``xq = mu_y / sqrt(E|y|^2)`` ``(nq, D)`` float32: FAISS inner products are ``E[cos]``."""
