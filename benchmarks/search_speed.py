@@ -167,8 +167,7 @@ def time_modes(searcher: Searcher, plain: faiss.Index, batches, fresh, args, npr
                                                                  nprobe=nprobe, candidates=args.candidates)
     engine_modes = [name for name in modes if name != "plain"]
     cold = {name: run(0) for name, run in modes.items()}  # warm-up: page in the arrays, learn candidate counts
-    best = {name: np.full(len(batches), math.inf) for name in modes}
-    times = {name: np.zeros((args.repeats, len(batches))) for name in modes}
+    times = {name: np.full((args.repeats, len(batches)), math.inf) for name in modes}
     outputs, stages = {}, {}
     forward = list(modes)
     for repeat in range(args.repeats):
@@ -178,10 +177,9 @@ def time_modes(searcher: Searcher, plain: faiss.Index, batches, fresh, args, npr
                 start = time.perf_counter()
                 outputs[name, i] = modes[name](i)
                 seconds = time.perf_counter() - start
-                times[name][repeat, i] = seconds
-                if seconds < best[name][i]:
-                    best[name][i] = seconds
+                if seconds < times[name][:, i].min():
                     stages[name, i] = getattr(outputs[name, i], "attrs", {}).get("seconds")
+                times[name][repeat, i] = seconds
     stats = {}
     for name in engine_modes:
         frames = [outputs[name, i] for i in range(len(batches))]
@@ -198,7 +196,8 @@ def time_modes(searcher: Searcher, plain: faiss.Index, batches, fresh, args, npr
                                                                             for i in range(len(batches))]))
                                               for stage in stages[name, 0]}}
     total = args.batch * len(batches)
-    out = {name: {"qps": total / float(best[name].sum()), "seconds": float(best[name].sum()),
+    best = {name: float(times[name].min(axis=0).sum()) for name in modes}
+    out = {name: {"qps": total / best[name], "seconds": best[name],
                   "qps_median": total / float(np.median(times[name], axis=0).sum())} for name in modes}
     for name in engine_modes:
         out[name].update(stats[name], ratio=out[name]["qps"] / out["plain"]["qps"],
@@ -228,7 +227,8 @@ def mean_fetch_cost(reader: IndexReader, plain: faiss.Index, xq: list[np.ndarray
         start = time.perf_counter()
         sources[name](rows)
         times[name].append(time.perf_counter() - start)
-    return {"batch": args.batch, "rows": args.batch * args.k, **{f"{name}_ms": 1000 * float(np.median(t)) for name, t in times.items()}}
+    return {"batch": args.batch, "rows": args.batch * args.k,
+            **{f"{name}_ms": 1000 * float(np.median(t)) for name, t in times.items()}}
 
 
 def _faiss_queries(searcher: Searcher, batch: Encoded) -> np.ndarray:
@@ -279,8 +279,8 @@ def report(label: str, timing: dict) -> None:
               if source + "_ms" in fetch))
     for name in [name for name in timing if "ratio" in timing[name]]:
         t = timing[name]
-        print(f"  {name:8s} {t['qps']:.0f} q/s  ratio {t['ratio']:.3f} (of medians {t['ratio_median']:.3f})  candidates mean {t['candidates_mean']:.0f} "
-              f"median {t['candidates_median']:.0f} max {t['candidates_max']}  (needed mean {t['needed_mean']:.1f} "
+        print(f"  {name:8s} {t['qps']:.0f} q/s  ratio {t['ratio']:.3f} (of medians {t['ratio_median']:.3f})  "
+              f"candidates mean {t['candidates_mean']:.0f} median {t['candidates_median']:.0f} max {t['candidates_max']}  (needed mean {t['needed_mean']:.1f} "
               f"max {t['needed_max']})  certified {t['certified_fraction']:.2f} "
               f"exact {t['exact_fraction']:.2f}  (first search: mean {t['first_search_candidates_mean']:.0f}, "
               f"max {t['first_search_candidates_max']})")
