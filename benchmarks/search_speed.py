@@ -28,7 +28,7 @@ printed beside it.
 
     .venv/bin/python benchmarks/search_speed.py                       # 200k items
     .venv/bin/python benchmarks/search_speed.py --items 1000000       # the 1M run
-    .venv/bin/python benchmarks/search_speed.py --means-npy           # plus expected reading means.npy
+    .venv/bin/python benchmarks/search_speed.py --fixed-sources       # plus each source of candidate means alone
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from bayesretrieval.encoders import Encoded
 from bayesretrieval.indexing.scalars import ScalarComputer
 from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair
 from bayesretrieval.queries import Searcher
+from bayesretrieval.queries.candidates import FROM_FAISS, FROM_FILE
 from bayesretrieval.queries.uncertainty import QuerySide
 from bayesretrieval.store import IndexReader, ItemArrays, VarianceSpec, VersionInfo, write_version
 from bayesretrieval.store.format import SKIPPED_SCHEMA
@@ -72,8 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--candidates", type=int, help="first-round candidates (default: the engine's)")
     parser.add_argument("--indexes", nargs="+", choices=["flat", "ivf"], default=["flat", "ivf"],
                         help="which index kinds to build and time")
-    parser.add_argument("--means-npy", action="store_true",
-                        help="also time `expected` reading candidate means from means.npy instead of the FAISS lists")
+    parser.add_argument("--fixed-sources", action="store_true",
+                        help="also time `expected` and `lcb` reading candidate means from one source only "
+                             "(the FAISS lists, or means.npy), beside the engine's own choice")
     parser.add_argument("--workdir", type=Path, help="where to write the indexes (default: a temp dir)")
     parser.add_argument("--output", type=Path, default=Path("results/search_speed.json"))
     return parser.parse_args(argv)
@@ -153,18 +155,15 @@ def time_modes(searcher: Searcher, plain: faiss.Index, batches, fresh, args, npr
     ``fresh``: query batches never searched before, for :func:`mean_fetch_cost`.
     """
     xq = [_faiss_queries(searcher, b) for b in batches]
-    modes = {
-        "plain": lambda i: plain.search(xq[i], args.k),
-        "expected": lambda i: searcher.search(batches[i], k=args.k, score="expected", nprobe=nprobe,
-                                              candidates=args.candidates),
-        "lcb": lambda i: searcher.search(batches[i], k=args.k, score="lcb", kappa=args.kappa, nprobe=nprobe,
-                                         candidates=args.candidates),
-    }
-    if args.means_npy and searcher.rows.indexed_means is not None:
-        from_file = Searcher(searcher.reader, None, searcher.index_dir)
-        from_file.rows.indexed_means = None
-        modes["expected_means_npy"] = lambda i: from_file.search(batches[i], k=args.k, score="expected",
-                                                                 nprobe=nprobe, candidates=args.candidates)
+    modes = {"plain": lambda i: plain.search(xq[i], args.k),
+             "expected": _engine_mode(searcher, batches, "expected", args, nprobe),
+             "lcb": _engine_mode(searcher, batches, "lcb", args, nprobe)}
+    if args.fixed_sources and searcher.rows.indexed_means is not None:
+        for source in (FROM_FAISS, FROM_FILE):
+            fixed = Searcher(searcher.reader, None, searcher.index_dir)
+            fixed.rows.fix_mean_source(source)
+            for score in ("expected", "lcb"):
+                modes[f"{score}_{source}"] = _engine_mode(fixed, batches, score, args, nprobe)
     engine_modes = [name for name in modes if name != "plain"]
     cold = {name: run(0) for name, run in modes.items()}  # warm-up: page in the arrays, learn candidate counts
     times = {name: np.full((args.repeats, len(batches)), math.inf) for name in modes}
@@ -202,8 +201,17 @@ def time_modes(searcher: Searcher, plain: faiss.Index, batches, fresh, args, npr
     for name in engine_modes:
         out[name].update(stats[name], ratio=out[name]["qps"] / out["plain"]["qps"],
                          ratio_median=out[name]["qps_median"] / out["plain"]["qps_median"])
+    sources = searcher.rows.mean_sources
+    out["mean_sources"] = {"us_per_row": {name: 1e6 * cost for name, cost in sources.costs.items()},
+                           "reads": dict(sources.uses)}
     out["mean_fetch"] = mean_fetch_cost(searcher.reader, plain, [_faiss_queries(searcher, b) for b in fresh], args)
     return out
+
+
+def _engine_mode(searcher: Searcher, batches, score: str, args, nprobe):
+    """A timed mode: ``searcher.search`` of batch ``i`` by ``score``."""
+    return lambda i: searcher.search(batches[i], k=args.k, score=score, kappa=args.kappa, nprobe=nprobe,
+                                     candidates=args.candidates)
 
 
 def mean_fetch_cost(reader: IndexReader, plain: faiss.Index, xq: list[np.ndarray], args) -> dict:
@@ -277,6 +285,9 @@ def report(label: str, timing: dict) -> None:
               f"from {source}: {fetch[source + '_ms']:.1f} ms, so an exact rerank reaches at most "
               f"{batch_ms / (batch_ms + fetch[source + '_ms']):.3f}" for source in ("means_npy", "faiss_index")
               if source + "_ms" in fetch))
+    sources = timing["mean_sources"]
+    print("  candidate means: " + ", ".join(f"{name} {us:.2f} us per row, {sources['reads'][name]} reads"
+                                            for name, us in sources["us_per_row"].items()))
     for name in [name for name in timing if "ratio" in timing[name]]:
         t = timing[name]
         print(f"  {name:8s} {t['qps']:.0f} q/s  ratio {t['ratio']:.3f} (of medians {t['ratio_median']:.3f})  "

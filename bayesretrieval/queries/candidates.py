@@ -28,6 +28,7 @@ from bayesretrieval.queries.bounds import (
     score_bounds,
 )
 from bayesretrieval.queries.scorers import Scorer
+from bayesretrieval.queries.sources import CheaperSource
 from bayesretrieval.queries.uncertainty import (
     Candidates,
     ModelCovariances,
@@ -48,6 +49,8 @@ RERANK_MARGIN = 1
 bound, and the second stage is skipped (benchmark collection: 11 stored means read per
 query in one pass, against 10.02 in two passes with none, or 18 with eight)."""
 DEFAULT_MAX_CANDIDATES = 65_536
+FROM_FAISS, FROM_FILE = "faiss_index", "means_npy"
+"""The two sources of candidate means (:attr:`StoredRows.mean_sources`)."""
 LEARNED_HEADROOM = 2
 """A search's first FAISS round asks for this many times what the hardest query of the
 previous search with the same settings needed. FAISS's cost grows with the count (1M
@@ -65,8 +68,8 @@ class StoredRows:
         variance_diag: ``(N, D)`` or ``None``.
         variance_lowrank: ``(N, r, D)`` or ``None``.
         indexed_means: where the FAISS index reproduces ``means`` exactly, the means
-            from there (hot after a search, unlike random rows of ``means``); ``None``:
-            read ``means``.
+            from there; ``None``: read ``means``. With both, each gather reads from the
+            one that has been cheaper on this machine (:class:`CheaperSource`).
     """
 
     def __init__(self, ids: IdLookup, means, scalars, variance_diag=None, variance_lowrank=None,
@@ -74,9 +77,22 @@ class StoredRows:
         self.ids, self.means, self.scalars = ids, means, scalars
         self.variance_diag, self.variance_lowrank = variance_diag, variance_lowrank
         self.indexed_means = indexed_means
+        self.fix_mean_source(None)
 
     def __len__(self) -> int:
         return len(self.ids.item_ids)
+
+    def fix_mean_source(self, source: str | None) -> None:
+        """Read candidate means from ``source`` only (:data:`FROM_FAISS` or :data:`FROM_FILE`), or from
+        whichever is cheaper (``None``).
+
+        Raises:
+            ValueError: for an unknown source, or the FAISS index where it cannot reproduce the means.
+        """
+        available = [FROM_FAISS, FROM_FILE] if self.indexed_means is not None else [FROM_FILE]
+        if source is not None and source not in available:
+            raise ValueError(f"mean source {source!r} is not available here; expected one of {available}")
+        self.mean_sources = CheaperSource(available if source is None else [source])
 
     def _rows(self, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Row positions of the ids ``I`` flattened (``0`` for ``-1``) and which ids are real.
@@ -113,16 +129,17 @@ class StoredRows:
         )
 
     def _means(self, rows: np.ndarray, valid: np.ndarray, scalars: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        """Means of ``rows`` (zeros where not ``valid``) from the FAISS index if it can, else from ``means``.
+        """Means of ``rows`` (zeros where not ``valid``) from whichever source has been cheaper.
 
         The index path rebuilds padding from row 0 and then zeroes it: one array written
         once, where rebuilding only the valid rows and scattering them would write two.
         """
-        if self.indexed_means is None:
-            return _take(self.means, rows, valid, 0, shape)
-        means = self.indexed_means(rows, scalars.reshape(len(rows), -1))
-        means[~valid] = 0
-        return means.reshape(*shape, -1)
+        with self.mean_sources.timed(len(rows)) as source:
+            if source == FROM_FILE:
+                return _take(self.means, rows, valid, 0, shape)
+            means = self.indexed_means(rows, scalars.reshape(len(rows), -1))
+            means[~valid] = 0
+            return means.reshape(*shape, -1)
 
 
 def _take(array, rows: np.ndarray, valid: np.ndarray, fill: float, shape: tuple[int, ...]) -> np.ndarray:
