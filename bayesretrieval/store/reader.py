@@ -30,8 +30,8 @@ class IndexedMeans:
 
     FAISS holds ``x = fl32(mu / s)`` and the stored means are exactly ``fl32(s x)``
     (:mod:`bayesretrieval.store.vectors`). Right after a search, the candidates' vectors
-    sit in the lists FAISS has just scanned, while their rows of ``means.npy`` are cold
-    random reads: this is the cheap way to a candidate's mean.
+    sit in the lists FAISS has just scanned, while their rows of ``means.npy`` are random
+    reads of a large file; on some machines this is the cheaper way to a candidate's mean.
 
     Args:
         index: the version's ``IDMap2`` index over a ``Flat`` or ``IVF*,Flat`` index,

@@ -4,8 +4,10 @@ FAISS holds ``x = fl32(mu / s)`` with ``s = sqrt(|mu|^2 + q tr Sigma_I)`` (MATH.
 section 4). The writer stores the means ``m`` for which ``fl32(s * x) == m`` exactly,
 for every component (:func:`invertible_means`; at most one unit in the last place from
 the encoder's ``mu``). An exact rerank can then read a candidate's mean from the FAISS
-lists it has just scanned instead of from ``means.npy``: same bits, but memory that is
-already hot, where a random row of a large memory-mapped file is a page-cache access.
+lists it has just scanned instead of from ``means.npy``: same bits, from memory the
+search has just read rather than random rows of a large memory-mapped file. Which of the
+two is cheaper depends on the machine; the engine times both
+(:class:`bayesretrieval.queries.sources.CheaperSource`).
 """
 
 from __future__ import annotations
