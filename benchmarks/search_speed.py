@@ -48,7 +48,7 @@ from bayesretrieval.encoders import Encoded
 from bayesretrieval.indexing.scalars import ScalarComputer
 from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair
 from bayesretrieval.queries import Searcher
-from bayesretrieval.queries.candidates import FROM_FAISS, FROM_FILE
+from bayesretrieval.queries.rows import FROM_FAISS, FROM_FILE
 from bayesretrieval.queries.uncertainty import QuerySide
 from bayesretrieval.store import IndexReader, ItemArrays, VarianceSpec, VersionInfo, write_version
 from bayesretrieval.store.format import SKIPPED_SCHEMA

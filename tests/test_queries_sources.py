@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from bayesretrieval.queries import Searcher
-from bayesretrieval.queries.candidates import FROM_FAISS, FROM_FILE
+from bayesretrieval.queries.rows import FROM_FAISS, FROM_FILE
 from bayesretrieval.queries.sources import PROBE_INTERVAL, SMOOTHING, CheaperSource
 from bayesretrieval.store import IndexReader
 from test_queries_search import build_index, text_queries

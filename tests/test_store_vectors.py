@@ -6,7 +6,7 @@ import faiss
 import numpy as np
 import pytest
 
-from bayesretrieval.queries.candidates import StoredRows
+from bayesretrieval.queries.rows import StoredRows
 from bayesretrieval.store import IndexReader, VarianceSpec, build_faiss_index, write_version
 from bayesretrieval.store import format as fmt
 from bayesretrieval.store import vectors

@@ -25,10 +25,10 @@ from bayesretrieval.queries.candidates import (
     DEFAULT_MAX_CANDIDATES,
     CandidateSearch,
     SearchOutcome,
-    StoredRows,
     serial_torch,
 )
 from bayesretrieval.queries.filters import ItemFilter, id_selector
+from bayesretrieval.queries.rows import StoredRows
 from bayesretrieval.queries.scorers import ScoreName, make_scorer
 from bayesretrieval.queries.uncertainty import ModelCovariances, PairMoments, QuerySide, UncertaintyForm
 from bayesretrieval.similarity import DEFAULT_ESTIMATOR, CosineEstimator
