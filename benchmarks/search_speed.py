@@ -224,9 +224,9 @@ def mean_fetch_cost(reader: IndexReader, plain: faiss.Index, xq: list[np.ndarray
     sources taking turns. ``plain / (plain + fetch)`` per batch bounds the ratio an exact
     rerank that fetches them that way can reach.
     """
-    sources = {"means_npy": lambda rows: np.asarray(reader.means[rows])}
+    sources = {FROM_FILE: lambda rows: np.asarray(reader.means[rows])}
     if reader.indexed_means is not None:
-        sources["faiss_index"] = lambda rows: reader.indexed_means(rows, np.asarray(reader.scalars[rows]))
+        sources[FROM_FAISS] = lambda rows: reader.indexed_means(rows, np.asarray(reader.scalars[rows]))
     names = list(sources)
     times = {name: [] for name in names}
     for trial, queries in enumerate(xq):
@@ -283,7 +283,7 @@ def report(label: str, timing: dict) -> None:
     print(f"  fetching the means of a fresh batch's top results ({fetch['rows']}) right after its search: "
           f"plain FAISS {batch_ms:.1f} ms per batch; " + "; ".join(
               f"from {source}: {fetch[source + '_ms']:.1f} ms, so an exact rerank reaches at most "
-              f"{batch_ms / (batch_ms + fetch[source + '_ms']):.3f}" for source in ("means_npy", "faiss_index")
+              f"{batch_ms / (batch_ms + fetch[source + '_ms']):.3f}" for source in (FROM_FILE, FROM_FAISS)
               if source + "_ms" in fetch))
     sources = timing["mean_sources"]
     print("  candidate means: " + ", ".join(f"{name} {us:.2f} us per row, {sources['reads'][name]} reads"

@@ -5,7 +5,7 @@ the same bits: ``means.npy`` (random rows of a memory-mapped file) and the FAISS
 the search has just scanned (:class:`~bayesretrieval.store.reader.IndexedMeans`). Which
 is cheaper depends on the machine, not on the data. On one VM, rows of the file read
 after a FAISS search cost 11.7-51.8 ms per 1,000 against 3.3-14.2 ms from the lists; on
-another, 0.6-0.9 ms against 2.1-2.2 ms (``benchmarks/search_speed.py``, its mean-fetch
+another, 0.6-0.9 ms against 2.0-2.5 ms (``benchmarks/search_speed.py``, its mean-fetch
 probe). So the engine times both and reads from the one that is cheaper here and now.
 """
 
@@ -44,12 +44,16 @@ class CheaperSource:
         self.costs: dict[str, float | None] = {name: None for name in names}
         self.uses = {name: 0 for name in names}
 
+    def _ranked(self) -> list[str]:
+        """The timed sources, cheapest first."""
+        return sorted((name for name, cost in self.costs.items() if cost is not None), key=self.costs.get)
+
     def pick(self) -> str:
         """The source the next read should use."""
         untimed = [name for name, cost in self.costs.items() if cost is None]
         if untimed:
             return untimed[0]
-        ranked = sorted(self.costs, key=self.costs.get)
+        ranked = self._ranked()
         probing = len(ranked) > 1 and (sum(self.uses.values()) + 1) % PROBE_INTERVAL == 0
         return ranked[1] if probing else ranked[0]
 
@@ -58,7 +62,7 @@ class CheaperSource:
         self.uses[name] += 1
         per_row = seconds / max(rows, 1)
         previous = self.costs[name]
-        in_use = previous is not None and previous == min(c for c in self.costs.values() if c is not None)
+        in_use = previous is not None and self._ranked()[0] == name
         self.costs[name] = previous + SMOOTHING * (per_row - previous) if in_use else per_row
 
     @contextmanager
