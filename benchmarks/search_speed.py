@@ -8,6 +8,11 @@ is not timed), it measures queries per second of
 
 - plain FAISS top-``k``: the stored inner-product index itself (``IndexFlatIP`` /
   ``IndexIVFFlat`` with ``--nprobe``), no ids, no rerank;
+- the same plain search asked for the engine's default first-round count
+  (``plain_k<count>``, :func:`~bayesretrieval.queries.candidates.default_candidates`, or
+  ``--candidates``): what asking FAISS for that many candidates costs by itself. A score
+  keeps the default while its hardest query needs more than half of it (``lcb`` on the
+  1M collection);
 - ``Searcher.search(score="expected")`` and ``score="lcb"`` (``--kappa``): FAISS candidates,
   gather of the candidates' stored rows (means from the FAISS lists, scalars from the
   memory-mapped arrays), exact float64 rerank, certificate, result table, with the time
@@ -24,7 +29,9 @@ certificate holds). Modes are interleaved batch by batch, in forward and reverse
 alternate repeats: whatever runs right after plain FAISS pays for the caches it emptied,
 so each engine mode follows it in half the repeats. Each batch's best time over the
 repeats counts (the machine may be shared); the ratio of the per-batch median times is
-printed beside it.
+printed beside it, and so is the median (with quartiles) of the paired ratios: plain over
+the mode for the same batch in the same repeat, which run side by side and so share the
+machine's state.
 
     .venv/bin/python benchmarks/search_speed.py                       # 200k items
     .venv/bin/python benchmarks/search_speed.py --items 1000000       # the 1M run
@@ -48,6 +55,7 @@ from bayesretrieval.encoders import Encoded
 from bayesretrieval.indexing.scalars import ScalarComputer
 from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair
 from bayesretrieval.queries import Searcher
+from bayesretrieval.queries.candidates import default_candidates
 from bayesretrieval.queries.rows import FROM_FAISS, FROM_FILE
 from bayesretrieval.queries.uncertainty import QuerySide
 from bayesretrieval.store import IndexReader, ItemArrays, VarianceSpec, VersionInfo, write_version
@@ -155,7 +163,9 @@ def time_modes(searcher: Searcher, plain: faiss.Index, batches, fresh, args, npr
     ``fresh``: query batches never searched before, for :func:`mean_fetch_cost`.
     """
     xq = [_faiss_queries(searcher, b) for b in batches]
+    first_round = args.candidates or default_candidates(args.k)
     modes = {"plain": lambda i: plain.search(xq[i], args.k),
+             f"plain_k{first_round}": lambda i: plain.search(xq[i], first_round),
              "expected": _engine_mode(searcher, batches, "expected", args, nprobe),
              "lcb": _engine_mode(searcher, batches, "lcb", args, nprobe)}
     if args.fixed_sources and searcher.rows.indexed_means is not None:
@@ -164,7 +174,7 @@ def time_modes(searcher: Searcher, plain: faiss.Index, batches, fresh, args, npr
             fixed.rows.fix_mean_source(source)
             for score in ("expected", "lcb"):
                 modes[f"{score}_{source}"] = _engine_mode(fixed, batches, score, args, nprobe)
-    engine_modes = [name for name in modes if name != "plain"]
+    engine_modes = [name for name in modes if not name.startswith("plain")]
     cold = {name: run(0) for name, run in modes.items()}  # warm-up: page in the arrays, learn candidate counts
     times = {name: np.full((args.repeats, len(batches)), math.inf) for name in modes}
     outputs, stages = {}, {}
@@ -198,9 +208,14 @@ def time_modes(searcher: Searcher, plain: faiss.Index, batches, fresh, args, npr
     best = {name: float(times[name].min(axis=0).sum()) for name in modes}
     out = {name: {"qps": total / best[name], "seconds": best[name],
                   "qps_median": total / float(np.median(times[name], axis=0).sum())} for name in modes}
-    for name in engine_modes:
-        out[name].update(stats[name], ratio=out[name]["qps"] / out["plain"]["qps"],
-                         ratio_median=out[name]["qps_median"] / out["plain"]["qps_median"])
+    for name in modes:
+        if name == "plain":
+            continue
+        paired = times["plain"] / times[name]  # the same batch in the same repeat, run side by side
+        out[name].update(stats.get(name, {}), ratio=out[name]["qps"] / out["plain"]["qps"],
+                         ratio_median=out[name]["qps_median"] / out["plain"]["qps_median"],
+                         ratio_paired=float(np.median(paired)),
+                         ratio_paired_quartiles=[float(q) for q in np.percentile(paired, [25, 75])])
     sources = searcher.rows.mean_sources
     out["mean_sources"] = {"us_per_row": {name: 1e6 * cost for name, cost in sources.costs.items()},
                            "reads": dict(sources.uses)}
@@ -290,7 +305,12 @@ def report(label: str, timing: dict) -> None:
                                             for name, us in sources["us_per_row"].items()))
     for name in [name for name in timing if "ratio" in timing[name]]:
         t = timing[name]
-        print(f"  {name:8s} {t['qps']:.0f} q/s  ratio {t['ratio']:.3f} (of medians {t['ratio_median']:.3f})  "
+        print(f"  {name:8s} {t['qps']:.0f} q/s  ratio {t['ratio']:.3f} (of medians {t['ratio_median']:.3f}; "
+              f"paired {t['ratio_paired']:.3f}, quartiles {t['ratio_paired_quartiles'][0]:.3f}-"
+              f"{t['ratio_paired_quartiles'][1]:.3f})")
+        if "candidates_mean" not in t:
+            continue
+        print(f"           "
               f"candidates mean {t['candidates_mean']:.0f} median {t['candidates_median']:.0f} max {t['candidates_max']}  (needed mean {t['needed_mean']:.1f} "
               f"max {t['needed_max']})  certified {t['certified_fraction']:.2f} "
               f"exact {t['exact_fraction']:.2f}  (first search: mean {t['first_search_candidates_mean']:.0f}, "
