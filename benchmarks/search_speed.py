@@ -208,9 +208,7 @@ def time_modes(searcher: Searcher, plain: faiss.Index, batches, fresh, args, npr
     best = {name: float(times[name].min(axis=0).sum()) for name in modes}
     out = {name: {"qps": total / best[name], "seconds": best[name],
                   "qps_median": total / float(np.median(times[name], axis=0).sum())} for name in modes}
-    for name in modes:
-        if name == "plain":
-            continue
+    for name in [name for name in modes if name != "plain"]:
         paired = times["plain"] / times[name]  # the same batch in the same repeat, run side by side
         out[name].update(stats.get(name, {}), ratio=out[name]["qps"] / out["plain"]["qps"],
                          ratio_median=out[name]["qps_median"] / out["plain"]["qps_median"],
@@ -310,8 +308,7 @@ def report(label: str, timing: dict) -> None:
               f"{t['ratio_paired_quartiles'][1]:.3f})")
         if "candidates_mean" not in t:
             continue
-        print(f"           "
-              f"candidates mean {t['candidates_mean']:.0f} median {t['candidates_median']:.0f} max {t['candidates_max']}  (needed mean {t['needed_mean']:.1f} "
+        print(f"           candidates mean {t['candidates_mean']:.0f} median {t['candidates_median']:.0f} max {t['candidates_max']}  (needed mean {t['needed_mean']:.1f} "
               f"max {t['needed_max']})  certified {t['certified_fraction']:.2f} "
               f"exact {t['exact_fraction']:.2f}  (first search: mean {t['first_search_candidates_mean']:.0f}, "
               f"max {t['first_search_candidates_max']})")
