@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from benchmark_scripts import benchmark_module
 
 from bayesretrieval.queries.candidates import default_candidates
-from benchmark_scripts import benchmark_module
 
 TINY = ["--items", "3000", "--dim", "32", "--clusters", "20", "--batches", "2", "--repeats", "3"]
 
