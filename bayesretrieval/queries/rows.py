@@ -40,9 +40,6 @@ class StoredRows:
         self.indexed_means = indexed_means
         self.fix_mean_source(None)
 
-    def __len__(self) -> int:
-        return len(self.ids.item_ids)
-
     def fix_mean_source(self, source: str | None) -> None:
         """Read candidate means from ``source`` only (:data:`FROM_FAISS` or :data:`FROM_FILE`), or from
         whichever is cheaper (``None``).
