@@ -34,7 +34,7 @@ from bayesretrieval.world import (
     make_world,
     partial_query,
     query_text,
-    recall_at_k,
+    recall_at_ks,
     relevance_matrix,
     similarity_scores,
 )
@@ -87,9 +87,9 @@ def measure(encoder: ClipEncoder, world: World, texts: list[str]) -> dict:
     scores = similarity_scores(encoder, world.images, texts)
     relevant = relevance_matrix(texts, world.scenes)
     shifted = world.shifted
-    subset = recall_at_k(scores[shifted], relevant[shifted], KS) if shifted.any() else None
+    subset = recall_at_ks(scores[shifted], relevant[shifted], KS) if shifted.any() else None
     return {
-        "recall": recall_at_k(scores, relevant, KS),
+        "recall": recall_at_ks(scores, relevant, KS),
         "recall_shifted": subset,
         "n_shifted": int(shifted.sum()),
     }

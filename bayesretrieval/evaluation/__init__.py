@@ -1,18 +1,17 @@
 """Benchmark metrics for uncertain retrieval, beyond the basics in :mod:`bayesretrieval.metrics`.
 
-- :mod:`~bayesretrieval.evaluation.ranking`: per-query first-hit rank, hits@k, average precision;
 - :mod:`~bayesretrieval.evaluation.selective`: Recall@1 in uncertainty bins (Spearman, R^2),
   failure-detection AUROC, risk-coverage and AURC;
 - :mod:`~bayesretrieval.evaluation.baselines`: temperature-scaled gallery softmax, margin;
 - :mod:`~bayesretrieval.evaluation.signals`: the top-1 uncertainty signals, by name;
 - :mod:`~bayesretrieval.evaluation.sweep`: every query against the whole gallery, streamed;
-- :mod:`~bayesretrieval.evaluation.report`: the benchmark's numbers from a sweep;
+- :mod:`~bayesretrieval.evaluation.report`: the benchmark's numbers from a sweep (Recall@k,
+  precision and mAP from :mod:`bayesretrieval.metrics`);
 - :mod:`~bayesretrieval.evaluation.plots`: reliability, binned-recall and risk-coverage PNGs.
 """
 
 from bayesretrieval.evaluation.baselines import fit_temperature, softmax_confidence, softmax_statistics
-from bayesretrieval.evaluation.ranking import average_precision, first_hit_rank, hits_at_k, summarise_ranking
-from bayesretrieval.evaluation.report import Evaluation, evaluate, split_queries
+from bayesretrieval.evaluation.report import Evaluation, evaluate, split_queries, summarise_ranking
 from bayesretrieval.evaluation.selective import auroc_standard_error, binned_recall, failure_auroc, risk_coverage
 from bayesretrieval.evaluation.signals import Fitted, Signal, TopResults, signal_values
 from bayesretrieval.evaluation.sweep import DEFAULT_SCORES, ScoreSpec, SweepRecords, query_relative_variance, sweep
@@ -26,13 +25,10 @@ __all__ = [
     "SweepRecords",
     "TopResults",
     "auroc_standard_error",
-    "average_precision",
     "binned_recall",
     "evaluate",
     "failure_auroc",
-    "first_hit_rank",
     "fit_temperature",
-    "hits_at_k",
     "query_relative_variance",
     "risk_coverage",
     "signal_values",

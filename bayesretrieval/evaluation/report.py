@@ -8,12 +8,12 @@ retrieval metrics involve no fitting and use all queries.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
 from bayesretrieval import metrics
 from bayesretrieval.evaluation.baselines import fit_temperature
-from bayesretrieval.evaluation.ranking import summarise_ranking
 from bayesretrieval.evaluation.selective import auroc_standard_error, binned_recall, failure_auroc, risk_coverage
 from bayesretrieval.evaluation.signals import Fitted, Signal, TopResults, signal_values
 from bayesretrieval.evaluation.sweep import SweepRecords
@@ -31,6 +31,26 @@ class Evaluation:
 
     summary: dict
     curves: dict
+
+
+def summarise_ranking(first_hit, ap, hits_top, top: int, ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Recall@k, precision@``top`` and mAP over queries (definitions in :mod:`bayesretrieval.metrics`).
+
+    Args:
+        first_hit: ``(nq,)`` from :func:`~bayesretrieval.metrics.first_hit_rank`.
+        ap: ``(nq,)`` from :func:`~bayesretrieval.metrics.average_precision`.
+        hits_top: ``(nq,)`` from :func:`~bayesretrieval.metrics.hits_at_k` with ``k = top``.
+        top: the precision cut-off.
+        ks: recall cut-offs.
+
+    Returns:
+        ``{"recall@1": ..., "precision@10": ..., "map": ..., "queries": nq}``.
+    """
+    summary = {f"recall@{k}": metrics.recall_at_k(first_hit, k) for k in ks}
+    summary[f"precision@{top}"] = metrics.precision_at_k(hits_top, top)
+    summary["map"] = float(np.nanmean(ap))
+    summary["queries"] = int(len(first_hit))
+    return summary
 
 
 def split_queries(n: int, seed: int, fit_fraction: float = 0.5) -> np.ndarray:

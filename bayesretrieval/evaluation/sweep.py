@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from bayesretrieval.evaluation.baselines import DEFAULT_TEMPERATURES, softmax_statistics
-from bayesretrieval.evaluation.ranking import average_precision, first_hit_rank, hits_at_k
+from bayesretrieval.metrics import average_precision, first_hit_rank, hits_at_k
 from bayesretrieval.posterior import KroneckerPosterior
 from bayesretrieval.queries.candidates import CandidateSearch
 from bayesretrieval.queries.scorers import ScoreName, make_scorer

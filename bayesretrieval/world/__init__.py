@@ -16,7 +16,7 @@ from bayesretrieval.world.captions import (
     query_text,
 )
 from bayesretrieval.world.io import ImageFormat, read_world, read_world_table, write_world
-from bayesretrieval.world.recall import recall_at_k, similarity_scores, world_recall
+from bayesretrieval.world.recall import recall_at_ks, similarity_scores, world_recall
 from bayesretrieval.world.relevance import matches, relevance_matrix
 from bayesretrieval.world.render import images_to_tensor, render_scene, render_scenes
 from bayesretrieval.world.scenes import ObjectPool, Scene, SceneConfig, WorldObject
@@ -57,7 +57,7 @@ __all__ = [
     "query_text",
     "read_world",
     "read_world_table",
-    "recall_at_k",
+    "recall_at_ks",
     "relevance_matrix",
     "render_scene",
     "render_scenes",

@@ -1,9 +1,9 @@
 """Text-to-image recall on a world, labelled by the world's relevance function.
 
-A query counts as a hit at ``k`` when at least one of its ``k`` best-scored images is
-relevant to it (``relevance_matrix``). With full-caption queries an image's own
-caption is always relevant to it; identical scenes are relevant too, so duplicates do
-not count as misses.
+Recall@k is :func:`bayesretrieval.metrics.recall_at_k`: a query counts as a hit at ``k``
+when at least one of its ``k`` best-scored images is relevant to it (``relevance_matrix``).
+With full-caption queries an image's own caption is always relevant to it; identical
+scenes are relevant too, so duplicates do not count as misses.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from bayesretrieval import metrics
 from bayesretrieval.encoders import ClipEncoder
 from bayesretrieval.world.relevance import relevance_matrix
 from bayesretrieval.world.render import images_to_tensor
@@ -21,42 +22,19 @@ from bayesretrieval.world.world import World
 DEFAULT_KS = (1, 5, 10)
 
 
-def recall_at_k(
-    scores: np.ndarray, relevant: np.ndarray, ks: Sequence[int] = DEFAULT_KS
-) -> dict[int, float]:
-    """Fraction of queries with a relevant item among their ``k`` best scores.
-
-    Ties are broken by item order (a stable sort of ``-scores``).
+def recall_at_ks(scores, relevant, ks: Sequence[int] = DEFAULT_KS) -> dict[int, float]:
+    """:func:`~bayesretrieval.metrics.recall_at_k` of a dense score matrix at several cut-offs.
 
     Args:
-        scores: float array ``(nq, nb)``; higher is better.
+        scores: float array ``(nq, nb)``; higher is better, ties go to the smaller column.
         relevant: bool array ``(nq, nb)``.
-        ks: cut-offs, each in ``[1, nb]``.
+        ks: cut-offs, each ``>= 1``.
 
     Returns:
         ``{k: recall}`` for every ``k`` in ``ks``.
-
-    Raises:
-        ValueError: on mismatched shapes, bad cut-offs, or a query without any
-            relevant item (its recall would be undefined).
     """
-    scores = np.asarray(scores)
-    relevant = np.asarray(relevant, dtype=bool)
-    if scores.ndim != 2 or scores.shape != relevant.shape:
-        raise ValueError(
-            f"scores and relevant must both be (nq, nb), got {scores.shape} and {relevant.shape}"
-        )
-    nq, nb = scores.shape
-    for k in ks:
-        if not 1 <= k <= nb:
-            raise ValueError(f"every k must be in [1, nb={nb}], got {k}")
-    empty = np.flatnonzero(~relevant.any(axis=1))
-    if len(empty):
-        raise ValueError(f"{len(empty)} of {nq} queries have no relevant item (first: {empty[0]})")
-    order = np.argsort(-scores, axis=1, kind="stable")
-    hits = np.take_along_axis(relevant, order, axis=1)
-    first_hit = hits.argmax(axis=1)  # rank of the best-ranked relevant item, (nq,)
-    return {int(k): float((first_hit < k).mean()) for k in ks}
+    first_hit = metrics.first_hit_rank(scores, relevant)
+    return {int(k): metrics.recall_at_k(first_hit, k) for k in ks}
 
 
 def similarity_scores(
@@ -103,4 +81,4 @@ def world_recall(
     """
     texts = list(world.captions if queries is None else queries)
     scores = similarity_scores(encoder, world.images, texts)
-    return recall_at_k(scores, relevance_matrix(texts, world.scenes), ks)
+    return recall_at_ks(scores, relevance_matrix(texts, world.scenes), ks)
