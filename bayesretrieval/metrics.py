@@ -38,7 +38,8 @@ def binary_labels(labels, name: str = "labels") -> np.ndarray:
         return values
     bad = ~np.isin(values, (0, 1))
     if bad.any():
-        raise ValueError(f"{name} must be 0/1 or booleans, got {values.flat[np.flatnonzero(bad)[0]]!r}")
+        first = values.reshape(-1)[np.flatnonzero(bad)[:1]].tolist()[0]
+        raise ValueError(f"{name} must be 0/1 or booleans, got {first!r}")
     return values.astype(bool)
 
 

@@ -67,6 +67,8 @@ def test_failure_auroc_equals_pairwise_reference():
         failure_auroc([0.1, 0.2], [True, True])
     with pytest.raises(ValueError, match="NaN"):
         failure_auroc([np.nan, 0.2], [True, False])
+    with pytest.raises(ValueError, match="failed must be 0/1 or booleans"):
+        failure_auroc([0.1, 0.2], [0, 2])
 
 
 def test_risk_coverage_matches_naive_and_oracle():

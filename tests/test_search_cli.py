@@ -137,6 +137,9 @@ def test_calibrate_then_probability_and_threshold(tiny_index, tmp_path, capsys):
     pd.DataFrame({"query": ["a"], "path": ["nope.png"], "label": [1]}).to_csv(tmp_path / "bad.csv", index=False)
     code, _, err = run_cli(capsys, "calibrate", tiny_index, tmp_path / "bad.csv")
     assert code == 2 and "not in the index" in err
+    pairs.assign(label=pairs.label * 2).to_csv(tmp_path / "bad.csv", index=False)
+    code, _, err = run_cli(capsys, "calibrate", tiny_index, tmp_path / "bad.csv")
+    assert code == 2 and "column label must be 0/1 or booleans, got 2" in err
     (tiny_index / "calibration.json").unlink()
 
 

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from bayesretrieval.cli import CommandError
+from bayesretrieval.metrics import binary_labels
 from bayesretrieval.queries.calibration import evaluate_links
 from bayesretrieval.queries.searcher import Searcher
 from bayesretrieval.queries.uncertainty import PairMoments
@@ -67,8 +68,10 @@ def read_pairs(path: Path, reader) -> pd.DataFrame:
         unknown = frame.loc[frame.item_id.isna(), "path"].tolist()
         if unknown:
             raise CommandError(f"{len(unknown)} paths are not in the index, e.g. {unknown[0]!r}")
-    if not frame["label"].isin([0, 1, True, False]).all():
-        raise CommandError("column label must hold 0/1 values")
+    try:
+        binary_labels(frame["label"].to_numpy(), "column label")
+    except ValueError as err:
+        raise CommandError(str(err)) from None
     return frame.astype({"item_id": np.int64, "label": np.int64})
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
+from bayesretrieval.metrics import binary_labels
+
 
 def _pair(uncertainty, flags, name: str) -> tuple[np.ndarray, np.ndarray]:
     u = np.asarray(uncertainty, dtype=np.float64).reshape(-1)
@@ -20,9 +22,7 @@ def _pair(uncertainty, flags, name: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("no queries given")
     if np.isnan(u).any():
         raise ValueError("uncertainty has NaN values")
-    if not np.isin(f, (0, 1)).all():
-        raise ValueError(f"{name} must be booleans or 0/1")
-    return u, f.astype(bool)
+    return u, binary_labels(f, name)
 
 
 def binned_recall(uncertainty, correct, bins: int = 10) -> dict:

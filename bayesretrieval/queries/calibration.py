@@ -32,11 +32,9 @@ class NotFittedError(ValueError):
 
 
 def _labelled(labels, size: int) -> np.ndarray:
-    labels = np.asarray(labels)
+    labels = metrics.binary_labels(labels)
     if labels.shape != (size,):
         raise ValueError(f"labels have shape {labels.shape}, expected ({size},)")
-    if not np.isin(labels, (0, 1, True, False)).all():
-        raise ValueError("labels must be 0/1 or booleans")
     labels = labels.astype(np.float64)
     if labels.min() == labels.max():
         raise ValueError("calibration needs both matching and non-matching pairs")
