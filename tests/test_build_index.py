@@ -175,7 +175,7 @@ def test_variance_columns_restate_the_kronecker_covariance(tmp_path, encoder, po
 
 def test_bad_file_corpus_end_to_end(tmp_path, encoder, posterior, monkeypatch):
     from bayesretrieval.indexing import decode as decode_module
-    from bayesretrieval.indexing.decode import SkipReason
+    from bayesretrieval.skips import SkipReason
     from test_indexing_decode import make_bad_corpus
 
     img = tmp_path / "img"

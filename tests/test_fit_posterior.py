@@ -57,7 +57,7 @@ def test_folder_reader_skips_and_counts(pair_folder, encoder):
     batches = list(reader.iter_batches(encoder.preprocess, batch_size=5))
     assert sum(len(b.captions) for b in batches) == NUM_GOOD
     assert batches[0].images.shape[1:] == (3, 64, 64)
-    assert reader.skip_counts() == {"missing": 0, "unreadable": 1, "no_caption": 1}
+    assert reader.skip_counts() == {"unreadable": 1, "no_caption": 1}
     assert sum(len(b.captions) for b in reader.iter_batches(encoder.preprocess)) == NUM_GOOD
     assert len(reader.skipped) == 2
 
@@ -78,7 +78,7 @@ def test_table_readers_resolve_relative_paths_and_columns(tmp_path, encoder):
         assert len(reader) == 4
         (batch,) = reader.iter_batches(encoder.preprocess)
         assert batch.captions == ["a", "b"]
-        assert reader.skip_counts() == {"missing": 1, "unreadable": 0, "no_caption": 1}
+        assert reader.skip_counts() == {"missing": 1, "no_caption": 1}
 
 
 def test_reader_errors_name_what_is_wrong(tmp_path):
@@ -116,7 +116,7 @@ def _reference_factors(encoder, pair_folder, chunk_size, num_chunks):
 def test_fitted_factors_match_whole_data_reference(pair_folder, encoder):
     fitter = PosteriorFitter(chunk_size=6, batch_size=4, num_workers=1).fit(encoder, pair_folder)
     assert (fitter.num_pairs_, fitter.num_dropped_) == (18, NUM_GOOD - 18)
-    assert fitter.skip_counts_ == {"missing": 0, "unreadable": 1, "no_caption": 1}
+    assert fitter.skip_counts_ == {"unreadable": 1, "no_caption": 1}
     reference = _reference_factors(encoder, pair_folder, chunk_size=6, num_chunks=3)
     for posterior in fitter.posterior_:
         a_ref, b_ref = reference[posterior.modality.value]

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from bayesretrieval.indexing import decode as decode_module
-from bayesretrieval.indexing.decode import ImageSkipped, SkipReason, decode_image
+from bayesretrieval.indexing.decode import ImageSkipped, decode_image
+from bayesretrieval.skips import SkipReason
 
 RED, BLUE = (220, 20, 20), (20, 20, 220)
 
@@ -159,3 +160,11 @@ def test_vanished_file(tmp_path):
     with pytest.raises(ImageSkipped) as err:
         decode_image(tmp_path / "gone.jpg")
     assert err.value.reason is SkipReason.VANISHED
+
+
+def test_skip_reason_values_are_stable():
+    """The values are written to ``skipped.parquet`` and read back by later updates."""
+    assert {reason.value for reason in SkipReason} == {
+        "missing", "empty_file", "not_an_image", "truncated", "corrupt", "too_large", "unreadable",
+        "broken_link", "not_a_file", "vanished", "bad_embedding", "duplicate_id", "no_caption",
+    }

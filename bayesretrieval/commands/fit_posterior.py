@@ -92,7 +92,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 
 def _skip_summary(counts: dict[str, int]) -> str:
-    parts = [f"{count} {reason.replace('_', ' ')}" for reason, count in counts.items() if count]
+    parts = [f"{count} {reason.replace('_', ' ')}" for reason, count in counts.items()]
     return f"skipped {', '.join(parts)}" if parts else "nothing skipped"
 
 

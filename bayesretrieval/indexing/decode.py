@@ -3,41 +3,15 @@
 from __future__ import annotations
 
 import warnings
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from bayesretrieval.skips import SkipReason
+
 DEFAULT_MAX_PIXELS = 178_956_970
 """Largest width x height decoded (twice Pillow's decompression-bomb warning limit)."""
-
-
-class SkipReason(str, Enum):
-    """Why an input was not indexed (the ``reason`` column of ``skipped.parquet``)."""
-
-    EMPTY_FILE = "empty_file"
-    """The file has zero bytes."""
-    NOT_AN_IMAGE = "not_an_image"
-    """Pillow does not recognise the content (e.g. text with a ``.jpg`` name)."""
-    TRUNCATED = "truncated"
-    """The image data ends early (partial download or copy)."""
-    CORRUPT = "corrupt"
-    """The header is valid but the pixel data cannot be decoded."""
-    TOO_LARGE = "too_large"
-    """More pixels than the limit (a decompression bomb or a huge scan)."""
-    UNREADABLE = "unreadable"
-    """The file cannot be opened (permissions, I/O error)."""
-    BROKEN_LINK = "broken_link"
-    """A symlink whose target does not exist."""
-    NOT_A_FILE = "not_a_file"
-    """An image name that is not a regular file (FIFO, device)."""
-    VANISHED = "vanished"
-    """The file was deleted or replaced between the walk and decoding."""
-    BAD_EMBEDDING = "bad_embedding"
-    """Precomputed input: wrong length or non-finite values."""
-    DUPLICATE_ID = "duplicate_id"
-    """Precomputed input: an id or path that appears more than once."""
 
 
 RETRIED_REASONS = frozenset({SkipReason.UNREADABLE, SkipReason.VANISHED, SkipReason.TOO_LARGE})

@@ -28,11 +28,11 @@ import torch
 
 from bayesretrieval.encoders import ModelIdentity
 from bayesretrieval.indexing.assemble import skipped_table
-from bayesretrieval.indexing.decode import SkipReason
 from bayesretrieval.indexing.existing import index_lock, previous_items
 from bayesretrieval.indexing.pipeline import BuildConfig, BuildReport
 from bayesretrieval.indexing.scalars import ScalarComputer
 from bayesretrieval.posterior import PosteriorPair
+from bayesretrieval.skips import SkipReason
 from bayesretrieval.store import ItemArrays, VarianceKind, VarianceSpec, VersionInfo, write_version
 
 COLUMN_NAMES = {

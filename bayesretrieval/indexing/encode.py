@@ -11,9 +11,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bayesretrieval.encoders import ClipEncoder
-from bayesretrieval.indexing.decode import ImageSkipped, SkipReason, decode_image
+from bayesretrieval.indexing.decode import ImageSkipped, decode_image
 from bayesretrieval.indexing.scalars import ScalarComputer
 from bayesretrieval.indexing.sources import SourceFile
+from bayesretrieval.skips import SkipReason
 from bayesretrieval.store.format import SCALAR_COLUMNS
 
 

@@ -34,7 +34,7 @@ class WalkProblem:
 
     Attributes:
         path: POSIX path relative to the root.
-        reason: a :class:`~bayesretrieval.indexing.decode.SkipReason` value.
+        reason: a :class:`~bayesretrieval.skips.SkipReason` value.
         detail: the error text.
     """
 

@@ -10,8 +10,9 @@ from bayesretrieval.posterior.io import (
 from bayesretrieval.posterior.curvature import ChunkCurvature, infonce_ggn, infonce_ggn_sum
 from bayesretrieval.posterior.fit import PosteriorFitter, encode_pairs, fit_posterior, read_encoded
 from bayesretrieval.posterior.kronecker import KroneckerPosterior, Modality, symmetrize
-from bayesretrieval.posterior.pairs import PairReader, SkipReason
+from bayesretrieval.posterior.pairs import PairReader
 from bayesretrieval.posterior.prior import FactorSpectrum, PriorObjective, optimize_prior_precision
+from bayesretrieval.skips import SkipReason
 
 __all__ = [
     "ChunkCurvature",

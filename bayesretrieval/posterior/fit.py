@@ -37,6 +37,7 @@ from bayesretrieval.posterior.io import PosteriorPair, _pair_values, save_bayesv
 from bayesretrieval.posterior.kronecker import KroneckerPosterior, Modality
 from bayesretrieval.posterior.pairs import PairReader
 from bayesretrieval.posterior.prior import FactorSpectrum, PriorObjective, optimize_prior_precision
+from bayesretrieval.skips import SkipReason
 
 DEFAULT_CHUNK_SIZE = 32_768
 """BayesVLM's ``C``: the number of InfoNCE classes per chunk."""
@@ -324,8 +325,8 @@ class PosteriorFitter:
 
 def _skip_note(reader: PairReader) -> str:
     skips = reader.skip_counts()
-    counts = ", ".join(f"{n} {reason}" for reason, n in skips.items() if n)
-    root = f"; relative paths start at {reader.image_root}" if skips["missing"] else ""
+    counts = ", ".join(f"{n} {reason}" for reason, n in skips.items())
+    root = f"; relative paths start at {reader.image_root}" if SkipReason.MISSING.value in skips else ""
     return f"skipped {counts}{root}" if counts else "nothing skipped"
 
 

@@ -15,6 +15,7 @@ images and images without a caption are skipped and recorded, never fatal.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
@@ -26,21 +27,12 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from bayesretrieval.skips import SkipReason
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_COLUMNS = ("image_path", "filepath", "image", "path", "file_name", "filename")
 CAPTION_COLUMNS = ("caption", "text", "title", "captions")
 TABLE_ROWS_PER_READ = 8192
-
-
-class SkipReason(str, Enum):
-    """Why a pair was left out."""
-
-    MISSING = "missing"
-    """The image file does not exist."""
-    UNREADABLE = "unreadable"
-    """The image file exists but does not decode as an image."""
-    NO_CAPTION = "no_caption"
-    """No caption: an empty table cell, or no ``.txt`` beside a folder image."""
 
 
 @dataclass(frozen=True)
@@ -229,11 +221,9 @@ class PairReader:
         return count(self.path, self.separator, [self.image_column, self.caption_column])
 
     def skip_counts(self) -> dict[str, int]:
-        """Skipped pairs per :class:`SkipReason` value."""
-        counts = {reason.value: 0 for reason in SkipReason}
-        for entry in self.skipped:
-            counts[entry.reason.value] += 1
-        return counts
+        """Skipped pairs per :class:`~bayesretrieval.skips.SkipReason` value, in the enum's order (none: ``{}``)."""
+        counts = Counter(entry.reason for entry in self.skipped)
+        return {reason.value: counts[reason] for reason in SkipReason if counts[reason]}
 
     def _skip(self, image_path: Path, reason: SkipReason) -> None:
         self.skipped.append(SkippedPair(image_path, reason))

@@ -63,7 +63,7 @@ A version folder holds:
   direct map (id to list position) for that.
 - ``posterior/``: the :class:`~bayesretrieval.posterior.PosteriorPair` in the project format.
 - ``skipped.parquet``: ``path``, ``reason`` (a
-  :class:`~bayesretrieval.indexing.decode.SkipReason` value), ``detail``, ``file_size``,
+  :class:`~bayesretrieval.skips.SkipReason` value), ``detail``, ``file_size``,
   ``mtime_ns``.
 
 Read with :class:`IndexReader`; write with :func:`write_version`.
