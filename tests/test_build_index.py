@@ -15,7 +15,7 @@ from PIL import Image
 from bayesretrieval.encoders import TINY_MODEL, ClipEncoder, register_model_configs
 from bayesretrieval.indexing import BuildConfig, IndexMismatchError, build_index, decode_image
 from bayesretrieval.similarity import side_statistics
-from bayesretrieval.store import SCALAR_COLUMNS, IndexReader
+from bayesretrieval.store import FORMAT_VERSION, SCALAR_COLUMNS, IndexReader
 from test_store import random_posterior
 
 D = 64
@@ -59,8 +59,9 @@ def fast(**kwargs) -> BuildConfig:
 
 
 def by_path(reader: IndexReader) -> dict:
-    fetched = reader.fetch(reader.item_ids)
-    return {p: (int(i), fetched.means[k], fetched.scalars[k]) for k, (p, i) in enumerate(zip(fetched.paths, fetched.item_ids))}
+    fetched, scalars = reader.fetch(reader.item_ids), np.asarray(reader.scalars)
+    return {p: (int(i), fetched.means[k], scalars[k])
+            for k, (p, i) in enumerate(zip(reader.paths(reader.item_ids), fetched.item_ids))}
 
 
 def test_index_values_match_independent_computation(tmp_path, encoder, posterior):
@@ -117,7 +118,7 @@ def test_incremental_update_keeps_ids_and_reencodes_only_changes(tmp_path, encod
     assert sorted(after[p][0] for p in ("new/b0.png", "new/b1.png")) == [6, 7]
     assert first.manifest.next_item_id == 6 and report.manifest.next_item_id == 8
     # A reader opened before the update still reads its own version consistently.
-    assert len(old_reader) == 6 and old_reader.fetch([before["a4.png"][0]]).paths == ["a4.png"]
+    assert len(old_reader) == 6 and old_reader.paths([before["a4.png"][0]]) == ["a4.png"]
     assert old_reader.read_items(columns=["path"]).num_rows == 6
     # A clean build over the final folder gives the same embeddings.
     build_index(img, tmp_path / "clean", encoder, posterior, fast())
@@ -138,7 +139,7 @@ def test_mismatches_name_both_sides_unless_rebuild(tmp_path, encoder, posterior,
     other.source = "other-posterior"
     with pytest.raises(IndexMismatchError, match=r"posterior: index has random-test \(\w+\), command uses other-posterior"):
         build_index(img, tmp_path / "idx", encoder, other, fast())
-    with pytest.raises(IndexMismatchError, match="variance columns: index has none, command asks for diag"):
+    with pytest.raises(IndexMismatchError, match="variance columns: index has kfac, command asks for diag"):
         build_index(img, tmp_path / "idx", encoder, posterior, fast(variance="diag"))
     random_weights = ClipEncoder.from_pretrained(TINY_MODEL, None)
     with pytest.raises(IndexMismatchError, match=rf"model: index has bayes-tiny/{checkpoint} \(sha256 \w+\), command uses bayes-tiny/None"):
@@ -147,10 +148,10 @@ def test_mismatches_name_both_sides_unless_rebuild(tmp_path, encoder, posterior,
     assert report.encoded == 2 and report.manifest.posterior["source"] == "other-posterior"
     assert {p: v[0] for p, v in by_path(IndexReader.open(tmp_path / "idx")).items()} == ids
     manifest = tmp_path / "idx" / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"format_version": 1', '"format_version": 99'))
-    with pytest.raises(IndexMismatchError, match="index format version 99, this library reads version 1; pass --rebuild"):
+    manifest.write_text(manifest.read_text().replace(f'"format_version": {FORMAT_VERSION}', '"format_version": 1'))
+    with pytest.raises(IndexMismatchError, match="index format version 1, this library reads version 2; rebuild"):
         build_index(img, tmp_path / "idx", encoder, other, fast())
-    assert build_index(img, tmp_path / "idx", encoder, other, fast(rebuild=True)).manifest.format_version == 1
+    assert build_index(img, tmp_path / "idx", encoder, other, fast(rebuild=True)).manifest.format_version == 2
 
 
 @pytest.mark.parametrize("rank", [3, D])
@@ -161,7 +162,7 @@ def test_variance_columns_restate_the_kronecker_covariance(tmp_path, encoder, po
     build_index(img, tmp_path / "low", encoder, posterior, fast(variance=f"lowrank:{rank}"))
     diag, low = IndexReader.open(tmp_path / "diag"), IndexReader.open(tmp_path / "low")
     sigma = posterior.image.output_cov.numpy()
-    q = diag.fetch(diag.item_ids).scalar("scale")
+    q = diag.fetch_scalars(diag.item_ids).scale
     np.testing.assert_allclose(diag.fetch(diag.item_ids).variance_diag, q[:, None] * np.diag(sigma)[None], rtol=1e-5)
     fetched = low.fetch(low.item_ids)
     for k in range(len(q)):

@@ -42,23 +42,24 @@ def test_precomputed_embeddings_with_lowrank_variance(tmp_path):
     reader = IndexReader.open(tmp_path / "idx")
     assert reader.manifest.variance == f"lowrank:{R}" and reader.manifest.source_kind == "embeddings"
     fetched = reader.fetch(reader.item_ids)
-    assert fetched.paths == [f"photos/p{i}.jpg" for i in range(6)]
+    assert reader.paths(reader.item_ids) == [f"photos/p{i}.jpg" for i in range(6)]
     np.testing.assert_allclose(fetched.means, np.array(data["embedding"][:6], np.float32))
     np.testing.assert_allclose(fetched.variance_lowrank, np.array(data["variance_lowrank"][:6], np.float32))
     np.testing.assert_allclose(fetched.variance_diag, np.array(data["variance_diag"][:6], np.float32))
     ref = side_statistics(torch.tensor(data["embedding"][:6]), torch.zeros(6), posterior.image.output_cov,
                           posterior.text.output_cov)
-    np.testing.assert_allclose(fetched.scalar("quad_text"), ref.other_quad.numpy(), rtol=1e-5)
-    assert np.all(fetched.scalar("scale") == 0)
+    np.testing.assert_allclose(fetched.scalars.quad_text, ref.other_quad.numpy(), rtol=1e-5)
+    assert np.all(fetched.scalars.scale == 0)
     trace = np.square(fetched.variance_lowrank.astype(np.float64)).sum((1, 2)) + fetched.variance_diag.sum(1)
-    assert reader.manifest.stats["max_variance_trace"] == pytest.approx(trace.max(), rel=1e-5)
+    assert reader.extremes("lowrank").plain_noise_ratio_max == pytest.approx(
+        (trace / fetched.scalars.norm_sq).max(), rel=1e-5)
     # Re-run with one more row: ids by path stay, the new path gets the next id.
     more = embeddings_table(np.random.default_rng(0), 7)
     pq.write_table(pa.table(more), tmp_path / "emb.parquet")
     build_index_from_embeddings(tmp_path / "emb.parquet", tmp_path / "idx", posterior, MODEL)
     again = IndexReader.open(tmp_path / "idx")
     np.testing.assert_array_equal(again.item_ids[:6], reader.item_ids)
-    assert again.fetch([again.item_ids[-1]]).paths == ["photos/p6.jpg"] and again.item_ids[-1] == 6
+    assert again.paths([again.item_ids[-1]]) == ["photos/p6.jpg"] and again.item_ids[-1] == 6
 
 
 def test_explicit_ids_scale_and_mismatch(tmp_path):
@@ -72,8 +73,8 @@ def test_explicit_ids_scale_and_mismatch(tmp_path):
     reader = IndexReader.open(tmp_path / "idx")
     assert reader.item_ids.tolist() == [10, 20, 30] and reader.manifest.next_item_id == 31
     q = posterior.image.activation_scale(torch.tensor(activations)).numpy()
-    np.testing.assert_allclose(reader.fetch([30, 10, 20]).scalar("scale"), q, rtol=1e-10)
-    assert reader.fetch([20]).paths == ["20"] and reader.variance_diag is None
+    np.testing.assert_allclose(reader.fetch_scalars([30, 10, 20]).scale, q, rtol=1e-10)
+    assert reader.paths([20]) == ["20"] and reader.variance_diag is None
     with pytest.raises(ValueError, match="variance diag requested"):
         build_index_from_embeddings(tmp_path / "emb.parquet", tmp_path / "idx", posterior, MODEL,
                                     BuildConfig(variance="diag"))
@@ -100,7 +101,7 @@ def test_export_clip_retrieval_layout(tmp_path):
         assert emb.dtype == np.float16 and len(emb) == len(meta)
         np.testing.assert_allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1, atol=2e-3)
         fetched = reader.fetch(meta["item_id"].to_numpy())
-        assert list(meta["image_path"]) == fetched.paths
+        assert list(meta["image_path"]) == reader.paths(meta["item_id"].to_numpy())
         unit = fetched.means / np.linalg.norm(fetched.means, axis=1, keepdims=True)
         np.testing.assert_allclose(emb.astype(np.float32), unit, atol=2e-3)
         assert {"scale", "quad_text", "expected_norm", "variance_diag", "variance_lowrank"} <= set(meta.columns)

@@ -93,7 +93,7 @@ def child(root: Path, index_dir: Path, crash: str, shard_batches: int = 1) -> su
 def assert_same_index(got_dir: Path, want_dir: Path) -> None:
     got, want = IndexReader.open(got_dir), IndexReader.open(want_dir)
     np.testing.assert_array_equal(got.item_ids, want.item_ids)
-    assert got.fetch(got.item_ids).paths == want.fetch(want.item_ids).paths
+    assert got.paths(got.item_ids) == want.paths(want.item_ids)
     np.testing.assert_array_equal(got.means, want.means)
     # float64 products may differ in the last bit between processes (BLAS blocking).
     np.testing.assert_allclose(got.scalars, want.scalars, rtol=1e-12)

@@ -4,26 +4,20 @@ import numpy as np
 import pytest
 import torch
 
-from bayesretrieval.queries.bounds import (
-    ScoreBounds,
-    Spectra,
-    candidate_variance_floor,
-    float32_slack,
-    score_bounds,
-)
-from bayesretrieval.queries.uncertainty import Candidates, ModelCovariances, QuerySide, candidate_moments
+from bayesretrieval.queries.bounds import Spectra, candidate_variance_floor, float32_slack, score_bounds
+from bayesretrieval.queries.uncertainty import ModelCovariances, PairMoments, QuerySide, pair_moments
 from bayesretrieval.store import IndexReader
 from test_queries_search import build_index, text_queries
 
 
-@pytest.fixture(scope="module", params=["none", "diag", "lowrank:3"])
+@pytest.fixture(scope="module", params=["kfac", "diag", "lowrank:3"])
 def index(request, tmp_path_factory):
     return build_index(tmp_path_factory.mktemp("bounds"), n=3000, variance=request.param, seed=9, duplicates=5)
 
 
 @pytest.fixture(scope="module")
 def kfac_index(tmp_path_factory):
-    return build_index(tmp_path_factory.mktemp("floor"), n=3000, variance="none", seed=12, duplicates=5)
+    return build_index(tmp_path_factory.mktemp("floor"), n=3000, variance="kfac", seed=12, duplicates=5)
 
 
 def _prepared_queries(reader, estimator, modality, seed, count=5):
@@ -34,53 +28,51 @@ def _prepared_queries(reader, estimator, modality, seed, count=5):
     return covs, QuerySide.build(queries.embeds, posterior.activation_scale(queries.activations), covs)
 
 
+def _all_pairs_moments(reader, query, covs, form, estimator, nq=5):
+    """Moments of every query with every item, ``(nq, N)``."""
+    every = reader.fetch(np.tile(np.asarray(reader.item_ids), nq))
+    flat = pair_moments(query, np.repeat(np.arange(nq), len(reader)), every, covs, form, estimator)
+    return PairMoments(*(values.reshape(nq, -1) for values in vars(flat).values()))
+
+
 def test_stored_extremes_match_the_arrays(index):
-    """The manifest's extremes equal the ratios taken item by item; old manifests get them computed."""
+    """The manifest's extremes equal the ratios taken item by item."""
     reader = IndexReader.open(index)
     forms = ["kfac"] + (["diag"] if reader.variance_diag is not None else []) + (
         ["lowrank"] if reader.variance_lowrank is not None else [])
-    assert sorted(reader.manifest.stats["ratio_extremes"]) == sorted(forms)
+    assert sorted(reader.manifest.extremes) == sorted(forms)
     scalars = np.asarray(reader.scalars)
     norm_sq, noise = scalars[:, 1], scalars[:, 0] * reader.trace_image
-    legacy = IndexReader.open(index)
-    del legacy.manifest.stats["ratio_extremes"]
     for form in forms:
         trace = noise if form == "kfac" else np.asarray(reader.variance_diag, np.float64).sum(1)
         if form == "lowrank":
             trace = trace + np.einsum("nrd,nrd->n", *(np.asarray(reader.variance_lowrank, np.float64),) * 2)
         mean_factor = np.sqrt((norm_sq + noise) / (norm_sq + trace))
         map_factor = np.sqrt((norm_sq + noise) / norm_sq)
-        stored = reader.collection_bounds(form)
+        stored = reader.extremes(form)
         np.testing.assert_allclose(
             [stored.noise_ratio_max, stored.plain_noise_ratio_max, stored.mean_factor_min, stored.mean_factor_max,
              stored.map_factor_min, stored.map_factor_max],
             [(trace / (norm_sq + trace)).max(), (trace / norm_sq).max(), mean_factor.min(), mean_factor.max(),
              map_factor.min(), map_factor.max()], rtol=1e-12)
-        assert legacy.collection_bounds(form) == stored
     with pytest.raises(ValueError, match="unknown covariance form"):
-        reader.collection_bounds("full")
-    for opened in (reader, legacy):
-        if reader.variance_diag is None:
-            with pytest.raises(ValueError, match="needs variance columns"):
-                opened.collection_bounds("diag")
+        reader.extremes("full")
+    if reader.variance_diag is None:
+        with pytest.raises(ValueError, match="needs variance columns"):
+            reader.extremes("diag")
 
 
 @pytest.mark.parametrize("estimator", ["second_order", "published", "kronecker", "delta"])
 @pytest.mark.parametrize("modality", ["text", "image"])
 def test_bounds_dominate_all_items(index, estimator, modality):
     reader = IndexReader.open(index)
-    form = {"none": "kfac", "diag": "diag", "lowrank": "lowrank"}[reader.manifest.variance_spec.kind.value]
+    form = reader.manifest.variance_spec.form
     covs, query = _prepared_queries(reader, estimator, modality, seed=10)
     nq = 5
-    every = Candidates(np.tile(np.asarray(reader.item_ids), (nq, 1)), np.repeat(np.asarray(reader.means)[None], nq, 0),
-                       np.repeat(np.asarray(reader.scalars)[None], nq, 0),
-                       None if reader.variance_diag is None else np.repeat(np.asarray(reader.variance_diag)[None], nq, 0),
-                       None if reader.variance_lowrank is None
-                       else np.repeat(np.asarray(reader.variance_lowrank)[None], nq, 0))
-    moments = candidate_moments(query, every, covs, form, estimator)
+    moments = _all_pairs_moments(reader, query, covs, form, estimator, nq)
     vectors = np.asarray(reader.means, np.float64) / reader.expected_norm()[:, None]
     f = query.faiss_queries().astype(np.float64) @ vectors.T  # what FAISS ranks by, (nq, n)
-    extremes = reader.collection_bounds(form)
+    extremes = reader.extremes(form)
     spectra = Spectra.of(covs)
     for cut in (0.0, 0.5, 0.9):  # items with f <= the cut-th quantile of each query's row (plus FAISS slack)
         f_bound = np.quantile(f, cut, axis=1)
@@ -102,25 +94,13 @@ def test_candidate_variance_floor_is_below_every_variance(kfac_index, estimator,
     reader = IndexReader.open(kfac_index)
     covs, query = _prepared_queries(reader, estimator, modality, seed=11)
     nq = 5
-    ids = np.tile(np.asarray(reader.item_ids), (nq, 1))
-    scalars = np.repeat(np.asarray(reader.scalars)[None], nq, 0)
-    every = Candidates(ids, np.repeat(np.asarray(reader.means)[None], nq, 0), scalars)
-    moments = candidate_moments(query, every, covs, "kfac", estimator)
+    moments = _all_pairs_moments(reader, query, covs, "kfac", estimator, nq)
     vectors = (np.asarray(reader.means, np.float64) / reader.expected_norm()[:, None]).astype(np.float32)
     f = query.faiss_queries() @ vectors.T  # float32, as FAISS computes it
-    floor = candidate_variance_floor(f, float32_slack(vectors.shape[1]), scalars, query, covs, "kfac", estimator,
-                                     Spectra.of(covs))
+    rows = np.repeat(np.arange(nq), len(reader))
+    floor = candidate_variance_floor(f.reshape(-1).astype(np.float64), float32_slack(vectors.shape[1]),
+                                     reader.fetch_scalars(np.tile(np.asarray(reader.item_ids), nq)), query, rows,
+                                     covs, estimator, Spectra.of(covs)).reshape(nq, -1)
     var = moments.var.numpy()
     assert np.all(floor <= var)
     assert np.median(floor / var) > (0.99 if estimator != "second_order" else 0.5)  # measured 0.83-0.85
-
-
-def test_score_bounds_columns_slice_the_candidates_and_keep_the_per_query_variance():
-    mean, map_cosine = np.arange(12.0).reshape(3, 4), -np.arange(12.0).reshape(3, 4)
-    var, floor = np.ones((3, 1)), np.full((3, 4), 0.5) + np.arange(4)
-    part = ScoreBounds(mean, var, map_cosine, floor).columns(1)
-    np.testing.assert_array_equal(part.mean, mean[:, 1:])
-    np.testing.assert_array_equal(part.map_cosine, map_cosine[:, 1:])
-    np.testing.assert_array_equal(part.var_floor, floor[:, 1:])
-    assert part.var is var
-    assert ScoreBounds(mean, var, map_cosine).columns(3).var_floor == 0.0

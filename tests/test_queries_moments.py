@@ -5,13 +5,9 @@ import pytest
 import torch
 
 from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair
-from bayesretrieval.queries.uncertainty import (
-    Candidates,
-    ModelCovariances,
-    QuerySide,
-    candidate_moments,
-)
+from bayesretrieval.queries.uncertainty import ModelCovariances, PairMoments, QuerySide, pair_moments
 from bayesretrieval.similarity import cosine_moments
+from bayesretrieval.store import ItemRows, ItemScalars
 from bayesretrieval.store.format import SCALAR_COLUMNS
 from reference import monte_carlo_cosine, random_spd
 
@@ -35,10 +31,16 @@ def stored_scalars(means, scales, posterior):
 
 
 def one_per_query(means, scalars, diag=None, lowrank=None):
-    """Candidates layout with candidate ``j`` of every query equal to item ``j``."""
-    nq = 3
-    tile = lambda a: None if a is None else np.repeat(np.asarray(a)[None], nq, 0)  # noqa: E731
-    return Candidates(np.tile(np.arange(len(means)), (nq, 1)), tile(means), tile(scalars), tile(diag), tile(lowrank))
+    """Every item for each of the 3 queries, query by query: item ``j`` of query ``i`` is pair ``i n + j``."""
+    tile = lambda a: None if a is None else np.concatenate([np.asarray(a)] * 3)  # noqa: E731
+    return ItemRows(np.tile(np.arange(len(means)), 3), tile(means), ItemScalars.from_table(tile(scalars)),
+                    tile(diag), tile(lowrank))
+
+
+def all_pairs_moments(query, items, covs, form, estimator):
+    """:func:`pair_moments` of :func:`one_per_query` pairs, as ``(3, n)``."""
+    flat = pair_moments(query, np.repeat(np.arange(3), len(items.item_ids) // 3), items, covs, form, estimator)
+    return PairMoments(*(values.reshape(3, -1) for values in vars(flat).values()))
 
 
 def random_setup(seed=0, n=7, noise=1.0, modality="text"):
@@ -57,7 +59,7 @@ def test_kfac_form_equals_dense_all_pairs(estimator, modality):
     posterior, means, scales, q_means, q_scales = random_setup()
     covs = ModelCovariances.from_posterior(posterior, modality, estimator)
     query = QuerySide.build(q_means, q_scales, covs)
-    got = candidate_moments(query, one_per_query(means, stored_scalars(means, scales, posterior)), covs, "kfac", estimator)
+    got = all_pairs_moments(query, one_per_query(means, stored_scalars(means, scales, posterior)), covs, "kfac", estimator)
     query_cov = posterior.text.output_cov if modality == "text" else posterior.image.output_cov
     mean, var = cosine_moments(means, scales, posterior.image.output_cov, q_means, q_scales, query_cov, estimator)
     torch.testing.assert_close(got.mean, mean.T, rtol=1e-12, atol=1e-12)
@@ -76,16 +78,16 @@ def test_per_item_forms_reduce_to_kfac(estimator):
     factor = scales[:, None, None] ** 0.5 * (eigvals.sqrt()[:, None] * eigvecs.T)[None]
     covs = ModelCovariances.from_posterior(posterior, "text", estimator)
     query = QuerySide.build(q_means, q_scales, covs)
-    kfac = candidate_moments(query, one_per_query(means, scalars), covs, "kfac", estimator)
-    lowrank = candidate_moments(query, one_per_query(means, scalars, torch.zeros(7, D), factor), covs, "lowrank", estimator)
+    kfac = all_pairs_moments(query, one_per_query(means, scalars), covs, "kfac", estimator)
+    lowrank = all_pairs_moments(query, one_per_query(means, scalars, torch.zeros(7, D), factor), covs, "lowrank", estimator)
     torch.testing.assert_close(lowrank.mean, kfac.mean, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(lowrank.var, kfac.var, rtol=1e-8, atol=1e-14)
     diag_posterior = PosteriorPair(posterior.image.diagonal(), posterior.text, source="diag")
     diag_covs = ModelCovariances.from_posterior(diag_posterior, "text", estimator)
     diag_query = QuerySide.build(q_means, q_scales, diag_covs)
-    diag_kfac = candidate_moments(diag_query, one_per_query(means, stored_scalars(means, scales, diag_posterior)),
+    diag_kfac = all_pairs_moments(diag_query, one_per_query(means, stored_scalars(means, scales, diag_posterior)),
                                   diag_covs, "kfac", estimator)
-    diag = candidate_moments(diag_query, one_per_query(means, scalars, scales[:, None] * sigma.diagonal()[None]),
+    diag = all_pairs_moments(diag_query, one_per_query(means, scalars, scales[:, None] * sigma.diagonal()[None]),
                              diag_covs, "diag", estimator)
     torch.testing.assert_close(diag.mean, diag_kfac.mean, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(diag.var, diag_kfac.var, rtol=1e-8, atol=1e-14)
@@ -116,7 +118,7 @@ def test_each_form_against_monte_carlo(form, modality):
     lowrank = (0.08 * torch.randn(5, 2, D, generator=g, dtype=torch.float64)).numpy() if form == "lowrank" else None
     covs = ModelCovariances.from_posterior(posterior, modality, "second_order")
     query = QuerySide.build(q_means, q_scales, covs)
-    got = candidate_moments(query, one_per_query(means, scalars, diag, lowrank), covs, form, "second_order")
+    got = all_pairs_moments(query, one_per_query(means, scalars, diag, lowrank), covs, form, "second_order")
     query_cov = posterior.text.output_cov if modality == "text" else posterior.image.output_cov
     chol_y = torch.linalg.cholesky(q_scales[0] * query_cov)
     for i in range(5):

@@ -12,9 +12,8 @@ from bayesretrieval.indexing.scalars import ScalarComputer
 from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair
 from bayesretrieval.queries import ItemFilter, ProbitCalibration, Searcher
 from bayesretrieval.queries.calibration import save_calibration
-from bayesretrieval.queries.candidates import _next_first_round
 from bayesretrieval.queries.searcher import RESULT_COLUMNS
-from bayesretrieval.queries.uncertainty import Candidates, ModelCovariances, QuerySide, candidate_moments
+from bayesretrieval.queries.uncertainty import ModelCovariances, QuerySide, pair_moments
 from bayesretrieval.similarity import cosine_moments
 from bayesretrieval.store import IndexReader, ItemArrays, VarianceSpec, VersionInfo, write_version
 from bayesretrieval.store.format import SKIPPED_SCHEMA
@@ -23,9 +22,7 @@ from reference import brute_force_top_k, random_spd
 D, H_IMAGE, H_TEXT = 16, 8, 6
 MODEL = {"model_name": "bayes-tiny", "pretrained": None, "checkpoint_sha256": None}
 SCORE_RTOL = 1e-7
-"""The dense references recompute each item's terms from the stored float32 means, which
-are up to one unit in the last place from the means the stored scalars were computed
-from (:func:`bayesretrieval.store.vectors.invertible_means`)."""
+"""The dense references sum the same float64 terms in another order."""
 
 
 def small_posterior(seed: int = 0) -> PosteriorPair:
@@ -35,7 +32,7 @@ def small_posterior(seed: int = 0) -> PosteriorPair:
     return PosteriorPair(image, text, source="search-test")
 
 
-def build_index(path, n=10_000, variance="none", factory="Flat", seed=0, duplicates=200):
+def build_index(path, n=10_000, variance="kfac", factory="Flat", seed=0, duplicates=200):
     """A written index: clustered means, per-item noise from 0.2x to 1x, exact duplicate rows."""
     rng = np.random.default_rng(seed)
     posterior = small_posterior(seed)
@@ -174,14 +171,10 @@ def test_per_item_forms_equal_brute_force(tmp_path, variance, form, score):
     covs = ModelCovariances.from_posterior(reader.posterior, "text", "second_order")
     query = QuerySide.build(queries.embeds, reader.posterior.text.activation_scale(queries.activations), covs)
     n = len(reader)
-    every = Candidates(np.tile(np.asarray(reader.item_ids), (4, 1)), np.repeat(np.asarray(reader.means)[None], 4, 0),
-                       np.repeat(np.asarray(reader.scalars)[None], 4, 0),
-                       np.repeat(np.asarray(reader.variance_diag)[None], 4, 0),
-                       None if reader.variance_lowrank is None else np.repeat(np.asarray(reader.variance_lowrank)[None], 4, 0))
-    moments = candidate_moments(query, every, covs, form)
+    every = reader.fetch(np.tile(np.asarray(reader.item_ids), 4))
+    moments = pair_moments(query, np.repeat(np.arange(4), n), every, covs, form)
     sign = {"lcb": -2.0, "ucb": 2.0, "expected": 0.0}[score]
-    ref = (moments.mean + sign * moments.var.sqrt()).numpy()
-    assert ref.shape == (4, n)
+    ref = (moments.mean + sign * moments.var.sqrt()).numpy().reshape(4, n)
     ref_ids, ref_values = brute_force_top_k(ref, reader.item_ids, 10)
     assert_same_ranking(frame, ref_ids, ref_values, 4)
     assert frame.attrs["exact"]
@@ -261,20 +254,21 @@ def test_queries_without_encoder_or_wrong_dim_raise(flat_index):
         searcher.search(Encoded(torch.zeros(1, D + 1), torch.zeros(1, H_TEXT)))
 
 
-def test_repeated_searches_start_from_what_the_last_one_needed(flat_index):
-    searcher = Searcher(IndexReader.open(flat_index), None, flat_index)
+def test_a_search_does_not_depend_on_earlier_searches(flat_index):
     queries = text_queries(6, seed=12)
-    first = searcher.search(queries, k=10, score="lcb", kappa=3.0, candidates=42)
-    assert max(first.attrs["candidates"]) > 42  # grown
-    needed = max(first.attrs["needed"])
-    assert 10 < needed < max(first.attrs["candidates"])
-    second = searcher.search(queries, k=10, score="lcb", kappa=3.0)
-    assert second.attrs["candidates"] == [2 * needed] * 6  # one round, learned from the first search
-    assert (first[["item_id", "score"]].to_numpy() == second[["item_id", "score"]].to_numpy()).all()
-    expected = searcher.search(queries, k=10, score="expected")
-    assert expected.attrs["candidates"] == [168] * 6  # a first search with this score
-    learned = 2 * max(expected.attrs["needed"])
-    assert searcher.search(queries, k=10, score="expected").attrs["candidates"] == [learned] * 6
+    fresh = Searcher(IndexReader.open(flat_index), None, flat_index).search(queries, k=10, score="lcb", kappa=3.0)
+    searcher = Searcher(IndexReader.open(flat_index), None, flat_index)
+    searcher.search(queries, k=10, score="lcb", kappa=3.0, candidates=42)
+    searcher.search(text_queries(3, seed=2), k=5, score="expected")
+    again = searcher.search(queries, k=10, score="lcb", kappa=3.0)
+    for key in ("candidates", "needed", "exact", "certified"):
+        assert again.attrs[key] == fresh.attrs[key]
+    assert (again[["item_id", "score"]].to_numpy() == fresh[["item_id", "score"]].to_numpy()).all()
+
+
+def test_expected_needs_one_round_of_about_2k_candidates(flat_index):
+    frame = Searcher(IndexReader.open(flat_index), None, flat_index).search(text_queries(6, seed=12), k=10)
+    assert frame.attrs["candidates"] == [20] * 6 and frame.attrs["exact"]
 
 
 @pytest.mark.parametrize("score,kappa", [("expected", 1.0), ("lcb", 1.0), ("lcb", 3.0), ("ucb", 1.0)])
@@ -293,23 +287,19 @@ def test_needed_is_the_fewest_candidates_that_certify(flat_index, score, kappa):
     assert short.attrs["candidates"][hardest] > max(needed) - 1  # one fewer: its certificate fails, the set grows
 
 
-def test_survivors_are_scored_like_a_plain_rerank(flat_index):
+def test_pair_moments_in_any_order_equal_the_dense_moments(flat_index):
     reader = IndexReader.open(flat_index)
     searcher = Searcher(reader, None, flat_index)
     encoded = searcher.encode(text_queries(5, seed=3), "text")
     engine = searcher.engine("text")
     query = QuerySide.build(encoded.means, encoded.scales, engine.covs)
-    survivors = np.full((5, 6), -1, dtype=np.int64)  # packed left: 0, 6, 1, 0 and 3 ids per query
-    for qi, rows in enumerate([[], [5, 9, 40, 41, 77, 300], [12], [], [8, 2, 1000]]):
-        survivors[qi, :len(rows)] = reader.item_ids[rows]
-    got = engine._moments_of_survivors(query, survivors)
-    want = engine.moments(query, survivors)
-    valid = torch.from_numpy(survivors >= 0)
+    I = np.asarray(reader.item_ids)[np.random.default_rng(0).integers(0, len(reader), (5, 7))]
+    I[1, 3:] = I[4, :] = -1
+    dense = engine.moments(query, I)
+    rows, columns = np.nonzero(I >= 0)
+    shuffle = np.random.default_rng(1).permutation(len(rows))
+    flat = engine.pair_moments(query, rows[shuffle], I[rows, columns][shuffle])
     for name in ("mean", "var", "map_cosine"):
-        torch.testing.assert_close(getattr(got, name)[valid], getattr(want, name)[valid], rtol=0, atol=0)
-        assert getattr(got, name)[~valid].isnan().all()
-
-
-@pytest.mark.parametrize("needed,first_round", [(11, 22), (84, 168), (85, 168), (168, 168), (169, 338), (673, 1346)])
-def test_next_first_round_leaves_headroom_unless_the_default_is_close(needed, first_round):
-    assert _next_first_round(needed, 168) == first_round
+        torch.testing.assert_close(getattr(flat, name), getattr(dense, name)[rows[shuffle], columns[shuffle]],
+                                   rtol=0, atol=0)
+        assert getattr(dense, name)[torch.from_numpy(I < 0)].isnan().all()

@@ -140,11 +140,11 @@ def sweep(
         if relevant.shape != (len(rows), nb):
             raise ValueError(f"relevance gave shape {relevant.shape}, expected {(len(rows), nb)}")
         for label, scorer in scorers.items():
-            values = scorer.scores(moments, I)
+            values = scorer.scores(moments)
             _append(parts, f"{label}/first_hit", first_hit_rank(values, relevant))
             _append(parts, f"{label}/ap", average_precision(values, relevant))
             _append(parts, f"{label}/hits", hits_at_k(values, relevant, top))
-        order = np.argsort(-expected.scores(moments, I), axis=1, kind="stable")[:, :top]
+        order = np.argsort(-expected.scores(moments), axis=1, kind="stable")[:, :top]
         for name, array in (("pair_mean", moments.mean), ("pair_var", moments.var), ("pair_map", moments.map_cosine)):
             _append(parts, name, np.take_along_axis(array.numpy(), order, axis=1))
         _append(parts, "pair_relevant", np.take_along_axis(relevant, order, axis=1))

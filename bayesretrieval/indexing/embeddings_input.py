@@ -33,7 +33,7 @@ from bayesretrieval.indexing.pipeline import BuildConfig, BuildReport
 from bayesretrieval.indexing.scalars import ScalarComputer
 from bayesretrieval.posterior import PosteriorPair
 from bayesretrieval.skips import SkipReason
-from bayesretrieval.store import ItemArrays, VarianceKind, VarianceSpec, VersionInfo, write_version
+from bayesretrieval.store import CovarianceForm, ItemArrays, VarianceSpec, VersionInfo, write_version
 
 COLUMN_NAMES = {
     "item_id": ("item_id", "id"),
@@ -117,8 +117,8 @@ def read_embeddings(path: str | Path, posterior: PosteriorPair) -> EmbeddingTabl
     diag = pick("variance_diag", (dim,))
     if lowrank is not None and diag is None:
         diag = np.zeros((len(keep), dim))
-    spec = VarianceSpec(VarianceKind.LOWRANK, rank) if rank else VarianceSpec(
-        VarianceKind.DIAG if diag is not None else VarianceKind.NONE)
+    spec = VarianceSpec(CovarianceForm.LOWRANK, rank) if rank else VarianceSpec(
+        CovarianceForm.DIAG if diag is not None else CovarianceForm.KFAC)
     return EmbeddingTable(
         np.asarray([ids[i] for i in keep], np.int64) if ids is not None else None,
         [str(paths[i]) for i in keep], means.astype(np.float32), scales, spec,
@@ -166,7 +166,7 @@ def build_index_from_embeddings(
         posterior: the posterior pair (its ``D`` must match; the text side serves queries).
         model: the open_clip model whose text tower answers queries.
         config: ``faiss_factory`` and ``rebuild`` apply; the variance columns come from
-            the file, so ``config.variance`` must be ``none`` or equal to them.
+            the file, so ``config.variance`` must be ``kfac`` or equal to them.
 
     Returns:
         The :class:`BuildReport` (``encoded`` counts the rows read).
@@ -174,7 +174,7 @@ def build_index_from_embeddings(
     config = config or BuildConfig()
     started = time.perf_counter()
     data = read_embeddings(embeddings_file, posterior)
-    if config.variance.kind is not VarianceKind.NONE and config.variance != data.variance:
+    if config.variance.form is not CovarianceForm.KFAC and config.variance != data.variance:
         raise ValueError(f"variance {config.variance} requested, {embeddings_file} has {data.variance}")
     with index_lock(index_dir):
         previous = previous_items(index_dir, model, posterior, data.variance, "embeddings", config.rebuild)

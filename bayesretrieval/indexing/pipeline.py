@@ -41,7 +41,7 @@ class BuildConfig:
         batch_size: images per encoder call.
         workers: decoding processes (``None``: :func:`default_workers`; 0: in-process).
         faiss_factory: FAISS factory string, ``None`` for a size-based default.
-        variance: optional variance columns: ``"none"``, ``"diag"`` or ``"lowrank:R"``.
+        variance: per-item covariance columns: ``"kfac"`` (none), ``"diag"`` or ``"lowrank:R"``.
         rebuild: re-encode everything and replace an index made with other settings.
         max_pixels: images with more pixels are skipped as ``too_large``.
         shard_batches: batches per durable shard (the work a crash can lose).
@@ -50,7 +50,7 @@ class BuildConfig:
     batch_size: int = 64
     workers: int | None = None
     faiss_factory: str | None = None
-    variance: VarianceSpec | str = "none"
+    variance: VarianceSpec | str = "kfac"
     rebuild: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     shard_batches: int = 8

@@ -2,13 +2,12 @@
 
 Layers, each usable alone:
 
-- :mod:`~bayesretrieval.queries.uncertainty`: cosine moments of (query, candidate) pairs
+- :mod:`~bayesretrieval.queries.uncertainty`: cosine moments of (query, item) pairs
   for the KFAC scalars, a per-item diagonal variance or a low-rank factor;
 - :mod:`~bayesretrieval.queries.scorers`: the ranking scores, by name;
-- :mod:`~bayesretrieval.queries.rows` and :mod:`~bayesretrieval.queries.sources`: the
-  candidates' stored rows by item id, their means from the cheaper of two sources;
 - :mod:`~bayesretrieval.queries.bounds` and :mod:`~bayesretrieval.queries.candidates`: FAISS
-  candidates grown until the MATH.md section 5 certificate holds;
+  candidates, reranked from the stored rows and grown until the certificate of
+  docs/math.md section 8 holds;
 - :mod:`~bayesretrieval.queries.filters`: subsets through FAISS ID selectors;
 - :mod:`~bayesretrieval.queries.calibration`: the probit link and its storage;
 - :mod:`~bayesretrieval.queries.searcher`: :class:`Searcher`, the whole engine;
@@ -18,10 +17,8 @@ Layers, each usable alone:
 from bayesretrieval.queries.calibration import LogisticCalibration, ProbitCalibration
 from bayesretrieval.queries.candidates import CandidateSearch, SearchOutcome
 from bayesretrieval.queries.filters import ItemFilter
-from bayesretrieval.queries.rows import StoredRows
 from bayesretrieval.queries.scorers import ScoreName, make_scorer
 from bayesretrieval.queries.searcher import RESULT_COLUMNS, Searcher
-from bayesretrieval.queries.uncertainty import UncertaintyForm
 
 __all__ = [
     "RESULT_COLUMNS",
@@ -32,7 +29,5 @@ __all__ = [
     "ScoreName",
     "SearchOutcome",
     "Searcher",
-    "StoredRows",
-    "UncertaintyForm",
     "make_scorer",
 ]

@@ -1,4 +1,4 @@
-"""Upper bounds on the scores of items FAISS has not returned (MATH.md section 5).
+"""Upper bounds on the scores of items FAISS has not returned (docs/math.md section 8).
 
 FAISS returns candidates by ``f = mu_x . mu_y / (r_I r_y)`` with ``r_I^2 = |mu_x|^2 + q tr Sigma_I``
 (the stored vectors) and ``r_y^2 = E|y|^2``. Any item not returned has ``f <= f_min``, the
@@ -8,7 +8,8 @@ bound on the standard deviation, so collection-wide extremes of a few per-item r
 turn ``f_min`` into a bound on the score of every unreturned item.
 
 The extremes are computed when an index version is written and read from its manifest
-(:mod:`bayesretrieval.store.extremes`).
+(:mod:`bayesretrieval.store.extremes`). The per-candidate variance floor is derived in
+docs/math.md section 9.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bayesretrieval.queries.uncertainty import ModelCovariances, QuerySide, UncertaintyForm
+from bayesretrieval.queries.uncertainty import ModelCovariances, QuerySide
 from bayesretrieval.similarity import CosineEstimator
-from bayesretrieval.store.extremes import CollectionBounds
+from bayesretrieval.store import CovarianceForm, ItemScalars
+from bayesretrieval.store.extremes import CollectionExtremes
 
 FLOOR_MARGIN = 1 - 1e-9
 """Shrinks variance floors so that rounding never lifts one above the variance it bounds."""
@@ -31,12 +33,12 @@ positive semidefinite despite the eigensolver's rounding."""
 
 @dataclass
 class ScoreBounds:
-    """Bounds for one batch of queries on what the items they cover can reach.
+    """Bounds on what the items they cover can reach, one entry per query or per (query, candidate).
 
     Attributes:
-        mean: ``(nq,)`` upper bound on ``E[cos]``.
-        var: ``(nq,)`` upper bound on ``Var[cos]`` over the whole collection.
-        map_cosine: ``(nq,)`` upper bound on the cosine of the means.
+        mean: upper bound on ``E[cos]``.
+        var: upper bound on ``Var[cos]`` over the whole collection (broadcasts against ``mean``).
+        map_cosine: upper bound on the cosine of the means.
         var_floor: lower bound on ``Var[cos]``: ``0``, or per candidate when the
             bounds cover known candidates (see :func:`candidate_variance_floor`).
     """
@@ -45,11 +47,6 @@ class ScoreBounds:
     var: np.ndarray
     map_cosine: np.ndarray
     var_floor: np.ndarray | float = 0.0
-
-    def columns(self, start: int) -> "ScoreBounds":
-        """The bounds of candidates ``start:`` of per-candidate bounds ``(nq, c)`` (``var`` stays per query)."""
-        floor = self.var_floor[:, start:] if np.ndim(self.var_floor) == 2 else self.var_floor
-        return ScoreBounds(self.mean[:, start:], self.var, self.map_cosine[:, start:], floor)
 
 
 @dataclass(frozen=True)
@@ -85,8 +82,8 @@ def score_bounds(
     f_bound: np.ndarray,
     query: QuerySide,
     covs: ModelCovariances,
-    extremes: CollectionBounds,
-    form: UncertaintyForm | str,
+    extremes: CollectionExtremes,
+    form: CovarianceForm | str,
     estimator: CosineEstimator | str,
     spectra: Spectra,
 ) -> ScoreBounds:
@@ -115,13 +112,13 @@ def score_bounds(
         mean_bound = map_bound
     else:
         mean_bound = _scaled_bound(f_bound, extremes.mean_factor_min, extremes.mean_factor_max)
-    var_bound = _VARIANCE_BOUNDS[estimator](y, covs, extremes, UncertaintyForm(form), spectra)
+    var_bound = _VARIANCE_BOUNDS[estimator](y, covs, extremes, CovarianceForm(form), spectra)
     return ScoreBounds(mean_bound, var_bound.numpy()[per_query], map_bound)
 
 
 def _item_unit_terms(covs, form, spectra):
     """``(lambda_max, tr(S Sigma_Q), tr(S^2))`` per unit of the item-noise ratio."""
-    if form is UncertaintyForm.KFAC:
+    if form is CovarianceForm.KFAC:
         trace = covs.constants.trace_x
         return spectra.item_max / trace, covs.constants.trace_xy / trace, covs.constants.trace_xx / trace**2
     return 1.0, spectra.query_max, 1.0
@@ -159,54 +156,50 @@ _VARIANCE_BOUNDS = {
 }
 
 
-def has_variance_floor(form: UncertaintyForm | str, estimator: CosineEstimator | str) -> bool:
+def has_variance_floor(form: CovarianceForm | str, estimator: CosineEstimator | str) -> bool:
     """Whether :func:`candidate_variance_floor` gives more than ``0`` for this form and estimator."""
-    return UncertaintyForm(form) is UncertaintyForm.KFAC and CosineEstimator(estimator) is not CosineEstimator.DELTA
+    return CovarianceForm(form) is CovarianceForm.KFAC and CosineEstimator(estimator) is not CosineEstimator.DELTA
 
 
 def candidate_variance_floor(
     f: np.ndarray,
     slack: float,
-    item_scalars: np.ndarray,
+    item_scalars: ItemScalars,
     query: QuerySide,
+    query_rows: np.ndarray,
     covs: ModelCovariances,
-    form: UncertaintyForm | str,
     estimator: CosineEstimator | str,
     spectra: Spectra,
-) -> np.ndarray | float:
-    """Lower bound on ``Var[cos]`` of returned candidates, without their mean vectors.
+) -> np.ndarray:
+    """Lower bound on ``Var[cos]`` of returned ``kfac`` candidates, without their mean vectors.
 
     For the ``kfac`` form ``E[cos]`` is FAISS's inner product ``f`` up to ``slack``, and
     the stored scalars give every variance term except the cross products
     ``mu_x^T Sigma mu_y``. ProbCosine's variance needs none of those (it is exact here);
     the second-order variance's terms with a cross product are bounded by
-    :func:`_cross_term_floor`.
+    :func:`_cross_term_floor` (docs/math.md section 9).
 
     Args:
-        f: ``(nq, c)`` FAISS inner products of the candidates.
+        f: ``(P,)`` FAISS inner products of the (query, candidate) pairs.
         slack: FAISS's float32 error bound on ``f``.
-        item_scalars: ``(nq, c, 6)`` the candidates' stored scalars.
+        item_scalars: the candidates' stored scalars, each ``(P,)``.
         query: the prepared queries.
+        query_rows: ``(P,)`` each pair's position in ``query``.
         covs: the covariances the estimator uses.
-        form: the item uncertainty form.
-        estimator: the cosine estimator.
+        estimator: the cosine estimator (not ``delta``: see :func:`has_variance_floor`).
         spectra: the covariances' extreme eigenvalues.
 
     Returns:
-        ``(nq, c)``, or ``0.0`` for forms and estimators it does not cover (per-item
-        covariances, ``delta``).
+        ``(P,)``.
     """
     estimator = CosineEstimator(estimator)
-    if not has_variance_floor(form, estimator):
-        return 0.0
-    const, y = covs.constants, query.stats
-    own_col, other_col = covs.item_columns()
-    q_x, norm_x = item_scalars[..., 0], item_scalars[..., 1]
-    quad_x_item, quad_x_query = item_scalars[..., own_col], item_scalars[..., other_col]
+    const = covs.constants
+    y = {name: value.numpy()[query_rows] for name, value in vars(query.stats).items()}
+    q_x, norm_x = item_scalars.scale, item_scalars.norm_sq
+    quad_x_item, quad_x_query = covs.item_quads(item_scalars)
     rx2 = norm_x + q_x * const.trace_x
-    q_y, norm_y = y.scale.numpy()[:, None], y.norm_sq.numpy()[:, None]
-    quad_y_item, quad_y_query = y.other_quad.numpy()[:, None], y.own_quad.numpy()[:, None]
-    ry2 = y.expected_norm_sq(const.trace_y).numpy()[:, None]
+    q_y, norm_y, quad_y_item, quad_y_query = y["scale"], y["norm_sq"], y["other_quad"], y["own_quad"]
+    ry2 = norm_y + q_y * const.trace_y
     bilinear = q_x * q_y * const.trace_xy
     if estimator is not CosineEstimator.SECOND_ORDER:
         return FLOOR_MARGIN * (q_x * quad_y_item + q_y * quad_x_query + bilinear) / (rx2 * ry2)

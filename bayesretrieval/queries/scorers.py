@@ -1,9 +1,8 @@
-"""Ranking scores over cosine moments (MATH.md section 5), resolved by name.
+"""Ranking scores over cosine moments (docs/math.md section 5), resolved by name.
 
-A scorer implements :meth:`Scorer.score` (the score of every (query, candidate)) and
-:meth:`Scorer.upper_bound` (what an item FAISS did not return could reach at most); the
-base class validates, masks missing candidates and ranks with a deterministic tie-break
-(higher score first, then smaller ``item_id``).
+A scorer implements :meth:`Scorer.score` (the score of every (query, item) pair) and
+:meth:`Scorer.upper_bound` (what an item FAISS did not return could reach at most), and
+says how many FAISS candidates its first round needs (:meth:`Scorer.first_round`).
 """
 
 from __future__ import annotations
@@ -35,21 +34,8 @@ class ScoreName(str, Enum):
     """Plain cosine of the mean embeddings (the deterministic CLIP baseline)."""
 
 
-@dataclass
-class Ranking:
-    """Top-``k`` of every query among its candidates.
-
-    Attributes:
-        positions: ``(nq, k)`` int64 column positions into the candidate arrays, ``-1`` padding.
-        scores: ``(nq, k)`` float64 scores, ``-inf`` padding.
-    """
-
-    positions: np.ndarray
-    scores: np.ndarray
-
-
 class Scorer:
-    """Base class: validates inputs, masks missing candidates, ranks.
+    """Base class: one score per (query, item) pair and a bound on what unseen items can reach.
 
     Subclasses set :attr:`name` and implement :meth:`score` and :meth:`upper_bound`.
     """
@@ -63,44 +49,36 @@ class Scorer:
         """Build from the search options (most scorers take none)."""
         return cls()
 
+    def first_round(self, k: int) -> int:
+        """FAISS candidates the first round asks for, for ``k`` results.
+
+        FAISS ranks by the ``kfac`` expected cosine, which differs from this score by up
+        to a few standard deviations, so a wide margin: ``4 max(2 k, k + 32)`` (168 for
+        ``k = 10``). Only speed depends on it: too few costs a second FAISS round.
+        """
+        return 4 * max(2 * k, k + 32)
+
     def score(self, moments: PairMoments) -> torch.Tensor:
-        """The score of every (query, candidate), ``(nq, kc)``."""
+        """The score of every pair, shaped like the moments."""
         raise NotImplementedError
 
     def upper_bound(self, bounds: ScoreBounds) -> np.ndarray:
-        """``(nq,)``: no item with moments inside ``bounds`` can score higher."""
+        """No item with moments inside ``bounds`` can score higher (shaped like ``bounds.mean``)."""
         raise NotImplementedError
 
-    def scores(self, moments: PairMoments, item_ids: np.ndarray) -> np.ndarray:
-        """Validated scores ``(nq, kc)`` float64 with ``-inf`` where ``item_ids == -1``."""
-        if tuple(moments.mean.shape) != item_ids.shape:
-            raise ValueError(f"moments have shape {tuple(moments.mean.shape)}, item ids {item_ids.shape}")
-        values = self.score(moments).numpy().astype(np.float64, copy=True)
-        values[item_ids < 0] = -np.inf
-        return values
-
-    def rank(self, moments: PairMoments, item_ids: np.ndarray, k: int) -> Ranking:
-        """Top ``k`` per query by score, ties broken by the smaller item id.
-
-        Args:
-            moments: ``(nq, kc)`` moments of the candidates.
-            item_ids: ``(nq, kc)`` candidate ids, ``-1`` for none.
-            k: how many to keep.
-
-        Returns:
-            The ranking, ``(nq, min(k, kc))``.
-        """
-        values = self.scores(moments, item_ids)
-        order = np.lexsort((item_ids, -values), axis=-1)[:, :k]
-        scores = np.take_along_axis(values, order, axis=1)
-        positions = np.where(np.isneginf(scores), -1, order)
-        return Ranking(positions, scores)
+    def scores(self, moments: PairMoments) -> np.ndarray:
+        """:meth:`score` as a float64 array."""
+        return self.score(moments).numpy().astype(np.float64, copy=False)
 
 
 class ExpectedScorer(Scorer):
     """``m``."""
 
     name = ScoreName.EXPECTED
+
+    def first_round(self, k):
+        """``2 k`` (at least ``k + 4``): for the ``kfac`` form FAISS's inner product already is ``m``."""
+        return max(2 * k, k + 4)
 
     def score(self, moments):
         return moments.mean

@@ -21,25 +21,16 @@ import torch
 from bayesretrieval.encoders import ClipEncoder, Encoded
 from bayesretrieval.posterior import Modality
 from bayesretrieval.queries.calibration import ProbitCalibration, load_calibration, save_calibration
-from bayesretrieval.queries.candidates import (
-    DEFAULT_MAX_CANDIDATES,
-    CandidateSearch,
-    SearchOutcome,
-    serial_torch,
-)
+from bayesretrieval.queries.candidates import DEFAULT_MAX_CANDIDATES, CandidateSearch, SearchOutcome
 from bayesretrieval.queries.filters import ItemFilter, id_selector
-from bayesretrieval.queries.rows import StoredRows
 from bayesretrieval.queries.scorers import ScoreName, make_scorer
-from bayesretrieval.queries.uncertainty import ModelCovariances, PairMoments, QuerySide, UncertaintyForm
+from bayesretrieval.queries.uncertainty import ModelCovariances, PairMoments, QuerySide
 from bayesretrieval.similarity import DEFAULT_ESTIMATOR, CosineEstimator
-from bayesretrieval.store import IndexReader, VarianceKind
+from bayesretrieval.store import CovarianceForm, IndexReader
 
 RESULT_COLUMNS = ("query", "query_index", "rank", "item_id", "path", "score", "cosine_mean", "cosine_std",
                   "logit_mean", "logit_std", "probability", "exact")
 """Columns of :meth:`Searcher.search`'s DataFrame (``probability`` is NaN without a calibration)."""
-
-_FORM_BY_VARIANCE = {VarianceKind.NONE: UncertaintyForm.KFAC, VarianceKind.DIAG: UncertaintyForm.DIAG,
-                     VarianceKind.LOWRANK: UncertaintyForm.LOWRANK}
 
 
 @dataclass
@@ -67,31 +58,29 @@ class Searcher:
         encoder: the encoder the index was built with (``None``: only precomputed queries).
         index_dir: the index directory (where calibrations are stored).
         estimator: the cosine estimator (default ``second_order``).
-        form: item uncertainty form; default: the richest the index holds.
+        form: item covariance form; default: the richest the index holds.
         logit_scale: ``s``; default the encoder's (100 without an encoder).
     """
 
     def __init__(self, reader: IndexReader, encoder: ClipEncoder | None = None, index_dir: str | Path | None = None,
-                 estimator: CosineEstimator | str = DEFAULT_ESTIMATOR, form: UncertaintyForm | str | None = None,
+                 estimator: CosineEstimator | str = DEFAULT_ESTIMATOR, form: CovarianceForm | str | None = None,
                  logit_scale: float | None = None):
         self.reader, self.encoder = reader, encoder
         self.index_dir = Path(index_dir) if index_dir is not None else reader.version_dir.parent.parent
         self.estimator = CosineEstimator(estimator)
-        self.form = UncertaintyForm(form) if form is not None else _FORM_BY_VARIANCE[reader.manifest.variance_spec.kind]
-        if self.form is not UncertaintyForm.KFAC and reader.variance_diag is None:
-            raise ValueError(f"uncertainty form {self.form.value!r} needs variance columns; index has "
+        spec = reader.manifest.variance_spec
+        self.form = CovarianceForm(form) if form is not None else spec.form
+        if self.form not in spec.forms:
+            raise ValueError(f"covariance form {self.form.value!r} needs variance columns; index has "
                              f"variance {reader.manifest.variance!r}")
         self.logit_scale = float(logit_scale if logit_scale is not None else (encoder.logit_scale if encoder else 100.0))
         self.posterior = reader.posterior
         self.posterior_fingerprint = reader.manifest.posterior.get("fingerprint")
-        self.rows = StoredRows(reader.id_lookup, reader.means, reader.scalars, reader.variance_diag,
-                               reader.variance_lowrank, reader.indexed_means)
-        self.extremes = reader.collection_bounds(self.form.value)
         self._engines: dict[Modality, CandidateSearch] = {}
 
     @classmethod
     def open(cls, index_dir: str | Path, encoder: ClipEncoder | None = None, device: str = "cpu",
-             **options) -> "Searcher":
+             in_memory: bool = False, torch_threads: int | None = None, **options) -> "Searcher":
         """Open ``INDEX_DIR``: its manifest, posterior, FAISS index and encoder.
 
         Args:
@@ -99,13 +88,26 @@ class Searcher:
             encoder: an already loaded encoder (checked against the manifest); default:
                 load the manifest's model.
             device: where to load the model.
+            in_memory: load the stored arrays into RAM instead of memory-mapping them
+                (``N * D * 4`` bytes of means; faster first searches, for users who have
+                the memory).
+            torch_threads: set torch's intra-op thread count for the whole process
+                (``torch.set_num_threads``). The rerank's tensor products are small, and
+                on a machine with few cores torch's threads contend with FAISS's OpenMP
+                threads; 1 is fastest for search-only processes there. ``None`` leaves
+                torch's setting alone (it is process-global: the library never changes
+                it on its own).
             **options: ``estimator``, ``form``, ``logit_scale`` (see :class:`Searcher`).
 
         Raises:
             FileNotFoundError: if there is no index at ``index_dir``.
             ValueError: if the model or posterior does not match the manifest.
         """
-        reader = IndexReader.open(index_dir)
+        if torch_threads is not None:
+            if torch_threads < 1:
+                raise ValueError(f"torch_threads must be at least 1, got {torch_threads}")
+            torch.set_num_threads(int(torch_threads))
+        reader = IndexReader.open(index_dir, mmap=not in_memory)
         identity = reader.model
         if encoder is None:
             encoder = ClipEncoder.from_pretrained(identity.model_name, identity.pretrained, device=device)
@@ -125,8 +127,7 @@ class Searcher:
         modality = Modality(modality)
         if modality not in self._engines:
             covs = ModelCovariances.from_posterior(self.posterior, modality, self.estimator)
-            self._engines[modality] = CandidateSearch(self.reader.faiss_index, self.rows, covs, self.extremes,
-                                                      self.form, self.estimator)
+            self._engines[modality] = CandidateSearch(self.reader, covs, self.form, self.estimator)
         return self._engines[modality]
 
     def encode(self, queries, modality: Modality | str | None = None) -> Queries:
@@ -215,8 +216,7 @@ class Searcher:
         if threshold is not None and calibration is None:
             raise ValueError("threshold needs a calibration; run `bayesretrieval calibrate` on the index first")
         engine = self.engine(encoded.modality)
-        with serial_torch():  # torch's idle workers would spin against FAISS's right after
-            query = QuerySide.build(encoded.means, encoded.scales, engine.covs)
+        query = QuerySide.build(encoded.means, encoded.scales, engine.covs)
         selector, k_eff = None, min(int(k), len(self.reader))
         if where is not None and not where.is_empty:
             allowed = where.select(self.reader)
@@ -228,8 +228,7 @@ class Searcher:
         prepared = time.perf_counter()
         outcome = engine.search(query, scorer, k_eff, selector, nprobe, candidates, max_candidates)
         searched = time.perf_counter()
-        with serial_torch():
-            frame = self._table(encoded, outcome, calibration, threshold)
+        frame = self._table(encoded, outcome, calibration, threshold)
         seconds = {"queries": prepared - start, **outcome.seconds, "table": time.perf_counter() - searched}
         return _with_attrs(frame, score, outcome, self.estimator, seconds)
 
@@ -243,7 +242,7 @@ class Searcher:
         ids = pick(outcome.item_ids)
         frame = pd.DataFrame({
             "query": np.asarray(encoded.labels, dtype=object)[qi], "query_index": qi, "rank": rank + 1,
-            "item_id": ids, "path": self.reader.paths(self.reader.positions(ids)), "score": pick(outcome.scores),
+            "item_id": ids, "path": self.reader.paths(ids), "score": pick(outcome.scores),
             "cosine_mean": mean, "cosine_std": std, "logit_mean": self.logit_scale * mean,
             "logit_std": self.logit_scale * std, "probability": probability, "exact": outcome.exact[qi],
         })  # in RESULT_COLUMNS order: selecting them again costs a third of the table's time
@@ -275,23 +274,23 @@ class Searcher:
         Repeated query texts are encoded once.
 
         Returns:
-            :class:`PairMoments` with arrays of shape ``(n, 1)``.
+            :class:`PairMoments` with arrays of shape ``(n,)``.
+
+        Raises:
+            ValueError: if the counts differ or an item id is not in the index.
         """
         rows = None
         if isinstance(queries, (list, tuple)) and queries and all(isinstance(q, str) for q in queries):
             queries, rows = np.unique(np.asarray(queries, dtype=object).astype(str), return_inverse=True)
             queries = queries.tolist()
         encoded = self.encode(queries, modality)
-        ids = np.asarray(item_ids, dtype=np.int64).reshape(-1, 1)
+        ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
         rows = np.arange(len(encoded.labels)) if rows is None else rows.reshape(-1)
         if len(ids) != len(rows):
             raise ValueError(f"{len(rows)} queries but {len(ids)} item ids")
-        missing = ids[self.reader.positions(ids) < 0]
-        if missing.size:
-            raise ValueError(f"item ids not in the index: {missing[:10].tolist()}")
         engine = self.engine(encoded.modality)
-        query = QuerySide.build(encoded.means, encoded.scales, engine.covs).take(rows)
-        return engine.moments(query, ids)
+        query = QuerySide.build(encoded.means, encoded.scales, engine.covs)
+        return engine.pair_moments(query, rows, ids)
 
     def calibrate(self, queries, item_ids: Sequence[int], labels, modality: Modality | str | None = None,
                   save: bool = True) -> ProbitCalibration:

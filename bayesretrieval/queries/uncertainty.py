@@ -1,13 +1,13 @@
-"""Cosine moments of (query, candidate) pairs for each form of item uncertainty an index holds.
+"""Cosine moments of (query, item) pairs for each covariance form an index holds.
 
 Every form feeds :func:`bayesretrieval.similarity.cosine_moments_from_statistics` (the one
-place the estimators live) through a *per-pair layout*: the ``P = nq * kc`` (query,
-candidate) pairs are flattened, the item side's statistics get shape ``(1, P)`` and the
-query side's ``(P,)``, so the estimators' ``x[:, None]`` / ``y[None, :]`` broadcasting
-meets pair by pair and the result has shape ``(1, 1, P)``. This lets the per-item
-covariance forms put per-pair numbers where the Kronecker form has shared constants.
+place the estimators live) through a *per-pair layout*: ``P`` (query, item) pairs, the
+item side's statistics with shape ``(1, P)`` and the query side's ``(P,)``, so the
+estimators' ``x[:, None]`` / ``y[None, :]`` broadcasting meets pair by pair and the
+result has shape ``(1, 1, P)``. This lets the per-item covariance forms put per-pair
+numbers where the Kronecker form has shared constants.
 
-Forms (MATH.md section 4):
+Forms (:class:`~bayesretrieval.store.CovarianceForm`, docs/math.md section 4):
 
 - ``kfac``: item covariance ``q_i Sigma_I``; the stored scalars are exact.
 - ``diag``: item covariance ``diag(d_i)`` (``variance_diag``).
@@ -20,7 +20,6 @@ The query always carries ``q_y Sigma_Q`` with ``Sigma_Q`` its modality's output 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 import numpy as np
 import torch
@@ -34,23 +33,7 @@ from bayesretrieval.similarity import (
     cosine_moments_from_statistics,
     uses_diagonal_covariance,
 )
-from bayesretrieval.store.format import SCALAR_COLUMNS
-
-
-class UncertaintyForm(str, Enum):
-    """How the index describes an item's embedding covariance."""
-
-    KFAC = "kfac"
-    """``q_i Sigma_I`` from the stored per-item scalars (exact, MATH.md section 4)."""
-    DIAG = "diag"
-    """A per-item diagonal covariance ``diag(variance_diag_i)``."""
-    LOWRANK = "lowrank"
-    """A per-item low-rank factor plus diagonal, ``L_i^T L_i + diag(variance_diag_i)``."""
-
-
-_COL = {name: i for i, name in enumerate(SCALAR_COLUMNS)}
-PRODUCT_CHUNK_ROWS = 128
-"""Candidate means converted to float64 at a time by :func:`candidate_moments` (512 KiB at D = 512)."""
+from bayesretrieval.store import CovarianceForm, ItemRows, ItemScalars
 
 
 @dataclass(frozen=True)
@@ -86,16 +69,14 @@ class ModelCovariances:
         constants = CovarianceConstants.from_covariances(item_cov, query_cov)
         return cls(item_cov, query_cov, query_modality, diagonal, constants)
 
-    def item_columns(self) -> tuple[int, int]:
-        """Scalar columns of ``mu^T Sigma_I mu`` and ``mu^T Sigma_Q mu`` for stored items."""
-        suffix = "_diag" if self.diagonal else ""
-        other = "quad_image" if self.query_modality is Modality.IMAGE else "quad_text"
-        return _COL["quad_image" + suffix], _COL[other + suffix]
+    def item_quads(self, scalars: ItemScalars) -> tuple[np.ndarray, np.ndarray]:
+        """Stored items' ``mu^T Sigma_I mu`` and ``mu^T Sigma_Q mu`` (diagonal ones for diagonal estimators)."""
+        return scalars.quad(Modality.IMAGE.value, self.diagonal), scalars.quad(self.query_modality.value, self.diagonal)
 
 
 @dataclass
 class QuerySide:
-    """Per-query quantities, computed once per query (MATH.md section 4).
+    """Per-query quantities, computed once per query (docs/math.md section 4).
 
     Attributes:
         means: ``(nq, D)`` float64 unnormalised query means ``mu_y``.
@@ -144,27 +125,8 @@ class QuerySide:
 
 
 @dataclass
-class Candidates:
-    """Stored rows of the candidates of every query, padded to ``kc`` per query.
-
-    Attributes:
-        item_ids: ``(nq, kc)`` int64, ``-1`` where there is no candidate.
-        means: ``(nq, kc, D)`` float32 unnormalised item means (zeros where ``-1``).
-        scalars: ``(nq, kc, 6)`` float64 stored scalars (ones where ``-1``).
-        variance_diag: ``(nq, kc, D)`` or ``None``.
-        variance_lowrank: ``(nq, kc, r, D)`` or ``None``.
-    """
-
-    item_ids: np.ndarray
-    means: np.ndarray
-    scalars: np.ndarray
-    variance_diag: np.ndarray | None = None
-    variance_lowrank: np.ndarray | None = None
-
-
-@dataclass
 class PairMoments:
-    """Moments of the cosine for every (query, candidate), each ``(nq, kc)`` float64.
+    """Moments of the cosine of (query, item) pairs, float64 tensors of one shape.
 
     Attributes:
         mean: ``E[cos]``.
@@ -177,67 +139,68 @@ class PairMoments:
     map_cosine: torch.Tensor
 
 
-def candidate_moments(
+def pair_moments(
     query: QuerySide,
-    items: Candidates,
+    query_rows: np.ndarray,
+    items: ItemRows,
     covs: ModelCovariances,
-    form: UncertaintyForm | str = UncertaintyForm.KFAC,
+    form: CovarianceForm | str = CovarianceForm.KFAC,
     estimator: CosineEstimator | str = CosineEstimator.SECOND_ORDER,
 ) -> PairMoments:
-    """Cosine moments of every query with each of its candidates.
+    """Cosine moments of ``P`` pairs: query ``query_rows[p]`` with item ``p`` of ``items``.
 
     Args:
         query: the prepared queries (``nq``).
-        items: the candidates, ``kc`` per query.
+        query_rows: ``(P,)`` positions in ``query``.
+        items: the ``P`` items' stored rows.
         covs: covariances matching ``estimator`` (see :meth:`ModelCovariances.from_posterior`).
-        form: which item uncertainty to use.
+        form: which item covariance to use.
         estimator: a :class:`~bayesretrieval.similarity.CosineEstimator` or its name.
 
     Returns:
-        The moments, each ``(nq, kc)``; entries where ``items.item_ids == -1`` are
-        meaningless.
+        The moments, each ``(P,)``.
+
+    Raises:
+        ValueError: if ``query_rows`` and ``items`` differ in length, or ``form`` needs
+            variance columns that ``items`` lacks.
     """
-    nq, kc = items.item_ids.shape
-    if query.means.shape[0] != nq:
-        raise ValueError(f"candidates for {nq} queries, got {query.means.shape[0]} queries")
-    scalars = torch.from_numpy(np.asarray(items.scalars, dtype=np.float64).reshape(nq * kc, -1))
-    dot, cross_item, cross_y = _probe_products(items.means, query.probes).reshape(nq * kc, 3).unbind(1)
-    repeat = lambda t: t.repeat_interleave(kc, dim=0)  # noqa: E731  (per query -> per pair)
-    own_col, other_col = covs.item_columns()
-    y = SideStatistics(*(repeat(t) for t in (query.stats.scale, query.stats.norm_sq,
-                                            query.stats.own_quad, query.stats.other_quad)))
-    form = UncertaintyForm(form)
-    if form is UncertaintyForm.KFAC:
-        x = SideStatistics(scalars[:, 0], scalars[:, 1], scalars[:, own_col], scalars[:, other_col])
-        pair = PairTerms(dot, cross_item, cross_y)
-        constants = covs.constants
+    query_rows = np.asarray(query_rows, dtype=np.int64)
+    if query_rows.shape != items.item_ids.shape:
+        raise ValueError(f"{len(query_rows)} query rows for {len(items.item_ids)} items")
+    form = CovarianceForm(form)
+    rows = torch.from_numpy(query_rows)
+    dot, cross_item, cross_y = _probe_products(items.means, query.probes, query_rows).unbind(1)
+    y = SideStatistics(*(t[rows] for t in (query.stats.scale, query.stats.norm_sq,
+                                           query.stats.own_quad, query.stats.other_quad)))
+    scalars = ItemScalars(*(torch.from_numpy(np.ascontiguousarray(v)) for v in vars(items.scalars).values()))
+    own_quad, other_quad = covs.item_quads(scalars)
+    if form is CovarianceForm.KFAC:
+        x = SideStatistics(scalars.scale, scalars.norm_sq, own_quad, other_quad)
+        pair, constants = PairTerms(dot, cross_item, cross_y), covs.constants
     else:
-        means = torch.from_numpy(np.asarray(items.means, dtype=np.float64).reshape(nq * kc, -1))
-        y_means = repeat(query.means)
-        item_cov = _item_covariance(items, form, nq * kc, covs.diagonal)
-        x = SideStatistics(torch.ones_like(dot), scalars[:, 1], item_cov.quad(means, means), scalars[:, other_col])
+        means = torch.from_numpy(np.asarray(items.means, dtype=np.float64))
+        y_means = query.means[rows]
+        item_cov = _item_covariance(items, form, covs.diagonal)
+        x = SideStatistics(torch.ones_like(dot), scalars.norm_sq, item_cov.quad(means, means), other_quad)
         y.other_quad = item_cov.quad(y_means, y_means)
-        pair = PairTerms(dot, item_cov.quad(means, y_means), cross_y)
-        constants = item_cov.constants(covs)
+        pair, constants = PairTerms(dot, item_cov.quad(means, y_means), cross_y), item_cov.constants(covs)
     x = SideStatistics(*(t[None, :] for t in (x.scale, x.norm_sq, x.own_quad, x.other_quad)))
     mean, var = cosine_moments_from_statistics(x, y, pair, constants, estimator)
-    map_cosine = dot / torch.sqrt(scalars[:, 1] * query.stats.norm_sq.repeat_interleave(kc))
-    return PairMoments(mean.reshape(nq, kc), var.reshape(nq, kc), map_cosine.reshape(nq, kc))
+    map_cosine = dot / torch.sqrt(scalars.norm_sq * y.norm_sq)
+    return PairMoments(mean.reshape(-1), var.reshape(-1), map_cosine)
 
 
-def _probe_products(means: np.ndarray, probes: torch.Tensor) -> torch.Tensor:
-    """``(nq, kc, 3)`` float64: each candidate mean ``(nq, kc, D)`` times its query's probes ``(nq, D, 3)``.
+def _probe_products(means: np.ndarray, probes: torch.Tensor, query_rows: np.ndarray) -> torch.Tensor:
+    """``(P, 3)`` float64: each item mean ``(P, D)`` times its query's probes ``(nq, D, 3)``.
 
-    The means go to float64 a few queries at a time: a float64 copy of them all would be
-    as large again as the means and, on some machines, that much fresh memory costs
-    more than the products.
+    One matrix product per query over that query's pairs, so no probe is copied per pair.
     """
-    nq, kc = means.shape[:2]
-    out = torch.empty((nq, kc, probes.shape[2]), dtype=torch.float64)
-    step = max(1, PRODUCT_CHUNK_ROWS // max(kc, 1))
-    for start in range(0, nq, step):
-        block = slice(start, start + step)
-        torch.bmm(torch.from_numpy(np.asarray(means[block], dtype=np.float64)), probes[block], out=out[block])
+    order = np.argsort(query_rows, kind="stable")
+    bounds = np.searchsorted(query_rows[order], np.arange(len(probes) + 1))
+    out = torch.empty((len(query_rows), probes.shape[2]), dtype=torch.float64)
+    for q in np.flatnonzero(np.diff(bounds)):
+        pairs = order[bounds[q]:bounds[q + 1]]
+        out[pairs] = torch.from_numpy(np.asarray(means[pairs], dtype=np.float64)) @ probes[q]
     return out
 
 
@@ -272,14 +235,13 @@ class _PerItemCovariance:
         )
 
 
-def _item_covariance(items: Candidates, form: UncertaintyForm, num_pairs: int, diagonal: bool) -> _PerItemCovariance:
-    if items.variance_diag is None or (form is UncertaintyForm.LOWRANK and items.variance_lowrank is None):
-        raise ValueError(f"uncertainty form {form.value!r} needs the index's variance columns, which it lacks")
-    diag = torch.from_numpy(np.asarray(items.variance_diag, dtype=np.float64).reshape(num_pairs, -1))
+def _item_covariance(items: ItemRows, form: CovarianceForm, diagonal: bool) -> _PerItemCovariance:
+    if items.variance_diag is None or (form is CovarianceForm.LOWRANK and items.variance_lowrank is None):
+        raise ValueError(f"covariance form {form.value!r} needs the index's variance columns, which it lacks")
+    diag = torch.from_numpy(np.asarray(items.variance_diag, dtype=np.float64))
     lowrank = None
-    if form is UncertaintyForm.LOWRANK:
-        low = np.asarray(items.variance_lowrank, dtype=np.float64)
-        lowrank = torch.from_numpy(low.reshape(num_pairs, low.shape[-2], low.shape[-1]))
+    if form is CovarianceForm.LOWRANK:
+        lowrank = torch.from_numpy(np.asarray(items.variance_lowrank, dtype=np.float64))
     if diagonal and lowrank is not None:
         diag, lowrank = diag + (lowrank**2).sum(1), None
     return _PerItemCovariance(lowrank, diag)

@@ -1,6 +1,6 @@
 """The index directory: an on-disk contract that other tools and later versions read.
 
-Layout (``FORMAT_VERSION = 1``)::
+Layout (``FORMAT_VERSION = 2``; other versions are refused with a hint to rebuild)::
 
     INDEX_DIR/
       manifest.json            points at the current version (replaced atomically)
@@ -21,20 +21,16 @@ A version folder holds:
   ``embeddings``), ``source_root``, ``model`` (open_clip name, pretrained tag or checkpoint
   path, checkpoint sha256), ``posterior`` (source, fingerprint, ``n``/``lambda`` per
   modality), ``embed_dim``, ``faiss_factory``, ``faiss_metric`` (``inner_product``),
-  ``faiss_vectors`` (``expected_norm_scaled_invertible``), ``item_count``, ``skipped_count``,
-  ``next_item_id`` (ids are never reused), ``variance`` (``none``, ``diag`` or
-  ``lowrank:R``), ``traces`` (``trace_image`` = tr Sigma_I, ``trace_text`` = tr Sigma_T),
-  ``stats`` (``max_scale``, ``max_norm_sq``, ``max_quad_image``, ``max_quad_text``,
-  ``max_quad_image_diag``, ``max_quad_text_diag``, ``min_expected_norm``,
-  ``max_variance_trace``; ``None`` when empty; ``ratio_extremes``: the search
-  certificate's collection extremes per covariance form, ``kfac`` and, with variance
-  columns, ``diag`` / ``lowrank``, see :mod:`bayesretrieval.store.extremes`) and
-  ``files`` (sha256 per file).
+  ``item_count``, ``skipped_count``, ``next_item_id`` (ids are never reused), ``variance``
+  (``kfac``, ``diag`` or ``lowrank:R``: which per-item covariance columns are stored),
+  ``traces`` (``trace_image`` = tr Sigma_I, ``trace_text`` = tr Sigma_T), ``extremes`` (the
+  search certificate's collection extremes per covariance form, see
+  :mod:`bayesretrieval.store.extremes`) and ``files`` (sha256 per file).
 - ``items.parquet``: one row per item, sorted by ``item_id``: ``item_id`` int64 (explicit,
   stable per path across rebuilds), ``path`` (POSIX, relative to the indexed folder; for
   precomputed input the given path or the id as text), ``file_size``, ``mtime_ns``,
   ``width``, ``height`` (null when unknown), ``embedding`` (fixed_size_list<float32>[D],
-  the unnormalised mean ``mu = a @ P``, made invertible: see ``index.faiss``), the
+  the unnormalised mean ``mu = a @ P`` exactly as the encoder gave it), the
   per-item scalars of MATH.md section 4, computed from the encoder's ``mu``:
   ``scale`` (q = a^T A^-1 a), ``norm_sq`` (|mu|^2), ``quad_image`` (mu^T Sigma_I mu),
   ``quad_text`` (mu^T Sigma_T mu), ``quad_image_diag`` and ``quad_text_diag`` (the same
@@ -58,9 +54,7 @@ A version folder holds:
 - ``index.faiss``: ``faiss.index_factory(D, "IDMap2," + faiss_factory, METRIC_INNER_PRODUCT)``
   over ``x = fl32(mu / s)``, ``s = sqrt(|mu|^2 + q tr Sigma_I)``, with ids = ``item_id``,
   so FAISS's raw top-k is the ranking by expected cosine to an expected-norm-scaled query.
-  The stored means are exactly ``fl32(s x)`` (:mod:`bayesretrieval.store.vectors`), so
-  ``Flat`` and ``IVF*,Flat`` indexes reproduce them bit for bit; IVF indexes carry a
-  direct map (id to list position) for that.
+  The rerank reads candidate means from ``means.npy``, never from FAISS.
 - ``posterior/``: the :class:`~bayesretrieval.posterior.PosteriorPair` in the project format.
 - ``skipped.parquet``: ``path``, ``reason`` (a
   :class:`~bayesretrieval.skips.SkipReason` value), ``detail``, ``file_size``,
@@ -72,11 +66,12 @@ Read with :class:`IndexReader`; write with :func:`write_version`.
 from bayesretrieval.store.format import (
     FORMAT_VERSION,
     SCALAR_COLUMNS,
+    CovarianceForm,
+    ItemScalars,
     Manifest,
-    VarianceKind,
     VarianceSpec,
 )
-from bayesretrieval.store.reader import FetchedItems, IdLookup, IndexReader
+from bayesretrieval.store.reader import IdLookup, IndexReader, ItemRows
 from bayesretrieval.store.writer import (
     ItemArrays,
     ItemMetadata,
@@ -90,13 +85,14 @@ from bayesretrieval.store.vectors import expected_norm
 __all__ = [
     "FORMAT_VERSION",
     "SCALAR_COLUMNS",
-    "FetchedItems",
+    "CovarianceForm",
     "IdLookup",
     "IndexReader",
     "ItemArrays",
     "ItemMetadata",
+    "ItemRows",
+    "ItemScalars",
     "Manifest",
-    "VarianceKind",
     "VarianceSpec",
     "VersionInfo",
     "build_faiss_index",

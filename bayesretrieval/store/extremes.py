@@ -1,9 +1,8 @@
 """Collection-wide extremes of the per-item ratios the search certificate needs.
 
-They are computed when a version is written and kept in its manifest
-(``stats.ratio_extremes``, one entry per item covariance form the version supports), so
-opening an index does not scan its arrays. Versions written before they were stored get
-them computed on open.
+They are computed when a version is written and kept in its manifest (``extremes``, one
+entry per covariance form the version's columns support), so opening an index does not
+scan its arrays (docs/math.md section 8).
 """
 
 from __future__ import annotations
@@ -12,17 +11,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from bayesretrieval.store.format import CovarianceForm, ItemScalars
+
 CHUNK_ROWS = 262_144
-KFAC = "kfac"
-"""Key of the extremes under the Kronecker covariance ``q_i Sigma_I`` (every version)."""
-DIAG = "diag"
-"""Key under the per-item diagonal covariance (versions with ``variance_diag``)."""
-LOWRANK = "lowrank"
-"""Key under the per-item low-rank plus diagonal covariance (versions with ``variance_lowrank``)."""
+"""Rows scanned at a time, so memory-mapped arrays are never read whole."""
 
 
 @dataclass(frozen=True)
-class CollectionBounds:
+class CollectionExtremes:
     """Extremes over the collection of the per-item ratios the bounds need.
 
     With ``r_I^2 = |mu|^2 + q tr Sigma_I`` (FAISS's normaliser), ``t`` the item's covariance
@@ -46,7 +42,7 @@ class CollectionBounds:
     map_factor_max: float
 
     @classmethod
-    def compute(cls, scalars, trace_image: float, item_trace: np.ndarray | None = None) -> "CollectionBounds":
+    def compute(cls, scalars, trace_image: float, item_trace: np.ndarray | None = None) -> "CollectionExtremes":
         """Scan the stored scalars in chunks (``O(N)``).
 
         Args:
@@ -58,19 +54,18 @@ class CollectionBounds:
         Returns:
             The extremes; an empty collection gives all-zero ratios and unit factors.
         """
+        if len(scalars) == 0:
+            return cls(0.0, 0.0, 1.0, 1.0, 1.0, 1.0)
         parts = []
         for start in range(0, len(scalars), CHUNK_ROWS):
             rows = slice(start, start + CHUNK_ROWS)
-            block = np.asarray(scalars[rows], dtype=np.float64)
-            norm_sq = np.maximum(block[:, 1], 1e-300)
-            faiss_sq = norm_sq + block[:, 0] * trace_image
-            trace = block[:, 0] * trace_image if item_trace is None else item_trace[rows]
+            item = ItemScalars.from_table(scalars[rows])
+            norm_sq = np.maximum(item.norm_sq, 1e-300)
+            faiss_sq = norm_sq + item.scale * trace_image
+            trace = item.scale * trace_image if item_trace is None else item_trace[rows]
             own_sq = norm_sq + trace
-            parts.append(np.stack([
-                trace / own_sq, trace / norm_sq, np.sqrt(faiss_sq / own_sq), np.sqrt(faiss_sq / norm_sq)
-            ], axis=1))
-        if not parts:
-            return cls(0.0, 0.0, 1.0, 1.0, 1.0, 1.0)
+            parts.append(np.stack([trace / own_sq, trace / norm_sq, np.sqrt(faiss_sq / own_sq),
+                                   np.sqrt(faiss_sq / norm_sq)], axis=1))
         table = np.concatenate(parts)
         return cls(
             noise_ratio_max=float(table[:, 0].max()), plain_noise_ratio_max=float(table[:, 1].max()),
@@ -79,14 +74,16 @@ class CollectionBounds:
         )
 
     def to_dict(self) -> dict:
+        """The extremes as a JSON-ready dict."""
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "CollectionBounds":
+    def from_dict(cls, values: dict) -> "CollectionExtremes":
+        """Read back :meth:`to_dict`."""
         return cls(**{key: float(values[key]) for key in cls.__dataclass_fields__})
 
 
-def item_covariance_traces(variance_diag=None, variance_lowrank=None) -> dict[str, np.ndarray]:
+def item_covariance_traces(variance_diag=None, variance_lowrank=None) -> dict[CovarianceForm, np.ndarray]:
     """Per-item covariance traces ``(N,)`` of each per-item form the arrays support, in one chunked pass.
 
     ``diag``: ``sum d_i``; ``lowrank``: ``sum d_i + |L_i|_F^2``. Empty without ``variance_diag``.
@@ -99,11 +96,15 @@ def item_covariance_traces(variance_diag=None, variance_lowrank=None) -> dict[st
         diag[rows] = np.asarray(variance_diag[rows], dtype=np.float64).sum(1)
         if variance_lowrank is not None:
             lowrank[rows] = diag[rows] + np.square(np.asarray(variance_lowrank[rows], dtype=np.float64)).sum((1, 2))
-    return {DIAG: diag} if variance_lowrank is None else {DIAG: diag, LOWRANK: lowrank}
+    traces = {CovarianceForm.DIAG: diag}
+    if variance_lowrank is not None:
+        traces[CovarianceForm.LOWRANK] = lowrank
+    return traces
 
 
-def extremes_by_form(scalars, trace_image: float, item_traces: dict[str, np.ndarray]) -> dict[str, dict]:
-    """The extremes for ``kfac`` and every per-item form in ``item_traces`` (:func:`item_covariance_traces`)."""
-    forms = {KFAC: CollectionBounds.compute(scalars, trace_image)}
-    forms.update({form: CollectionBounds.compute(scalars, trace_image, trace) for form, trace in item_traces.items()})
-    return {form: bounds.to_dict() for form, bounds in forms.items()}
+def extremes_by_form(scalars, trace_image: float, variance_diag=None, variance_lowrank=None) -> dict[str, dict]:
+    """The extremes for ``kfac`` and every per-item form the variance columns support, keyed by form name."""
+    forms = {CovarianceForm.KFAC: CollectionExtremes.compute(scalars, trace_image)}
+    for form, trace in item_covariance_traces(variance_diag, variance_lowrank).items():
+        forms[form] = CollectionExtremes.compute(scalars, trace_image, trace)
+    return {form.value: extremes.to_dict() for form, extremes in forms.items()}

@@ -9,9 +9,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
+import numpy as np
 import pyarrow as pa
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 VERSIONS_DIR = "versions"
 WORK_DIR = "work"
@@ -42,39 +43,73 @@ SCALAR_COLUMNS = (
 """Column order of ``scalars.npy`` and of the scalar columns of ``items.parquet``."""
 
 FAISS_METRIC = "inner_product"
-FAISS_VECTORS = "expected_norm_scaled_invertible"
-"""FAISS holds ``x = fl32(mu / s)``, ``s = sqrt(|mu|^2 + q tr Sigma_I)`` (MATH.md section 4),
-and ``means.npy`` holds exactly ``fl32(s x)`` (:mod:`bayesretrieval.store.vectors`)."""
-FAISS_VECTORS_APPROXIMATE = "expected_norm_scaled"
-"""Versions written before the means were made invertible: FAISS holds ``fl32(mu / s)`` only."""
 
 
-class VarianceKind(str, Enum):
-    """Which optional per-item variance columns an index carries."""
+@dataclass(frozen=True)
+class ItemScalars:
+    """The per-item scalars of docs/math.md section 4, by name.
 
-    NONE = "none"
-    """Only the KFAC scalars (enough for the Kronecker posterior, MATH.md section 4)."""
+    Each attribute has the shape of the rows read (``(N,)`` for a whole table).
+
+    Attributes:
+        scale: ``q = a^T A^-1 a``.
+        norm_sq: ``|mu|^2``.
+        quad_image: ``mu^T Sigma_I mu``.
+        quad_text: ``mu^T Sigma_T mu``.
+        quad_image_diag: ``mu^T diag(Sigma_I) mu``.
+        quad_text_diag: ``mu^T diag(Sigma_T) mu``.
+    """
+
+    scale: np.ndarray
+    norm_sq: np.ndarray
+    quad_image: np.ndarray
+    quad_text: np.ndarray
+    quad_image_diag: np.ndarray
+    quad_text_diag: np.ndarray
+
+    @classmethod
+    def from_table(cls, table) -> "ItemScalars":
+        """Name the columns of a ``(..., 6)`` array in :data:`SCALAR_COLUMNS` order (as ``scalars.npy`` holds them).
+
+        Raises:
+            ValueError: if the last axis does not have one entry per scalar.
+        """
+        table = np.asarray(table, dtype=np.float64)
+        if table.shape[-1:] != (len(SCALAR_COLUMNS),):
+            raise ValueError(f"scalars have shape {table.shape}, expected (..., {len(SCALAR_COLUMNS)})")
+        return cls(*np.moveaxis(table, -1, 0))
+
+    def quad(self, modality: str, diagonal: bool = False) -> np.ndarray:
+        """``mu^T Sigma mu`` with ``Sigma`` the output covariance of ``modality`` (``"image"`` or ``"text"``)."""
+        return getattr(self, f"quad_{modality}" + ("_diag" if diagonal else ""))
+
+
+class CovarianceForm(str, Enum):
+    """How an item's embedding covariance is described (docs/math.md section 4)."""
+
+    KFAC = "kfac"
+    """``q_i Sigma_I`` from the stored per-item scalars; no extra columns."""
     DIAG = "diag"
-    """``variance_diag``: the per-item diagonal of the embedding covariance, ``(D,)``."""
+    """A per-item diagonal ``diag(d_i)``: the ``variance_diag`` column, ``(D,)``."""
     LOWRANK = "lowrank"
-    """``variance_lowrank`` ``L`` (``r x D``) plus ``variance_diag`` ``d``: ``Cov = L^T L + diag(d)``."""
+    """A per-item ``L_i^T L_i + diag(d_i)``: ``variance_lowrank`` ``L`` (``r x D``) and ``variance_diag``."""
 
 
 @dataclass(frozen=True)
 class VarianceSpec:
-    """The optional variance columns requested for (or found in) an index.
+    """The per-item covariance columns requested for (or found in) an index.
 
     Attributes:
-        kind: which columns.
-        rank: ``r`` for :attr:`VarianceKind.LOWRANK`, else 0.
+        form: the richest covariance form the columns describe.
+        rank: ``r`` for :attr:`CovarianceForm.LOWRANK`, else 0.
     """
 
-    kind: VarianceKind = VarianceKind.NONE
+    form: CovarianceForm = CovarianceForm.KFAC
     rank: int = 0
 
     @classmethod
     def parse(cls, text: "str | VarianceSpec | None") -> "VarianceSpec":
-        """Parse ``"none"``, ``"diag"`` or ``"lowrank:R"``.
+        """Parse ``"kfac"``, ``"diag"`` or ``"lowrank:R"``.
 
         Raises:
             ValueError: for any other string or a non-positive rank.
@@ -85,31 +120,34 @@ class VarianceSpec:
             return cls()
         name, _, rank = str(text).partition(":")
         try:
-            kind = VarianceKind(name)
+            form = CovarianceForm(name)
         except ValueError:
-            raise ValueError(
-                f"variance must be one of none, diag, lowrank:R; got {text!r}"
-            ) from None
-        if kind is VarianceKind.LOWRANK:
+            raise ValueError(f"variance must be one of kfac, diag, lowrank:R; got {text!r}") from None
+        if form is CovarianceForm.LOWRANK:
             if not rank.isdigit() or int(rank) < 1:
                 raise ValueError(f"variance lowrank needs a positive rank (lowrank:R), got {text!r}")
-            return cls(kind, int(rank))
+            return cls(form, int(rank))
         if rank:
             raise ValueError(f"variance {name!r} takes no rank, got {text!r}")
-        return cls(kind, 0)
+        return cls(form, 0)
 
     def __str__(self) -> str:
-        return f"lowrank:{self.rank}" if self.kind is VarianceKind.LOWRANK else self.kind.value
+        return f"lowrank:{self.rank}" if self.form is CovarianceForm.LOWRANK else self.form.value
 
     @property
     def has_diag(self) -> bool:
         """Whether ``variance_diag`` is present."""
-        return self.kind is not VarianceKind.NONE
+        return self.form is not CovarianceForm.KFAC
 
     @property
     def has_lowrank(self) -> bool:
         """Whether ``variance_lowrank`` is present."""
-        return self.kind is VarianceKind.LOWRANK
+        return self.form is CovarianceForm.LOWRANK
+
+    @property
+    def forms(self) -> list[CovarianceForm]:
+        """Every covariance form a search can use with these columns, poorest first."""
+        return list(CovarianceForm)[: list(CovarianceForm).index(self.form) + 1]
 
 
 @dataclass(frozen=True)
@@ -128,18 +166,12 @@ class Manifest:
         embed_dim: ``D``.
         faiss_factory: the factory string after ``IDMap2,`` (e.g. ``"Flat"``).
         faiss_metric: always ``"inner_product"``.
-        faiss_vectors: :data:`FAISS_VECTORS` (:data:`FAISS_VECTORS_APPROXIMATE` in older
-            versions, whose means the FAISS vectors do not reproduce exactly).
         item_count: rows in ``items.parquet``.
         skipped_count: rows in ``skipped.parquet``.
         next_item_id: the next id to hand out (ids are never reused).
         variance: ``str(VarianceSpec)`` of the optional variance columns.
         traces: ``trace_image`` (``tr Sigma_I``) and ``trace_text`` (``tr Sigma_T``).
-        stats: collection extremes for bounds: ``max_<scalar>`` for every scalar column,
-            ``min_expected_norm`` (``min sqrt(|mu|^2 + q tr Sigma_I)``) and
-            ``max_variance_trace`` (largest trace of the optional per-item covariance,
-            0 without variance columns); ``None`` values for an empty index;
-            ``ratio_extremes``: the search certificate's extremes per covariance form
+        extremes: the search certificate's collection extremes per covariance form
             (:func:`bayesretrieval.store.extremes.extremes_by_form`).
         files: sha256 per file of the version folder (relative POSIX paths).
     """
@@ -155,13 +187,12 @@ class Manifest:
     embed_dim: int
     faiss_factory: str
     faiss_metric: str
-    faiss_vectors: str
     item_count: int
     skipped_count: int
     next_item_id: int
     variance: str
     traces: dict
-    stats: dict
+    extremes: dict
     files: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -182,7 +213,8 @@ class Manifest:
         found = data.get("format_version")
         if found != FORMAT_VERSION:
             raise ValueError(
-                f"index format version {found}, this library reads version {FORMAT_VERSION}"
+                f"index format version {found}, this library reads version {FORMAT_VERSION}; "
+                "rebuild the index with `bayesretrieval build-index SRC INDEX --rebuild`"
             )
         names = cls.__dataclass_fields__
         missing = sorted(set(names) - set(data) - {"files"})

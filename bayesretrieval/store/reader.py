@@ -17,45 +17,12 @@ import pyarrow.parquet as pq
 from bayesretrieval.encoders import ModelIdentity, file_sha256
 from bayesretrieval.posterior import PosteriorPair
 from bayesretrieval.store import format as fmt
-from bayesretrieval.store.extremes import DIAG, KFAC, LOWRANK, CollectionBounds, extremes_by_form, item_covariance_traces
-from bayesretrieval.store.format import Manifest
-from bayesretrieval.store.vectors import expected_norm, means_from_vectors
+from bayesretrieval.store.extremes import CollectionExtremes
+from bayesretrieval.store.format import CovarianceForm, ItemScalars, Manifest
+from bayesretrieval.store.vectors import expected_norm
 
 OPEN_ATTEMPTS = 3
 """Re-reads of ``manifest.json`` when the version it named was collected meanwhile."""
-
-
-class IndexedMeans:
-    """Stored means of given rows, rebuilt bit for bit from the FAISS index's own vectors.
-
-    FAISS holds ``x = fl32(mu / s)`` and the stored means are exactly ``fl32(s x)``
-    (:mod:`bayesretrieval.store.vectors`). Right after a search, the candidates' vectors
-    sit in the lists FAISS has just scanned, while their rows of ``means.npy`` are random
-    reads of a large file; on some machines this is the cheaper way to a candidate's mean.
-
-    Args:
-        index: the version's ``IDMap2`` index over a ``Flat`` or ``IVF*,Flat`` index,
-            added in row order.
-        trace_image: ``tr Sigma_I``.
-    """
-
-    def __init__(self, index: faiss.Index, trace_image: float):
-        self.index, self.trace_image = index, trace_image  # the IDMap2 owns ``storage``: keep it alive
-        self.storage = faiss.downcast_index(index.index)
-        if isinstance(self.storage, faiss.IndexIVF) and self.storage.direct_map.no():
-            self.storage.make_direct_map()  # versions written before the map was stored
-
-    @staticmethod
-    def supports(index: faiss.Index) -> bool:
-        """Whether ``index`` stores its vectors exactly (``IDMap2`` over ``Flat`` or ``IVF*,Flat``)."""
-        if not isinstance(index, faiss.IndexIDMap2):
-            return False
-        return isinstance(faiss.downcast_index(index.index), (faiss.IndexFlat, faiss.IndexIVFFlat))
-
-    def __call__(self, rows: np.ndarray, scalars: np.ndarray) -> np.ndarray:
-        """Means ``(n, D)`` float32 of the rows ``rows`` ``(n,)``, whose stored scalars are ``scalars`` ``(n, 6)``."""
-        vectors = self.storage.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64))
-        return means_from_vectors(vectors, expected_norm(scalars, self.trace_image), out=vectors)
 
 
 class IdLookup:
@@ -89,34 +56,22 @@ class IdLookup:
 
 
 @dataclass
-class FetchedItems:
-    """Rows of the index for requested ids, in the order asked for.
+class ItemRows:
+    """Stored rows of some items, in the order asked for.
 
     Attributes:
-        item_ids: ``(k,)`` int64.
-        means: ``(k, D)`` float32 unnormalised means.
-        scalars: ``(k, 6)`` float64 in :data:`SCALAR_COLUMNS` order.
-        paths: ``k`` paths relative to the indexed root.
-        variance_diag: ``(k, D)`` float32 or ``None``.
-        variance_lowrank: ``(k, r, D)`` float32 or ``None``.
+        item_ids: ``(n,)`` int64.
+        means: ``(n, D)`` float32 unnormalised means (exactly the encoder's output).
+        scalars: the per-item scalars, each ``(n,)``.
+        variance_diag: ``(n, D)`` float32 or ``None``.
+        variance_lowrank: ``(n, r, D)`` float32 or ``None``.
     """
 
     item_ids: np.ndarray
     means: np.ndarray
-    scalars: np.ndarray
-    paths: list
+    scalars: ItemScalars
     variance_diag: np.ndarray | None = None
     variance_lowrank: np.ndarray | None = None
-
-    def scalar(self, name: str) -> np.ndarray:
-        """One scalar column by name (``"scale"``, ``"quad_text"``, ...), shape ``(k,)``."""
-        if name not in fmt.SCALAR_COLUMNS:
-            raise ValueError(f"unknown scalar {name!r}; expected one of {fmt.SCALAR_COLUMNS}")
-        return self.scalars[:, fmt.SCALAR_COLUMNS.index(name)]
-
-    def scalar_dict(self) -> dict:
-        """All scalar columns as ``{name: (k,) array}``."""
-        return {name: self.scalars[:, i] for i, name in enumerate(fmt.SCALAR_COLUMNS)}
 
 
 class IndexReader:
@@ -127,7 +82,9 @@ class IndexReader:
 
     Args:
         version_dir: a folder under ``INDEX_DIR/versions/``.
-        mmap: memory-map the ``.npy`` arrays (default) instead of loading them.
+        mmap: memory-map the ``.npy`` arrays (default: little memory, pages read on
+            demand) instead of loading them into RAM (faster first searches for users
+            who have the memory).
 
     Attributes:
         manifest: the version's :class:`Manifest`.
@@ -208,47 +165,25 @@ class IndexReader:
         """``tr Sigma_I`` of the stored posterior."""
         return float(self.manifest.traces["trace_image"])
 
-    def expected_norm(self, scalars: np.ndarray | None = None) -> np.ndarray:
-        """``sqrt(|mu|^2 + q tr Sigma_I)`` for ``scalars`` ``(k, 6)`` (all items by default)."""
-        return expected_norm(self.scalars if scalars is None else scalars, self.trace_image)
+    def expected_norm(self) -> np.ndarray:
+        """``sqrt(|mu|^2 + q tr Sigma_I)`` of every item, ``(N,)``: the norm FAISS's vectors were divided by."""
+        return expected_norm(ItemScalars.from_table(self.scalars), self.trace_image)
 
-    @cached_property
-    def indexed_means(self) -> IndexedMeans | None:
-        """The stored means from the FAISS index, or ``None`` where it cannot reproduce them.
-
-        ``None`` for lossy FAISS storage (``SQ8``, ...) and for versions written before
-        the means were made invertible (:data:`~bayesretrieval.store.format.FAISS_VECTORS_APPROXIMATE`).
+    def extremes(self, form: CovarianceForm | str = CovarianceForm.KFAC) -> CollectionExtremes:
+        """The certificate's collection extremes for covariance form ``form``, from the manifest.
 
         Raises:
-            ValueError: if the FAISS index's ids are not ``item_ids.npy`` in row order (a corrupt version).
+            ValueError: for an unknown form, or a per-item form whose variance columns this version lacks.
         """
-        index = self.faiss_index
-        if self.manifest.faiss_vectors != fmt.FAISS_VECTORS or not IndexedMeans.supports(index):
-            return None
-        if not np.array_equal(faiss.vector_to_array(index.id_map), self.item_ids):
-            raise ValueError(f"{self.version_dir}: the FAISS index's ids are not {fmt.ITEM_IDS_FILE} in row order")
-        return IndexedMeans(index, self.trace_image)
-
-    def collection_bounds(self, form: str = KFAC) -> CollectionBounds:
-        """The certificate's collection extremes for covariance form ``form`` (``kfac``, ``diag``, ``lowrank``).
-
-        Read from the manifest; computed from the arrays for versions written before
-        they were stored there.
-
-        Raises:
-            ValueError: for a per-item form whose variance columns this version lacks.
-        """
-        if form not in (KFAC, DIAG, LOWRANK):
-            raise ValueError(f"unknown covariance form {form!r}; expected {KFAC!r}, {DIAG!r} or {LOWRANK!r}")
-        extremes = self.manifest.stats.get("ratio_extremes") or self._extremes_from_arrays
-        if form not in extremes:
-            raise ValueError(f"covariance form {form!r} needs variance columns; index has {self.manifest.variance!r}")
-        return CollectionBounds.from_dict(extremes[form])
-
-    @cached_property
-    def _extremes_from_arrays(self) -> dict[str, dict]:
-        traces = item_covariance_traces(self.variance_diag, self.variance_lowrank)
-        return extremes_by_form(self.scalars, self.trace_image, traces)
+        try:
+            form = CovarianceForm(form)
+        except ValueError:
+            raise ValueError(f"unknown covariance form {form!r}; expected one of "
+                             f"{[f.value for f in CovarianceForm]}") from None
+        if form.value not in self.manifest.extremes:
+            raise ValueError(f"covariance form {form.value!r} needs variance columns; index has "
+                             f"{self.manifest.variance!r}")
+        return CollectionExtremes.from_dict(self.manifest.extremes[form.value])
 
     @cached_property
     def id_lookup(self) -> IdLookup:
@@ -259,33 +194,43 @@ class IndexReader:
         """Row positions of ``item_ids`` ``(k,)`` in the arrays, ``-1`` where absent."""
         return self.id_lookup.positions(item_ids)
 
-    def fetch(self, item_ids) -> FetchedItems:
-        """Means, scalars, paths (and variance columns) of ``item_ids`` ``(k,)`` in O(k log N).
+    def fetch(self, item_ids) -> ItemRows:
+        """The stored rows of ``item_ids`` (any shape, flattened) in O(n).
 
         Raises:
             ValueError: naming the ids that are not in the index (``-1`` included).
         """
         ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
-        pos = self.positions(ids)
-        if np.any(pos < 0):
-            missing = ids[pos < 0][:10].tolist()
-            raise ValueError(f"item ids not in index {self.manifest.version}: {missing}")
-        order = np.argsort(pos, kind="stable")
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        sorted_pos = pos[order]
-        gather = lambda a: None if a is None else np.asarray(a[sorted_pos])[inverse]  # noqa: E731
-        return FetchedItems(
-            ids.copy(), gather(self.means), gather(self.scalars), self.paths(pos),
-            gather(self.variance_diag), gather(self.variance_lowrank),
-        )
+        rows = self._rows(ids)
+        take = lambda array: None if array is None else np.asarray(array[rows])  # noqa: E731
+        return ItemRows(ids, take(self.means), ItemScalars.from_table(take(self.scalars)),
+                        take(self.variance_diag), take(self.variance_lowrank))
 
-    def paths(self, positions: np.ndarray) -> list[str]:
-        """Paths of the rows ``positions`` ``(k,)``: one slice of ``paths.utf8`` each, O(k)."""
-        positions = np.asarray(positions, dtype=np.int64)
-        starts = np.asarray(self._path_offsets[positions]).tolist()
-        stops = np.asarray(self._path_offsets[positions + 1]).tolist()
+    def fetch_scalars(self, item_ids) -> ItemScalars:
+        """The per-item scalars of ``item_ids`` (any shape, flattened), without reading their means.
+
+        Raises:
+            ValueError: naming the ids that are not in the index.
+        """
+        rows = self._rows(np.asarray(item_ids, dtype=np.int64).reshape(-1))
+        return ItemScalars.from_table(np.asarray(self.scalars[rows]))
+
+    def paths(self, item_ids) -> list[str]:
+        """Paths of ``item_ids`` ``(n,)``: one slice of ``paths.utf8`` each, O(n).
+
+        Raises:
+            ValueError: naming the ids that are not in the index.
+        """
+        rows = self._rows(np.asarray(item_ids, dtype=np.int64).reshape(-1))
+        starts = np.asarray(self._path_offsets[rows]).tolist()
+        stops = np.asarray(self._path_offsets[rows + 1]).tolist()
         return [self._path_bytes[start:stop].decode("utf-8") for start, stop in zip(starts, stops)]
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        rows = self.positions(ids)
+        if np.any(rows < 0):
+            raise ValueError(f"item ids not in index {self.manifest.version}: {ids[rows < 0][:10].tolist()}")
+        return rows
 
     def read_items(self, columns: list | None = None, filters=None) -> pa.Table:
         """Read ``items.parquet`` (all or some columns; pyarrow ``filters`` for metadata filters)."""

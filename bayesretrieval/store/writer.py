@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,9 +19,9 @@ from bayesretrieval.atomic import publish_directory, write_text_atomic
 from bayesretrieval.encoders import file_sha256
 from bayesretrieval.posterior import PosteriorPair
 from bayesretrieval.store import format as fmt
-from bayesretrieval.store.extremes import DIAG, LOWRANK, extremes_by_form, item_covariance_traces
-from bayesretrieval.store.format import Manifest, VarianceSpec
-from bayesretrieval.store.vectors import expected_norm, faiss_vectors, invertible_means
+from bayesretrieval.store.extremes import extremes_by_form
+from bayesretrieval.store.format import ItemScalars, Manifest, VarianceSpec
+from bayesretrieval.store.vectors import expected_norm, faiss_vectors
 
 ROW_GROUP_ROWS = 65536
 FLAT_MAX_ITEMS = 100_000
@@ -127,7 +127,7 @@ def empty_faiss_index(factory: str, dim: int) -> faiss.Index:
 
 
 def build_faiss_index(vectors: np.ndarray, item_ids: np.ndarray, factory: str) -> faiss.Index:
-    """An inner-product ``IDMap2,<factory>`` index over ``vectors`` ``(N, d)`` with ids (IVF: with a direct map)."""
+    """An inner-product ``IDMap2,<factory>`` index over ``vectors`` ``(N, d)`` with ids."""
     index = empty_faiss_index(factory, vectors.shape[1])
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if not index.is_trained:
@@ -138,9 +138,6 @@ def build_faiss_index(vectors: np.ndarray, item_ids: np.ndarray, factory: str) -
                              f"{str(err).strip().splitlines()[-1]}") from None
     if len(vectors):
         index.add_with_ids(vectors, np.ascontiguousarray(item_ids, dtype=np.int64))
-    inner = faiss.downcast_index(index.index)
-    if isinstance(inner, faiss.IndexIVF):
-        inner.make_direct_map()  # saved with the index: row -> list position, for exact reconstruction
     return index
 
 
@@ -152,9 +149,7 @@ def write_version(
     The version is written to a hidden staging folder, fsync'd, renamed into
     ``versions/``, and only then ``manifest.json`` is replaced (write temp + fsync +
     ``os.replace``). Afterwards every version but the current and the previous one is
-    deleted. The stored means are :func:`~bayesretrieval.store.vectors.invertible_means`
-    of the given ones (at most one unit in the last place apart), so the FAISS index
-    reproduces them exactly.
+    deleted.
 
     Returns:
         The published manifest.
@@ -199,8 +194,7 @@ def _check_items(items: ItemArrays, posterior: PosteriorPair, info: VersionInfo)
 
 def _write_staging(staging, name, items, skipped, posterior, info) -> Manifest:
     trace_image = float(posterior.image.output_cov.trace())
-    norms = expected_norm(items.scalars, trace_image)
-    items = replace(items, means=invertible_means(items.means, norms))
+    norms = expected_norm(ItemScalars.from_table(items.scalars), trace_image)
     factory = info.faiss_factory or default_faiss_factory(len(items))
     manifest = Manifest(
         format_version=fmt.FORMAT_VERSION,
@@ -214,13 +208,12 @@ def _write_staging(staging, name, items, skipped, posterior, info) -> Manifest:
         embed_dim=int(items.means.shape[1]),
         faiss_factory=factory,
         faiss_metric=fmt.FAISS_METRIC,
-        faiss_vectors=fmt.FAISS_VECTORS,
         item_count=len(items),
         skipped_count=skipped.num_rows,
         next_item_id=int(info.next_item_id),
         variance=str(info.variance),
         traces={"trace_image": trace_image, "trace_text": float(posterior.text.output_cov.trace())},
-        stats=_collection_stats(items, norms, trace_image),
+        extremes=extremes_by_form(items.scalars, trace_image, items.variance_diag, items.variance_lowrank),
     )
     _write_items_parquet(staging / fmt.ITEMS_FILE, items, manifest)
     np.save(staging / fmt.ITEM_IDS_FILE, items.item_ids.astype(np.int64))
@@ -247,20 +240,6 @@ def _write_staging(staging, name, items, skipped, posterior, info) -> Manifest:
     manifest = Manifest(**{**manifest.to_dict(), "files": files})
     (staging / fmt.MANIFEST_FILE).write_text(manifest.to_json())
     return manifest
-
-
-def _collection_stats(items: ItemArrays, norms: np.ndarray, trace_image: float) -> dict:
-    empty = len(items) == 0
-    stats = {
-        f"max_{col}": None if empty else float(items.scalars[:, i].max())
-        for i, col in enumerate(fmt.SCALAR_COLUMNS)
-    }
-    stats["min_expected_norm"] = None if empty else float(norms.min())
-    traces = item_covariance_traces(items.variance_diag, items.variance_lowrank)
-    full_trace = traces.get(LOWRANK, traces.get(DIAG, np.zeros(len(items))))
-    stats["max_variance_trace"] = None if empty else float(full_trace.max())
-    stats["ratio_extremes"] = extremes_by_form(items.scalars, trace_image, traces)
-    return stats
 
 
 def _nullable(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
