@@ -1,4 +1,4 @@
-"""Monte Carlo check of the cosine-moment estimators on a grid of pairs (MATH.md section 3).
+"""Monte Carlo check of the cosine-moment estimators on a grid of pairs (docs/math.md sections 3 and 7).
 
 For a posterior pair and projections, build image-text pairs whose mean embeddings have a
 chosen cosine, draw both embeddings from their Gaussians, and compare every estimator's

@@ -1,6 +1,6 @@
 """open_clip wrapper that returns mean embeddings and pre-projection activations in one pass.
 
-Only the two projection matrices are Bayesian (MATH.md section 1): an embedding is
+Only the two projection matrices are Bayesian (docs/math.md section 1): an embedding is
 ``g = a @ P`` with ``a`` the pooled activation in front of the projection. The encoder
 runs each tower once with its projection detached and applies ``P`` itself, so the
 activation and the embedding come from the same forward pass.

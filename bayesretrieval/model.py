@@ -1,6 +1,6 @@
 """``BayesCLIP``: an open_clip model with a Laplace posterior, in BayesVLM-Base's API.
 
-Every embedding and every image-text logit comes with a variance (MATH.md sections 1-3, 6).
+Every embedding and every image-text logit comes with a variance (docs/math.md sections 1-3, 6).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from bayesretrieval.similarity import (
 
 
 class ZeroShotMethod(str, Enum):
-    """How class probabilities integrate over the logit uncertainty (MATH.md section 6)."""
+    """How class probabilities integrate over the logit uncertainty (docs/math.md section 6)."""
 
     PROBIT = "probit"
     """Closed form ``softmax(s m / sqrt(1 + pi/8 s^2 v))``."""
@@ -203,7 +203,7 @@ class BayesCLIP:
         num_samples: int = 1000,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Class probabilities ``p(c | image)``, shape ``(N_images, N_classes)`` (MATH.md s.6).
+        """Class probabilities ``p(c | image)``, shape ``(N_images, N_classes)`` (docs/math.md s.6).
 
         Args:
             pixel_values: preprocessed images.

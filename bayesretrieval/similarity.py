@@ -1,8 +1,8 @@
-"""Moments of the cosine between two Gaussian embeddings (MATH.md sections 3-4).
+"""Moments of the cosine between two Gaussian embeddings (docs/math.md sections 3, 4 and 7).
 
 Side ``x`` (e.g. an image item) is ``N(mu_x, q_x Sigma_x)`` and side ``y`` (e.g. a text
 query) is ``N(mu_y, q_y Sigma_y)``, independent. Every estimator here works from per-side
-scalars, per-pair dot products and per-covariance-pair constants (MATH.md section 4), so
+scalars, per-pair dot products and per-covariance-pair constants (docs/math.md section 4), so
 an index stores a handful of numbers per item and never a ``D x D`` matrix.
 
 Pure torch functions, float64 throughout; no FAISS, no open_clip.
@@ -29,7 +29,7 @@ class CosineEstimator(str, Enum):
     KRONECKER = "kronecker"
     """ProbCosine with the full output-side covariance ``Sigma_B``."""
     DELTA = "delta"
-    """First-order delta method around the means (MATH.md section 3)."""
+    """First-order delta method around the means (docs/math.md sections 3 and 7)."""
     SECOND_ORDER = "second_order"
     """Default: radial linearisation around ``E|x|^2`` plus the bilinear and curvature terms."""
 
@@ -70,7 +70,7 @@ class CovarianceConstants:
 
 @dataclass
 class SideStatistics:
-    """Per-embedding scalars of one side (MATH.md section 4), each shape ``(N,)``.
+    """Per-embedding scalars of one side (docs/math.md section 4), each shape ``(N,)``.
 
     Attributes:
         scale: ``q = a^T A^-1 a``.
@@ -149,7 +149,7 @@ def _quadratic(bb: torch.Tensor, ab: torch.Tensor, aa: torch.Tensor, t: torch.Te
 
 
 def _moments_probcosine(x, y, pair, const):
-    """Smith et al. ProbCosine (MATH.md section 3) with the covariances given."""
+    """Smith et al. ProbCosine (docs/math.md section 3) with the covariances given."""
     rx2 = x.expected_norm_sq(const.trace_x)[:, None]
     ry2 = y.expected_norm_sq(const.trace_y)[None, :]
     qx, qy = x.scale[:, None], y.scale[None, :]
@@ -178,7 +178,7 @@ def _moments_second_order(x, y, pair, const):
                     + m^2 / 2 * (tr(S_x^2) / r_x^4 + tr(S_y^2) / r_y^4)
 
     The last term is the variance of the squared norms' fluctuation, which dominates for
-    near-parallel pairs where the gradient vanishes (MATH.md section 3).
+    near-parallel pairs where the gradient vanishes (docs/math.md section 7).
     """
     rx2 = x.expected_norm_sq(const.trace_x)[:, None]
     ry2 = y.expected_norm_sq(const.trace_y)[None, :]
@@ -298,7 +298,7 @@ def probabilistic_logits(
 
 
 def probit_probabilities(logit_mean: torch.Tensor, logit_var: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Probit-approximated softmax ``softmax(mean / sqrt(1 + pi/8 var))`` (MATH.md section 6)."""
+    """Probit-approximated softmax ``softmax(mean / sqrt(1 + pi/8 var))`` (docs/math.md section 6)."""
     return torch.softmax(logit_mean / torch.sqrt(1 + math.pi / 8 * logit_var), dim=dim)
 
 

@@ -1,4 +1,4 @@
-"""Accuracy of the cosine-moment estimators against Monte Carlo (MATH.md section 3).
+"""Accuracy of the cosine-moment estimators against Monte Carlo (docs/math.md section 3).
 
 Usage:
     .venv/bin/python benchmarks/cosine_accuracy.py [--hessians DIR] [--draws 100000]
@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from bayesretrieval.accuracy import accuracy_grid, bayesvlm_grid_settings, vit_b32_projections
+from bayesretrieval.similarity import DEFAULT_ESTIMATOR
 
 import record
 
@@ -31,11 +32,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def summarise(grid: pd.DataFrame) -> dict:
-    """Figures of one grid: worst std cell per estimator, worst std error per cosine, worst mean error."""
+    """Figures of one grid: worst std cell per estimator, worst std error per cosine, worst mean error, every cell."""
     worst = grid.loc[grid.std_relative_error.abs().groupby(grid.estimator).idxmax(), WORST_COLUMNS]
     by_cosine = grid.assign(err=grid.std_relative_error.abs()).pivot_table(
         index="cosine", columns="estimator", values="err", aggfunc="max").sort_index(ascending=False)
     return {
+        "default_estimator": DEFAULT_ESTIMATOR.value,
         "worst_std_cell": worst.to_dict(orient="records"),
         "max_abs_std_relative_error_by_cosine": by_cosine.reset_index().to_dict(orient="records"),
         "max_abs_mean_error": grid.mean_error.abs().groupby(grid.estimator).max().to_dict(),

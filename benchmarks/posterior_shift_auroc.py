@@ -5,7 +5,7 @@ For each requested model size of the world-trained CLIP: write a training world 
 ``--chunk-size``, lambda by the Kronecker evidence), then draw a clean in-distribution
 test world and, for every shift family and severity, its shifted version. Each test
 image gets three predictive variances: of its embedding, ``tr Cov(g) = q tr(Sigma_B)``
-with ``q = a^T A^-1 a`` (MATH.md section 1); the same divided by ``|mu|^2`` (relative
+with ``q = a^T A^-1 a`` (docs/math.md section 1); the same divided by ``|mu|^2`` (relative
 variance, what the cosine feels); and ``Var[cos]`` with its own caption (both towers
 uncertain, the default estimator: what a search scores). The AUROC says how well each
 separates the shifted images of a family (for held-out families, only the images the
@@ -15,7 +15,7 @@ The prior scan then asks whether any prior could do better: it recomputes ``q`` 
 ``(A + rho I)^-1`` for ``rho`` from far below to far above ``A``'s mean eigenvalue, i.e.
 from the Mahalanobis distance of the activation under the fitting data's second moment
 to the plain activation norm, at the highest severity asked for. Prints Markdown tables
-and writes JSON.
+and writes ``benchmarks/results/posterior_shift_auroc.json``.
 
     .venv/bin/python benchmarks/posterior_shift_auroc.py --sizes test benchmark
 """
@@ -23,7 +23,6 @@ and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,8 @@ from bayesretrieval.similarity import cosine_moments
 from bayesretrieval.training import ModelSize, get_trained_model, model_name
 from bayesretrieval.world import MAX_SEVERITY, Shift, make_world, write_world
 
+import record
+
 VARIANCES = ("total", "relative", "caption")
 PRIOR_SCAN = (1e-4, 1e-2, 1.0, 1e2, 1e4)
 """``rho`` of the prior scan, in units of ``A``'s mean eigenvalue."""
@@ -53,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--severities", type=int, nargs="+", default=[3, MAX_SEVERITY])
     parser.add_argument("--fit-seed", type=int, default=11, help="seed of the fitting world")
     parser.add_argument("--test-seed", type=int, default=12, help="seed of the test worlds")
-    parser.add_argument("--output", type=Path, default=Path("results/posterior_shift_auroc.json"))
+    parser.add_argument("--output", type=Path, default=record.default_output("posterior_shift_auroc"))
     return parser.parse_args(argv)
 
 
@@ -190,7 +191,7 @@ def print_tables(size: str, entry: dict, chunk_size: int) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    results = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "models": {}}
+    results = {"models": {}}
     for size in args.sizes:
         encoder = ClipEncoder.from_pretrained(model_name(size), get_trained_model(size))
         fitter = fit_on_world(encoder, args.n_fit, args.fit_seed, args.chunk_size)
@@ -203,9 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
         results["models"][size] = entry
         print_tables(size, entry, args.chunk_size)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.output}")
+    print(f"wrote {record.save('posterior_shift_auroc', __file__, args, results, argv, args.output)}")
     return results
 
 

@@ -17,7 +17,7 @@ Input, one of:
   (``--save-embeddings FILE.npz`` keeps the encodings for later runs);
 - ``--embeddings FILE.npz``: precomputed open_clip outputs: ``image_embeds`` (N, D),
   ``image_activations`` (N, h_I), ``text_embeds`` (M, D), ``text_activations`` (M, h_T)
-  (the pre-projection activations, MATH.md section 1), ``text_image`` (M,) the image
+  (the pre-projection activations, docs/math.md section 1), ``text_image`` (M,) the image
   row of each caption, ``logit_scale`` (scalar).
 
 The model defaults to open_clip ``ViT-B-32`` / ``laion2b_s34b_b79k`` and the posterior
@@ -27,7 +27,8 @@ directory, a BayesVLM-Base file or a posterior saved by this project).
 Reference numbers to reproduce (open_clip's published zero-shot text-to-image retrieval
 of ViT-B-32 laion2b_s34b_b79k, the mean-only model, i.e. the ``map`` score here):
 Recall@1/5/10 = 39.3 / 65.4 / 75.6 on COCO 5k and 66.8 / 88.4 / 93.1 on Flickr30k 1k.
-The script prints its ``map`` recalls next to them.
+The script prints its ``map`` recalls next to them, writes
+``benchmarks/results/real_<dataset>.json`` and its plots into ``--plots``.
 
     .venv/bin/python benchmarks/real_benchmarks.py --dataset coco --root ~/data/coco
     .venv/bin/python benchmarks/real_benchmarks.py --dataset flickr30k --root ~/data/flickr30k \\
@@ -61,6 +62,8 @@ from bayesretrieval.queries import Searcher
 from bayesretrieval.queries.uncertainty import QuerySide
 from bayesretrieval.similarity import CosineEstimator
 from bayesretrieval.store import IndexReader
+
+import record
 
 IMAGE_FOLDERS = ("", "flickr30k-images", "images")
 """Where an image without a ``filepath`` is looked for, relative to the dataset folder."""
@@ -218,7 +221,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunk-size", type=int, default=16, help="queries per sweep step (memory ~ chunk * N * D)")
     parser.add_argument("--split-seed", type=int, default=1, help="seed of the held-in / held-out query split")
     parser.add_argument("--save-embeddings", type=Path, help="write the encodings here (.npz) for later runs")
-    parser.add_argument("--out", type=Path, default=Path("results"), help="JSON and PNG folder")
+    parser.add_argument("--output", type=Path, help="result JSON (default: benchmarks/results/real_<dataset>.json)")
+    parser.add_argument("--plots", type=Path, default=Path("results"), help="PNG folder (default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -239,23 +243,21 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         bench = Benchmark.load(args.embeddings)
     fit = split_queries(len(bench.text_image), args.split_seed)
-    results = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "images": len(bench.images.embeds), "queries": len(bench.text_image),
+    results = {"images": len(bench.images.embeds), "queries": len(bench.text_image),
                "logit_scale": bench.logit_scale, "posterior": posterior.source,
                "reference_recall_map": dict(zip(("recall@1", "recall@5", "recall@10"), REFERENCE_RECALL[dataset])),
                "estimators": {}}
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.plots.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         index_dir = Path(folder) / "index"
         reader = build_image_index(bench, posterior, model, index_dir)
         for estimator in args.estimators:
             evaluation = run_estimator(reader, index_dir, bench, estimator, fit, args.chunk_size)
             evaluation.summary["plots"] = [str(p) for p in plot_evaluation(
-                evaluation, args.out, f"real_{dataset.value}_{estimator}", f"{dataset.value}, {estimator}")]
+                evaluation, args.plots, f"real_{dataset.value}_{estimator}", f"{dataset.value}, {estimator}")]
             results["estimators"][estimator] = evaluation.summary
     results["seconds"] = time.perf_counter() - started
-    path = args.out / f"real_{dataset.value}.json"
-    path.write_text(json.dumps(results, indent=2))
+    path = record.save(f"real_{dataset.value}", __file__, args, results, argv, args.output)
     print_summary(results)
     print(f"wrote {path}")
     return results

@@ -8,7 +8,7 @@ import torch
 
 
 def probcosine_pair(a, cov_x, b, cov_y):
-    """Smith/BayesVLM ProbCosine for one pair from full covariances (MATH.md section 3)."""
+    """Smith/BayesVLM ProbCosine for one pair from full covariances (docs/math.md section 3)."""
     rx2 = a @ a + torch.trace(cov_x)
     ry2 = b @ b + torch.trace(cov_y)
     var = b @ cov_x @ b + a @ cov_y @ a + torch.trace(cov_x @ cov_y)
@@ -84,7 +84,7 @@ def infonce_ggn_autograd(source, targets, logit_scale: float, label: int = 0):
 
 
 def kronecker_log_evidence_dense(A, B, theta_sq_norm: float, prior_precision: float, n: float):
-    """MATH.md section 2 evidence with the dense Kronecker log-determinant (float64)."""
+    """docs/math.md section 2 evidence with the dense Kronecker log-determinant (float64)."""
     eye_a = torch.eye(A.shape[0], dtype=torch.float64)
     eye_b = torch.eye(B.shape[0], dtype=torch.float64)
     p_a = math.sqrt(n) * A + math.sqrt(prior_precision) * eye_a

@@ -95,7 +95,7 @@ def test_reader_errors_name_what_is_wrong(tmp_path):
 
 
 def _reference_factors(encoder, pair_folder, chunk_size, num_chunks):
-    """A and B of MATH.md section 2 from the whole encoded data set at once."""
+    """A and B of docs/math.md section 2 from the whole encoded data set at once."""
     pairs = list(PairReader(pair_folder).iter_pairs())
     kept = [p for p in pairs if p.image_path.suffix == ".png"][: chunk_size * num_chunks]
     images = torch.stack([encoder.preprocess(Image.open(p.image_path).convert("RGB")) for p in kept])

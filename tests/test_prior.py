@@ -1,4 +1,4 @@
-"""Type-II maximum likelihood for the prior precision (MATH.md section 2)."""
+"""Type-II maximum likelihood for the prior precision (docs/math.md section 2)."""
 
 import json
 import math

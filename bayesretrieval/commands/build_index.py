@@ -20,7 +20,7 @@ BAYESVLM = "bayesvlm"
 
 DESCRIPTION = """\
 Encode every image under SOURCE (recursively) with an open_clip model, compute each
-image's posterior scalars (MATH.md section 4) and write INDEX_DIR: Parquet items table,
+image's posterior scalars (docs/math.md section 4) and write INDEX_DIR: Parquet items table,
 memory-mappable arrays, a FAISS index over expected-norm-scaled means, the posterior,
 and a table of skipped files with reasons. SOURCE may instead be a Parquet file of
 precomputed embeddings (id or path, embedding, optional variance_diag/variance_lowrank).

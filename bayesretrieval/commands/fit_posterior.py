@@ -13,7 +13,7 @@ from bayesretrieval.posterior.pairs import PairReader
 from bayesretrieval.posterior.prior import PriorObjective
 
 DESCRIPTION = """\
-Fit the Kronecker-factored Laplace posterior over CLIP's two projections (MATH.md
+Fit the Kronecker-factored Laplace posterior over CLIP's two projections (docs/math.md
 section 2) on your own image-caption pairs, and write it in the project format
 (--output) and optionally in BayesVLM's directory format (--bayesvlm-output).
 

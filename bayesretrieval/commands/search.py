@@ -21,7 +21,7 @@ from bayesretrieval.store import IndexReader
 
 DESCRIPTION = """\
 Search an index built by `bayesretrieval build-index` with one or more text queries
-(or --image files to find similar images). Scores (MATH.md section 5):
+(or --image files to find similar images). Scores (docs/math.md section 5):
 
   expected     expected cosine E[cos]
   lcb          E[cos] - kappa * std   (risk-averse: prefers results the model is sure of)

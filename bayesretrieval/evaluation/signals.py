@@ -2,7 +2,7 @@
 
 Each signal maps a query's top results (and what was fitted on held-in queries) to one
 number, higher meaning "less sure the top-1 result is relevant". The Bayesian signals
-use the cosine moments ``m, v`` of the top-1 and runner-up results (MATH.md sections 3
+use the cosine moments ``m, v`` of the top-1 and runner-up results (docs/math.md sections 3
 and 5); the baselines use only the cosines of the mean embeddings.
 """
 
@@ -51,7 +51,7 @@ class Fitted:
     """What the signals need that was fitted on held-in queries.
 
     Attributes:
-        probit: the match-probability link (MATH.md section 5).
+        probit: the match-probability link (docs/math.md section 11).
         temperature: the softmax temperature (a multiplier of ``logit_scale``).
         logit_scale: ``s``.
     """

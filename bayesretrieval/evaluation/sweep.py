@@ -85,7 +85,7 @@ class SweepRecords:
 
 
 def query_relative_variance(means: torch.Tensor, scales: torch.Tensor, posterior: KroneckerPosterior) -> np.ndarray:
-    """``q_t tr(Sigma_T) / |mu_t|^2`` per query (MATH.md section 1), ``(nq,)``."""
+    """``q_t tr(Sigma_T) / |mu_t|^2`` per query (docs/math.md section 1), ``(nq,)``."""
     trace = float(torch.trace(posterior.output_cov))
     means = means.to(torch.float64)
     return (scales.to(torch.float64) * trace / means.pow(2).sum(dim=1)).numpy()

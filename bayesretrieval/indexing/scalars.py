@@ -1,4 +1,4 @@
-"""Per-item posterior scalars and optional variance columns for a batch (MATH.md section 4)."""
+"""Per-item posterior scalars and optional variance columns for a batch (docs/math.md section 4)."""
 
 from __future__ import annotations
 

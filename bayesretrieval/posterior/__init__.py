@@ -1,4 +1,4 @@
-"""Kronecker-factored Laplace posterior: build, load, save, fit (MATH.md sections 1-2)."""
+"""Kronecker-factored Laplace posterior: build, load, save, fit (docs/math.md sections 1-2)."""
 
 from bayesretrieval.posterior.io import (
     PosteriorPair,

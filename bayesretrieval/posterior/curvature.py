@@ -1,4 +1,4 @@
-"""Curvature factors ``A`` and ``B`` of the Kronecker Laplace posterior (MATH.md section 2).
+"""Curvature factors ``A`` and ``B`` of the Kronecker Laplace posterior (docs/math.md section 2).
 
 ``H_i`` is the Gauss-Newton Hessian of the InfoNCE loss with respect to the unnormalised
 embedding ``g_i``, with the other modality's normalised embeddings of the same chunk as
@@ -50,7 +50,7 @@ def _softmax_terms(sources: torch.Tensor, targets_hat: torch.Tensor, logit_scale
 def infonce_ggn(sources: torch.Tensor, targets: torch.Tensor, logit_scale: float) -> torch.Tensor:
     """Per-source InfoNCE Gauss-Newton Hessians ``H_i = s^2 J M J``, shape ``(b, D, D)``.
 
-    The direct formula of MATH.md section 2, batched with einsum; memory ``O(b D^2)``, so
+    The direct formula of docs/math.md section 2, batched with einsum; memory ``O(b D^2)``, so
     use it for small ``b``. :func:`infonce_ggn_sum` computes the sum without this tensor.
 
     Args:
@@ -208,7 +208,7 @@ class ChunkCurvature:
         sums.hessian += hessian
 
     def factors(self, modality: Modality | str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(A, B)`` for one tower, float64, symmetrised (MATH.md section 2).
+        """Return ``(A, B)`` for one tower, float64, symmetrised (docs/math.md section 2).
 
         Raises:
             ValueError: if no chunk has been added.

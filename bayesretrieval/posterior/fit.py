@@ -1,6 +1,6 @@
 """Fit the Kronecker Laplace posterior of an open_clip model on image-caption pairs.
 
-Pipeline (MATH.md section 2): decode pairs, encode both towers (activations and
+Pipeline (docs/math.md section 2): decode pairs, encode both towers (activations and
 unnormalised embeddings in one pass), regroup the stream into chunks of exactly ``C``
 pairs, add each chunk's ``a a^T`` and InfoNCE Gauss-Newton sums, then choose ``lambda``
 by type-II maximum likelihood (or take it as given) and build the posterior.
@@ -191,7 +191,7 @@ def read_encoded(path: str | Path, rows_per_batch: int = 4096) -> tuple[EncodedM
 
 
 class PosteriorFitter:
-    """Estimate the Kronecker Laplace posterior of both projections (MATH.md section 2).
+    """Estimate the Kronecker Laplace posterior of both projections (docs/math.md section 2).
 
     Follows scikit-learn's fit contract: hyper-parameters here, :meth:`fit` or
     :meth:`fit_encoded` returns ``self``, learned attributes end in ``_``.

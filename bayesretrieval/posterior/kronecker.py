@@ -1,4 +1,4 @@
-"""Kronecker-factored Laplace posterior over CLIP's projection layers (MATH.md sections 1-2).
+"""Kronecker-factored Laplace posterior over CLIP's projection layers (docs/math.md sections 1-2).
 
 The posterior over one projection ``P`` (``h x D``) is matrix normal with input-side
 covariance ``A^-1`` (``h x h``) and output-side covariance ``Sigma_B`` (``D x D``). For an
@@ -35,7 +35,7 @@ def symmetrize(matrix: torch.Tensor) -> torch.Tensor:
 def _precision_inverse(
     factor: torch.Tensor, pseudo_data_count: float, prior_precision: float
 ) -> torch.Tensor:
-    """Return ``inv(sqrt(n) * F + sqrt(lambda) * I)`` in float64, symmetrised (MATH.md s.2)."""
+    """Return ``inv(sqrt(n) * F + sqrt(lambda) * I)`` in float64, symmetrised (docs/math.md s.2)."""
     factor = symmetrize(factor.to(torch.float64))
     eye = torch.eye(factor.shape[0], dtype=torch.float64, device=factor.device)
     precision = math.sqrt(pseudo_data_count) * factor + math.sqrt(prior_precision) * eye
@@ -83,7 +83,7 @@ class KroneckerPosterior:
         prior_precision: float,
         modality: Modality | str,
     ) -> "KroneckerPosterior":
-        """Build the posterior from curvature factors (MATH.md section 2).
+        """Build the posterior from curvature factors (docs/math.md section 2).
 
         ``A^-1 = inv(sqrt(n) A + sqrt(lambda) I)``, ``Sigma_B = inv(sqrt(n) B + sqrt(lambda) I)``.
 
@@ -157,7 +157,7 @@ class KroneckerPosterior:
             )
 
     def activation_scale(self, activations: ArrayLike) -> torch.Tensor:
-        """Return ``q = a^T A^-1 a`` per row, shape ``(N,)`` float64 (MATH.md section 1)."""
+        """Return ``q = a^T A^-1 a`` per row, shape ``(N,)`` float64 (docs/math.md section 1)."""
         a = _as_float64(activations, self.a_inv.device)
         if a.ndim != 2 or a.shape[1] != self.in_features:
             raise ValueError(

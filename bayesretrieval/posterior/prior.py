@@ -1,4 +1,4 @@
-"""Prior precision ``lambda`` by type-II maximum likelihood (MATH.md section 2).
+"""Prior precision ``lambda`` by type-II maximum likelihood (docs/math.md section 2).
 
 With ``theta`` the MAP projection (``p = h * D`` numbers), the Laplace evidence of a
 Kronecker-factored posterior as a function of ``lambda`` is, up to constants,
@@ -85,7 +85,7 @@ def _data_fit(spectrum: FactorSpectrum, log_lambda: float) -> float:
 
 
 def kronecker_log_evidence(spectrum: FactorSpectrum, log_lambda: float, n: float) -> float:
-    """The Laplace evidence of MATH.md section 2, up to constants.
+    """The Laplace evidence of docs/math.md section 2, up to constants.
 
     ``-1/2 lambda |theta|^2 + p/2 log lambda - 1/2 [D logdet P_A + h logdet P_B]``,
     using ``det(P_A kron P_B) = det(P_A)^D det(P_B)^h``.
@@ -99,7 +99,7 @@ def bayesvlm_reference_log_evidence(spectrum: FactorSpectrum, log_lambda: float,
     """BayesVLM's reference objective: exponents swapped, no 1/2 on the log-determinant.
 
     ``-1/2 lambda |theta|^2 + p/2 log lambda - [h logdet P_A + D logdet P_B]``. Its optima
-    are the published lambdas (MATH.md section 2); it is not the Laplace evidence.
+    are the published lambdas (docs/math.md section 2); it is not the Laplace evidence.
     """
     logdet_a, logdet_b = _log_dets(spectrum, log_lambda, n)
     h, d = spectrum.in_features, spectrum.out_features
@@ -110,7 +110,7 @@ class PriorObjective(str, Enum):
     """Objectives for choosing ``lambda`` by type-II maximum likelihood."""
 
     KRONECKER = "kronecker"
-    """The Laplace evidence of the Kronecker-factored posterior (MATH.md section 2); default."""
+    """The Laplace evidence of the Kronecker-factored posterior (docs/math.md section 2); default."""
     BAYESVLM_REFERENCE = "bayesvlm_reference"
     """BayesVLM's reference code objective; reproduces its published lambdas."""
 
@@ -132,7 +132,7 @@ def optimize_prior_precision(
     objective: PriorObjective | str = PriorObjective.KRONECKER,
     log10_bounds: tuple[float, float] = DEFAULT_LOG10_BOUNDS,
 ) -> float:
-    """Return the ``lambda`` maximising ``objective`` (MATH.md section 2).
+    """Return the ``lambda`` maximising ``objective`` (docs/math.md section 2).
 
     A grid of ``GRID_POINTS`` values of ``log lambda`` spanning ``log10_bounds`` finds the
     best grid point; bounded Brent then refines between its neighbours.

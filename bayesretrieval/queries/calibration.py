@@ -1,4 +1,4 @@
-"""Calibrated match probabilities: the probit link of MATH.md section 5, fitted by maximum likelihood.
+"""Calibrated match probabilities: the probit link of docs/math.md section 11, fitted by maximum likelihood.
 
 ``p(match) = Phi((m - tau) / sqrt(v + noise_std^2))`` with ``m, v`` the cosine moments of
 a (query, item) pair; ``tau`` (the threshold) and ``noise_std`` are fitted on labelled

@@ -31,7 +31,7 @@ A version folder holds:
   precomputed input the given path or the id as text), ``file_size``, ``mtime_ns``,
   ``width``, ``height`` (null when unknown), ``embedding`` (fixed_size_list<float32>[D],
   the unnormalised mean ``mu = a @ P`` exactly as the encoder gave it), the
-  per-item scalars of MATH.md section 4, computed from the encoder's ``mu``:
+  per-item scalars of docs/math.md section 4, computed from the encoder's ``mu``:
   ``scale`` (q = a^T A^-1 a), ``norm_sq`` (|mu|^2), ``quad_image`` (mu^T Sigma_I mu),
   ``quad_text`` (mu^T Sigma_T mu), ``quad_image_diag`` and ``quad_text_diag`` (the same
   with diagonal Sigmas, for the ``published`` estimator), all float64; optional
