@@ -20,7 +20,7 @@ from bayesretrieval.similarity import DEFAULT_ESTIMATOR, CosineEstimator
 
 DESCRIPTION = """\
 Fit the link p(match) = Phi((E[cos] - tau) / sqrt(Var[cos] + noise_std^2)) (docs/math.md
-section 5) by maximum likelihood on labelled (query, image) pairs and store it in
+section 11) by maximum likelihood on labelled (query, image) pairs and store it in
 INDEX_DIR/calibration.json, so `search --score probability` and `--threshold` give
 calibrated probabilities.
 
