@@ -11,7 +11,7 @@
 3. Peak memory (max RSS of the build process, and of its loader workers) for indexing
    ``--rss-sizes`` images with the tiny model, each in a fresh process.
 
-Prints a table and writes JSON (default ``results/build_index_speed.json``).
+Prints a table and writes ``benchmarks/results/build_index_speed.json``.
 
     .venv/bin/python benchmarks/build_index_speed.py
 """
@@ -38,7 +38,9 @@ from bayesretrieval.indexing import BuildConfig, build_index, decode_image
 from bayesretrieval.indexing.scalars import ScalarComputer
 from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair, load_posterior
 
-SHARED_HESSIANS = Path(__file__).resolve().parents[2] / "shared" / "bayesvlm-hessians" / "ViT-B-32-laion2B-s34B-b79K"
+import record
+
+SHARED_HESSIANS = record.ROOT.parent / "shared" / "bayesvlm-hessians" / "ViT-B-32-laion2B-s34B-b79K"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best time counts")
-    parser.add_argument("--output", type=Path, default=Path("results/build_index_speed.json"))
+    parser.add_argument("--output", type=Path, default=record.default_output("build_index_speed"))
     parser.add_argument("--rss-child", nargs=2, metavar=("IMAGE_DIR", "INDEX_DIR"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -208,9 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in memory:
         print(f"{row['images']:13d} {row['seconds']:8.1f} {row['rss_before_build_mib']:11.0f} "
               f"{row['peak_rss_mib']:13.0f} {row['peak_rss_with_workers_mib']:14.0f}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"speed": speed, "memory": memory}, indent=2))
-    print(f"\nwrote {args.output}")
+    path = record.save("build_index_speed", __file__, args, {"speed": speed, "memory": memory}, argv, args.output)
+    print(f"\nwrote {path}")
     return 0
 
 

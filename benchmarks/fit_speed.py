@@ -11,7 +11,7 @@ Three measurements, all in this run, on this machine:
 3. End to end through ``PosteriorFitter.fit`` on a folder of PNG pairs with the tiny
    model (decode, encode, curvature, lambda).
 
-Prints a table and writes JSON (default ``results/fit_speed.json``). On a machine shared
+Prints a table and writes ``benchmarks/results/fit_speed.json``. On a machine shared
 with other busy processes, ``--threads 1`` avoids torch's threads waiting on each other.
 
     .venv/bin/python benchmarks/fit_speed.py
@@ -20,7 +20,6 @@ with other busy processes, ``--threads 1`` avoids torch's threads waiting on eac
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +31,8 @@ from PIL import Image
 from bayesretrieval.encoders import TINY_MODEL, ClipEncoder
 from bayesretrieval.posterior.curvature import DEFAULT_SOURCE_BATCH, ChunkCurvature
 from bayesretrieval.posterior.fit import PosteriorFitter
+
+import record
 
 VIT_B_32 = {"embed_dim": 512, "image_width": 768, "text_width": 512, "logit_scale": 100.0}
 
@@ -45,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pipeline-pairs", type=int, default=2048, help="pairs for the end-to-end run")
     parser.add_argument("--pipeline-chunk", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--output", type=Path, default=Path("results/fit_speed.json"))
+    parser.add_argument("--output", type=Path, default=record.default_output("fit_speed"))
     return parser.parse_args(argv)
 
 
@@ -142,9 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"end to end ({pipe['model']}, {pipe['pairs']} PNG pairs, C={pipe['chunk_size']}): "
         f"{pipe['pairs_per_second']:.0f} pairs/s"
     )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.output}")
+    print(f"wrote {record.save('fit_speed', __file__, args, results, argv, args.output)}")
     return results
 
 

@@ -21,7 +21,8 @@ gallery through the search engine and report:
 
 Queries are split at random into a held-in half (fits the probit link, the logistic
 link and the softmax temperature) and a held-out half (every uncertainty number).
-Writes ``OUT/retrieval_calibration.json`` and three PNGs per estimator; prints tables.
+Writes ``benchmarks/results/retrieval_calibration.json`` and three PNGs per estimator
+into ``--plots``; prints tables.
 
     .venv/bin/python benchmarks/retrieval_calibration.py            # ~4 min on 2 cores, plus training
                                                                     # bayes-small once (~10 min idle)
@@ -31,7 +32,6 @@ Writes ``OUT/retrieval_calibration.json`` and three PNGs per estimator; prints t
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -54,6 +54,8 @@ from bayesretrieval.world import (
 from bayesretrieval.world.io import IMAGES_DIR, read_world_table
 from bayesretrieval.world.world import scenes_from_table
 
+import record
+
 ATTRIBUTES = ("shape", "colour", "size", "position")
 CLEAN = "clean"
 
@@ -75,7 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split-seed", type=int, default=1, help="seed of the held-in / held-out query split")
     parser.add_argument("--work", type=Path, default=Path("results/retrieval_calibration_work"),
                         help="worlds, posterior and index (reused when present)")
-    parser.add_argument("--out", type=Path, default=Path("results"), help="JSON and PNG folder")
+    parser.add_argument("--output", type=Path, default=record.default_output("retrieval_calibration"),
+                        help="result JSON")
+    parser.add_argument("--plots", type=Path, default=Path("results"), help="PNG folder (default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -221,7 +225,6 @@ def main(argv: list[str] | None = None) -> dict:
     relevant = relevance_matrix(texts, list(scenes["scene"]))
     fit = split_queries(len(texts), args.split_seed)
     results = {
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "model": model_name(args.size), "logit_scale": encoder.logit_scale,
         "posterior": {"lambda": [posterior.image.prior_precision, posterior.text.prior_precision]},
         "gallery": {"items": len(item_ids), "shifted": int(scenes["shifted"].sum()), "worlds": int(gallery["world"].nunique()),
@@ -233,12 +236,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for estimator in args.estimators:
         results["estimators"][estimator] = run_estimator(work / "index", encoder, estimator, texts, relevant, fit,
-                                                         item_ids, args.out, {"full": is_full, "partial": ~is_full},
+                                                         item_ids, args.plots, {"full": is_full, "partial": ~is_full},
                                                          _by_id(scenes["shifted"].to_numpy(bool)[None, :], item_ids)[0])
     results["seconds"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "retrieval_calibration.json"
-    path.write_text(json.dumps(results, indent=2))
+    path = record.save("retrieval_calibration", __file__, args, results, argv, args.output)
     print_tables(results)
     print(f"wrote {path}")
     return results

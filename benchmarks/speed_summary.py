@@ -11,10 +11,13 @@ Runs, one after the other (never two at once), with quick settings by default:
 - ``benchmarks/search_speed.py``: ``Searcher.search`` (``expected`` and ``lcb``) queries
   per second against plain FAISS on the same vectors, Flat and IVF.
 
-Each writes its JSON under ``--out`` (``speed/<name>.json``, its console output in
-``speed/<name>.log``); this script then prints a Markdown table (for the README) and
-writes ``speed_summary.json``. ``--full`` runs the benchmarks with their own defaults
-(tens of minutes); ``--no-run`` only summarises JSON files already there.
+Each writes its record (``benchmarks/record.py``) as ``<name>.json`` into ``--out``; this
+script then prints one Markdown table of their ratios. It writes no JSON of its own: the
+table is derived from the records, and ``benchmarks/report.py`` puts it in RESULTS.md.
+``--full`` runs the benchmarks with their own defaults (tens of minutes) into
+``benchmarks/results/``; quick runs are smoke checks and go to ``results/speed/`` unless
+``--out`` says otherwise, so they never replace the committed results. ``--no-run`` only
+summarises the records already in ``--out`` (default ``benchmarks/results/``).
 
     .venv/bin/python benchmarks/speed_summary.py              # quick, a few minutes on 2 cores
     .venv/bin/python benchmarks/speed_summary.py --full
@@ -31,7 +34,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable
 
+import record
+
 BENCHMARKS_DIR = Path(__file__).resolve().parent
+QUICK_OUT = Path("results/speed")
 
 
 class SpeedBenchmark(str, Enum):
@@ -60,7 +66,8 @@ QUICK_ARGS: dict[SpeedBenchmark, list[str]] = {
 """Settings that keep each benchmark to a minute or two on 2 cores."""
 
 
-def _fit_rows(data: dict) -> list[dict]:
+def _fit_rows(result: dict) -> list[dict]:
+    data = result["figures"]
     encode = data["encode_vit_b_32"]["pairs_per_second"]
     rows = []
     for row in data["curvature"]:
@@ -77,7 +84,8 @@ def _fit_rows(data: dict) -> list[dict]:
     return rows
 
 
-def _build_rows(data: dict) -> list[dict]:
+def _build_rows(result: dict) -> list[dict]:
+    data = result["figures"]
     rows = []
     for row in data["speed"]:
         rows.append({"measure": f"build-index {row['model']}: end-to-end vs in-memory encode throughput",
@@ -90,13 +98,15 @@ def _build_rows(data: dict) -> list[dict]:
     return rows
 
 
-def _search_rows(data: dict) -> list[dict]:
-    rows = []
-    for label in ("flat", "ivf"):
+def _search_rows(result: dict) -> list[dict]:
+    config, rows = result["config"], []
+    for label in [label for label in ("flat", "ivf") if label in result["figures"]]:
         for score in ("expected", "lcb"):
-            t = data[label][score]
-            rows.append({"measure": f"search {label} {data['items']} x {data['dim']}, {score} vs plain FAISS",
-                         "value": f"{t['qps']:.0f} q/s (candidates mean {t['candidates_mean']:.0f})",
+            t = result["figures"][label][score]
+            low, high = t["ratio_paired_quartiles"]
+            rows.append({"measure": f"search {label} {config['items']} x {config['dim']}, {score} vs plain FAISS",
+                         "value": f"{t['qps']:.0f} q/s (candidates mean {t['candidates_mean']:.0f}; "
+                                  f"paired {t['ratio_paired']:.3f}, quartiles {low:.3f}-{high:.3f})",
                          "ratio": t["ratio"]})
     return rows
 
@@ -107,14 +117,13 @@ ROWS: dict[SpeedBenchmark, Callable[[dict], list[dict]]] = {
 
 
 def run_benchmark(benchmark: SpeedBenchmark, folder: Path, full: bool) -> float:
-    """Run one benchmark script to ``folder/<name>.json`` (log beside it); returns seconds."""
+    """Run one benchmark script to ``folder/<name>.json`` (its output on this console); returns seconds."""
     args = [] if full else QUICK_ARGS[benchmark]
     command = [sys.executable, str(benchmark.script), *args, "--output", str(folder / f"{benchmark.value}.json")]
     start = time.perf_counter()
-    with open(folder / f"{benchmark.value}.log", "w") as log:
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+    done = subprocess.run(command)
     if done.returncode != 0:
-        raise RuntimeError(f"{benchmark.script.name} failed (exit {done.returncode}); see {folder / benchmark.value}.log")
+        raise RuntimeError(f"{benchmark.script.name} failed (exit {done.returncode})")
     return time.perf_counter() - start
 
 
@@ -127,13 +136,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--full", action="store_true", help="run with the benchmarks' own (long) defaults")
     mode.add_argument("--no-run", action="store_true", help="only summarise existing JSON files")
-    parser.add_argument("--out", type=Path, default=Path("results"), help="results folder")
-    return parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, help=f"records folder (default: {QUICK_OUT} for quick runs, "
+                                                 "else benchmarks/results)")
+    args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = QUICK_OUT if not (args.full or args.no_run) else record.RESULTS_DIR
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run (unless ``--no-run``) the chosen benchmarks and print the table of their ratios."""
     args = parse_args(argv)
-    folder = args.out / "speed"
+    folder = args.out
     folder.mkdir(parents=True, exist_ok=True)
     summary = {"mode": "existing" if args.no_run else "full" if args.full else "quick", "benchmarks": {}}
     for benchmark in map(SpeedBenchmark, args.benchmarks):
@@ -148,9 +162,6 @@ def main(argv: list[str] | None = None) -> dict:
         for row in entry["rows"]:
             ratio = "" if row["ratio"] is None else f"{row['ratio']:.3g}"
             print(f"| {row['measure']} | {row['value']} | {ratio} |")
-    path = args.out / "speed_summary.json"
-    path.write_text(json.dumps(summary, indent=2))
-    print(f"\nwrote {path}")
     return summary
 
 

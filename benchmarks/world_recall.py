@@ -5,15 +5,14 @@ world of ``--n-images`` images (seed ``--world-seed``, never used in training) a
 shifted versions, and measures Recall@k of full-caption queries (and, for the clean
 and held-out worlds, of "a {colour} {shape}" queries) labelled by the world's
 relevance function, over all queries and over the queries drawn from shifted images.
-Prints a Markdown table; ``--output`` also writes JSON.
+Prints a Markdown table and writes ``benchmarks/results/world_recall.json``.
 
-    .venv/bin/python benchmarks/world_recall.py --sizes test benchmark --output recall.json
+    .venv/bin/python benchmarks/world_recall.py --sizes test benchmark
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -39,6 +38,8 @@ from bayesretrieval.world import (
     similarity_scores,
 )
 
+import record
+
 KS = (1, 5, 10)
 
 
@@ -61,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=list(range(1, MAX_SEVERITY + 1)),
         help="shift severities (default 1-5)",
     )
-    parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON")
+    parser.add_argument("--output", type=Path, default=record.default_output("world_recall"), help="result JSON")
     return parser.parse_args(argv)
 
 
@@ -151,9 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results = [evaluate(size, args) for size in args.sizes]
     print(markdown(results))
-    if args.output is not None:
-        payload = {"n_images": args.n_images, "world_seed": args.world_seed, "results": results}
-        args.output.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {record.save('world_recall', __file__, args, {'models': results}, argv, args.output)}")
     return 0
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Iterator
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.append(str(BENCHMARKS))  # the scripts' own imports (``import record``), as when run directly
 
 
 @contextlib.contextmanager

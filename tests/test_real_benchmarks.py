@@ -49,13 +49,14 @@ def test_fake_coco_end_to_end_and_embeddings_round_trip(script, tmp_path, poster
     root = fake_dataset(tmp_path / "coco", "coco")
     common = ["--dataset", "coco", "--model", "bayes-tiny", "--posterior", str(posterior_dir),
               "--estimators", "second_order", "published", "--chunk-size", "7"]
-    first = script.main([*common, "--root", str(root), "--pretrained", "none", "--out", str(tmp_path / "a"),
-                         "--save-embeddings", str(tmp_path / "emb.npz")])
+    first = script.main([*common, "--root", str(root), "--pretrained", "none", "--plots", str(tmp_path / "a"),
+                         "--output", str(tmp_path / "a.json"), "--save-embeddings", str(tmp_path / "emb.npz")])
     assert first["images"] == 12 and first["queries"] == 60  # 5 of the 6 captions per test image
     assert first["reference_recall_map"] == {"recall@1": 39.3, "recall@5": 65.4, "recall@10": 75.6}
-    written = json.loads((tmp_path / "a" / "real_coco.json").read_text())
+    written = json.loads((tmp_path / "a.json").read_text())
+    assert written["benchmark"] == "real_coco" and written["config"]["chunk_size"] == 7
     for estimator in ("second_order", "published"):
-        summary = written["estimators"][estimator]
+        summary = written["figures"]["estimators"][estimator]
         retrieval = summary["retrieval"]["map"]
         assert 0 <= retrieval["recall@1"] <= retrieval["recall@5"] <= retrieval["recall@10"] <= 1
         assert retrieval["precision@10"] == pytest.approx(retrieval["recall@10"] / 10)  # one relevant image each
@@ -63,8 +64,11 @@ def test_fake_coco_end_to_end_and_embeddings_round_trip(script, tmp_path, poster
         assert set(summary["signals"]) >= {"std", "flip_probability", "softmax", "margin", "cosine"}
         for plot in summary["plots"]:
             assert Path(plot).stat().st_size > 1000
+    with benchmark_module("report") as report:
+        assert report.section(written).count("| link | ece | brier | nll |") == 2
     # The saved encodings give the same numbers without the model or the images.
-    again = script.main([*common, "--embeddings", str(tmp_path / "emb.npz"), "--out", str(tmp_path / "b")])
+    again = script.main([*common, "--embeddings", str(tmp_path / "emb.npz"), "--plots", str(tmp_path / "b"),
+                         "--output", str(tmp_path / "b.json")])
     for estimator in ("second_order", "published"):
         assert again["estimators"][estimator]["retrieval"] == first["estimators"][estimator]["retrieval"]
         for link in ("probit", "logistic_map"):

@@ -1,0 +1,207 @@
+"""Markdown for the figures of each benchmark's record, and the headline figures.
+
+A benchmark script registers, by its file name, a formatter in :data:`FORMATTERS`
+(``record -> Markdown blocks``); scripts without one get :func:`generic`, which turns
+scalars, lists of records and maps of records into tables. :data:`HEADLINES` picks, by
+record name, the few figures the README's headline table shows. Both read the records
+only: ``benchmarks/report.py`` runs without the library.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+Record = dict
+Blocks = list[str]
+
+
+def number(value) -> str:
+    """A figure as text: 4 significant digits, whole numbers from 1000 up, lists comma-separated."""
+    if isinstance(value, float):
+        if not math.isfinite(value) or value == 0:
+            return "0" if value == 0 else str(value)
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(number(v) for v in value)
+    return "-" if value is None else str(value)
+
+
+def table(rows: list[dict], columns: dict[str, str] | None = None) -> str:
+    """A Markdown table, one line per row; ``columns`` maps keys to headers (default: every key, as is)."""
+    if columns is None:
+        columns = {key: key for row in rows for key in row}
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(number(row.get(key)).replace("|", "\\|") for key in columns) + " |")
+    return "\n".join(lines)
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    """Nested dicts as one level, keys joined by dots."""
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        flat.update(flatten(value, name + ".") if isinstance(value, dict) else {name: value})
+    return flat
+
+
+def _scalar(value) -> bool:
+    return not isinstance(value, (dict, list, tuple)) or all(not isinstance(v, (dict, list, tuple)) for v in value)
+
+
+def _records(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value) and all(
+        _scalar(v) for row in value for v in flatten(row).values())
+
+
+def _record_map(value) -> bool:
+    return isinstance(value, dict) and bool(value) and _records(list(value.values()))
+
+
+def generic(figures: dict, title: str = "") -> Blocks:
+    """Scalars as one ``figure | value`` table; lists and maps of records as tables; other dicts recursively."""
+    scalars = [{"figure": key, "value": value} for key, value in figures.items() if _scalar(value)]
+    blocks = [table(scalars)] if scalars else []
+    for key, value in figures.items():
+        name = f"{title}.{key}" if title else str(key)
+        if _records(value):
+            blocks += [f"**{name}**", table([flatten(row) for row in value])]
+        elif _record_map(value):
+            blocks += [f"**{name}**", table([{"": row_key, **flatten(row)} for row_key, row in value.items()])]
+        elif isinstance(value, dict):
+            blocks += generic(value, name)
+        elif not _scalar(value):
+            blocks.append(f"**{name}**: {value}")
+    return blocks
+
+
+def _percent(value: float) -> str:
+    return f"{value:+.1%}"
+
+
+def cosine_accuracy(result: Record) -> Blocks:
+    """Worst std cell per estimator, worst std error per MAP cosine, worst mean error (not every cell)."""
+    figures = result["figures"]
+    worst = [{**row, "std_relative_error": _percent(row["std_relative_error"])} for row in figures["worst_std_cell"]]
+    by_cosine = [{key: value if key == "cosine" else f"{value:.1%}" for key, value in row.items()}
+                 for row in figures["max_abs_std_relative_error_by_cosine"]]
+    mean_errors = [{"estimator": name, "max abs mean error": value}
+                   for name, value in figures["max_abs_mean_error"].items()]
+    return [f"Default estimator: `{figures['default_estimator']}`. "
+            f"{len(figures['cells'])} cells (estimator x setting x activation scale x cosine) in the JSON.",
+            "**Worst cell per estimator** (std of the cosine relative to Monte Carlo)", table(worst),
+            "**Max |std error| by MAP cosine** (over settings and scales)", table(by_cosine),
+            table(mean_errors)]
+
+
+SEARCH_COLUMNS = {"mode": "mode", "qps": "q/s", "ms_per_batch": "ms/batch", "ratio": "ratio (best)",
+                  "ratio_median": "ratio of medians", "ratio_paired": "paired ratio median",
+                  "ratio_paired_quartiles": "paired quartiles", "candidates_mean": "candidates mean",
+                  "needed_mean": "needed mean", "certified_fraction": "certified", "exact_fraction": "exact"}
+
+
+def search_speed(result: Record) -> Blocks:
+    """Per index: every mode against plain FAISS, the engine's stage times and the mean-fetch bound."""
+    blocks = []
+    for label in ("flat", "ivf"):
+        timing = result["figures"].get(label)
+        if timing is None:
+            continue
+        modes = {name: value for name, value in timing.items() if "qps" in value}
+        stages = [{"mode": name, **value["stage_ms_per_batch"]} for name, value in modes.items()
+                  if "stage_ms_per_batch" in value]
+        fetch = timing["mean_fetch"]
+        blocks += [f"**{label}**", table([{"mode": name, **value} for name, value in modes.items()], SEARCH_COLUMNS),
+                   "Engine stages, ms per batch (fastest runs):", table(stages),
+                   f"Fetching a fresh batch's top-{result['config']['k']} means from `means.npy` after its plain "
+                   f"search: {number(fetch['means_ms'])} ms, so an exact rerank reaches at most "
+                   f"{number(fetch['ratio_bound'])} of plain FAISS."]
+    return blocks
+
+
+def world_recall(result: Record) -> Blocks:
+    """Per model, Recall@k over all queries and over the shifted images' queries, per condition."""
+    blocks = []
+    for model in result["figures"]["models"]:
+        rows = [{"shift": row["shift"] or "clean", "severity": row["severity"], "queries": row["queries"],
+                 **{f"R@{k}": v for k, v in row["recall"].items()},
+                 **{f"R@{k} shifted": v for k, v in (row["recall_shifted"] or {}).items()},
+                 "shifted": row["n_shifted"]} for row in model["rows"]]
+        blocks += [f"**{model['size']}** (`{model['model_name']}`)", table(rows)]
+    return blocks
+
+
+def evaluation(summary: dict) -> Blocks:
+    """Retrieval, failure detection and calibration tables of one estimator's evaluation summary."""
+    retrieval = [{"score": name, **value} for name, value in summary["retrieval"].items()]
+    signals = [{"signal": name, "baseline": s["baseline"], "failure AUROC": s["failure_auroc"],
+                "stderr": s["failure_auroc_stderr"], "AURC": s["aurc"],
+                "Spearman bin vs R@1": s["binned_recall@1"]["spearman"], "R^2": s["binned_recall@1"]["r2"]}
+               for name, s in summary["signals"].items()]
+    links = [{"link": name, **summary["calibration"][name]} for name in ("probit", "logistic_map")]
+    return [table(retrieval), table(signals), "Calibration of the top pairs, held-out queries:", table(links)]
+
+
+def calibration_benchmark(result: Record) -> Blocks:
+    """Every estimator's evaluation, after the run's own scalars (gallery, queries, model)."""
+    figures = result["figures"]
+    blocks = generic({key: value for key, value in figures.items() if key != "estimators"})
+    for name, summary in figures["estimators"].items():
+        blocks += [f"**{name}**", *evaluation(summary)]
+    return blocks
+
+
+FORMATTERS: dict[str, Callable[[Record], Blocks]] = {
+    "cosine_accuracy": cosine_accuracy,
+    "search_speed": search_speed,
+    "world_recall": world_recall,
+    "retrieval_calibration": calibration_benchmark,
+    "real_benchmarks": calibration_benchmark,
+}
+"""Formatter per benchmark script (file name without ``.py``); the others use :func:`generic`."""
+
+
+def search_headline(result: Record) -> list[tuple[str, str]]:
+    """``expected`` and ``lcb`` vs plain FAISS per index: paired ratio median (quartiles), ratio of medians."""
+    config, rows = result["config"], []
+    for label, name in (("flat", "Flat"), ("ivf", f"IVF{result['figures'].get('nlist')} nprobe {config['nprobe']}")):
+        for score in ("expected", "lcb") if label in result["figures"] else ():
+            t = result["figures"][label][score]
+            low, high = t["ratio_paired_quartiles"]
+            rows.append((f"search `{score}` / plain FAISS {name}, {config['items']} x {config['dim']}, k={config['k']}",
+                         f"{t['ratio_paired']:.3f} paired median (quartiles {low:.3f}-{high:.3f}); "
+                         f"{t['ratio_median']:.3f} of medians"))
+    return rows
+
+
+def cosine_headline(result: Record) -> list[tuple[str, str]]:
+    """Worst std error against Monte Carlo of the default estimator and of BayesVLM's ``published``."""
+    figures = result["figures"]
+    worst = {row["estimator"]: row["std_relative_error"] for row in figures["worst_std_cell"]}
+    names = [figures["default_estimator"], *(["published"] if "published" in worst else [])]
+    return [("cosine std, worst error vs Monte Carlo: " + " / ".join(f"`{n}`" for n in names),
+             " / ".join(_percent(worst[n]) for n in names))]
+
+
+def calibration_headline(result: Record) -> list[tuple[str, str]]:
+    """ECE of the probit match probability against the logistic-on-cosine baseline, first estimator."""
+    estimator = result["config"]["estimators"][0]
+    calibration = result["figures"]["estimators"][estimator]["calibration"]
+    return [(f"match-probability ECE vs logistic on the cosine (`{estimator}`, small world)",
+             f"{calibration['probit']['ece']:.3f} vs {calibration['logistic_map']['ece']:.3f}")]
+
+
+def build_headline(result: Record) -> list[tuple[str, str]]:
+    """build-index end-to-end throughput over encoding the decoded images in memory, per model."""
+    return [(f"build-index end to end / in-memory encode, {row['model']}", f"{row['end_to_end_over_in_memory']:.2f}")
+            for row in result["figures"]["speed"]]
+
+
+HEADLINES: dict[str, Callable[[Record], list[tuple[str, str]]]] = {
+    "search_speed": search_headline,
+    "cosine_accuracy": cosine_headline,
+    "retrieval_calibration": calibration_headline,
+    "build_index_speed": build_headline,
+}
+"""Headline ``(figure, value)`` rows per record name, in the README's order."""
