@@ -152,3 +152,19 @@ def test_image_queries(tiny_index, capsys):
     assert code == 2 and "not both" in err
     code, _, err = run_cli(capsys, "search", tiny_index, "--image", tiny_index / "manifest.json")
     assert code == 2 and "cannot read image" in err
+
+
+def test_in_memory_and_torch_threads_change_nothing_but_speed(tiny_index, capsys):
+    argv = ["search", tiny_index, "a red circle", "-k", "5", "--score", "lcb", "--format", "json"]
+    torch.manual_seed(0)  # bayes-tiny loads with random weights: the same ones in both runs
+    _, mapped, _ = run_cli(capsys, *argv)
+    threads = torch.get_num_threads()
+    try:
+        torch.manual_seed(0)
+        code, loaded, _ = run_cli(capsys, *argv, "--in-memory", "--torch-threads", "1")
+        assert code == 0 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(loaded)["results"] == json.loads(mapped)["results"]
+    code, _, err = run_cli(capsys, *argv, "--torch-threads", "0")
+    assert code == 2 and "torch_threads must be at least 1" in err

@@ -61,8 +61,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                         "default: the indexed folder)")
     parser.add_argument("--nprobe", type=int, help="IVF lists to probe")
     parser.add_argument("--candidates", type=int, help="first-round candidates per query")
-    parser.add_argument("--max-candidates", type=int, default=DEFAULT_MAX_CANDIDATES)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-candidates", type=int, default=DEFAULT_MAX_CANDIDATES,
+                        help=f"give up certifying a query beyond this many candidates (default {DEFAULT_MAX_CANDIDATES})")
+    parser.add_argument("--device", default="cpu", help="where to run the model (default cpu)")
+    parser.add_argument("--in-memory", action="store_true",
+                        help="load the index arrays into RAM instead of memory-mapping them (N x D x 4 bytes of means)")
+    parser.add_argument("--torch-threads", type=int,
+                        help="torch intra-op threads for this process (default: torch's own; 1 avoids contention "
+                             "with FAISS's threads on machines with few cores)")
     parser.set_defaults(run=run)
 
 
@@ -162,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
     queries = _queries(args)
     item_filter = _item_filter(args)
     IndexReader.open(args.index_dir)  # fail fast on a directory that is not an index
-    searcher = Searcher.open(args.index_dir, device=args.device, estimator=args.estimator)
+    searcher = Searcher.open(args.index_dir, device=args.device, estimator=args.estimator, in_memory=args.in_memory,
+                             torch_threads=args.torch_threads)
     results = searcher.search(queries, k=args.k, score=args.score, kappa=args.kappa, threshold=args.threshold,
                               where=item_filter, nprobe=args.nprobe, candidates=args.candidates,
                               max_candidates=args.max_candidates)
