@@ -6,37 +6,18 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import open_clip
 import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
-from bayesretrieval.encoders import TINY_MODEL, ClipEncoder, register_model_configs
+from bayesretrieval.encoders import TINY_MODEL, ClipEncoder
 from bayesretrieval.indexing import BuildConfig, IndexMismatchError, build_index, decode_image
 from bayesretrieval.similarity import side_statistics
 from bayesretrieval.store import FORMAT_VERSION, SCALAR_COLUMNS, IndexReader
-from test_store import random_posterior
+from conftest import make_bad_corpus, random_posterior, save_tiny_checkpoint, write_images
 
 D = 64
-
-
-def write_images(folder: Path, names, seed: int = 0) -> None:
-    """Random-noise images (alternating PNG/JPEG sizes) under ``folder``."""
-    rng = np.random.default_rng(seed)
-    for name in names:
-        path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        size = (70 + rng.integers(0, 30), 60 + rng.integers(0, 30))
-        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-
-
-def save_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A fixed random bayes-tiny checkpoint, so separate processes share weights."""
-    register_model_configs()
-    torch.manual_seed(seed)
-    torch.save(open_clip.create_model(TINY_MODEL).state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +158,6 @@ def test_variance_columns_restate_the_kronecker_covariance(tmp_path, encoder, po
 def test_bad_file_corpus_end_to_end(tmp_path, encoder, posterior, monkeypatch):
     from bayesretrieval.indexing import decode as decode_module
     from bayesretrieval.skips import SkipReason
-    from test_indexing_decode import make_bad_corpus
 
     img = tmp_path / "img"
     expected = make_bad_corpus(img)

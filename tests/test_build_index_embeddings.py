@@ -13,7 +13,7 @@ from bayesretrieval.indexing.embeddings_input import build_index_from_embeddings
 from bayesretrieval.indexing.export import export_index
 from bayesretrieval.similarity import side_statistics
 from bayesretrieval.store import IndexReader
-from test_store import random_posterior
+from conftest import random_posterior
 
 D, R = 16, 2
 MODEL = ModelIdentity("ViT-B-32", "laion2b_s34b_b79k")

@@ -14,8 +14,7 @@ import pytest
 from bayesretrieval.encoders import TINY_MODEL, ClipEncoder
 from bayesretrieval.indexing import BuildConfig, build_index
 from bayesretrieval.store import IndexReader
-from test_build_index import save_tiny_checkpoint, write_images
-from test_store import random_posterior
+from conftest import random_posterior, save_tiny_checkpoint, write_images
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BATCH, IMAGES = 4, 40

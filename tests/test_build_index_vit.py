@@ -7,7 +7,7 @@ from bayesretrieval.encoders import ClipEncoder
 from bayesretrieval.indexing import BuildConfig, build_index
 from bayesretrieval.posterior.hub import load_published_posterior
 from bayesretrieval.store import IndexReader
-from test_build_index import write_images
+from conftest import write_images
 
 
 @pytest.mark.slow

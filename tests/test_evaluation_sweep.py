@@ -15,7 +15,7 @@ from bayesretrieval.indexing.embeddings_input import build_index_from_embeddings
 from bayesretrieval.queries import Searcher
 from bayesretrieval.queries.uncertainty import QuerySide
 from bayesretrieval.store import IndexReader
-from test_store import random_posterior
+from conftest import random_posterior
 
 D, H, NB, NQ = 16, 8, 40, 50
 

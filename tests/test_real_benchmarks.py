@@ -10,7 +10,7 @@ from PIL import Image
 
 from bayesretrieval.posterior.io import save_bayesvlm_directory
 from benchmark_scripts import benchmark_module
-from test_store import random_posterior
+from conftest import random_posterior
 
 EMBED_DIM, WIDTH = 64, 64  # bayes-tiny
 

@@ -8,9 +8,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair
 from bayesretrieval.store import (
     SCALAR_COLUMNS,
     IndexReader,
@@ -22,23 +20,7 @@ from bayesretrieval.store import (
 )
 from bayesretrieval.store import format as fmt
 from bayesretrieval.store.format import SKIPPED_SCHEMA
-
-
-def random_spd(dim: int, generator: torch.Generator) -> torch.Tensor:
-    """A random symmetric positive definite ``(dim, dim)`` matrix."""
-    m = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
-    return m @ m.T / dim + 0.1 * torch.eye(dim, dtype=torch.float64)
-
-
-def random_posterior(embed_dim: int, image_width: int, text_width: int | None = None, seed: int = 0) -> PosteriorPair:
-    """A small random Kronecker posterior pair for tests (random SPD factors)."""
-    g = torch.Generator().manual_seed(seed)
-    text_width = text_width or image_width
-    image = KroneckerPosterior.from_factors(
-        random_spd(image_width, g), random_spd(embed_dim, g), 10.0, 5.0, "image"
-    )
-    text = KroneckerPosterior.from_factors(random_spd(text_width, g), random_spd(embed_dim, g), 10.0, 5.0, "text")
-    return PosteriorPair(image, text, source="random-test")
+from conftest import random_posterior
 
 
 def random_items(n: int, d: int, seed: int = 0, variance: VarianceSpec = VarianceSpec()) -> ItemArrays:

@@ -5,7 +5,8 @@ import pytest
 
 from bayesretrieval.store import IndexReader, ItemScalars, VarianceSpec, write_version
 from bayesretrieval.store.vectors import expected_norm, faiss_vectors
-from test_store import empty_skipped, info, random_items, random_posterior
+from conftest import random_posterior
+from test_store import empty_skipped, info, random_items
 
 
 def test_expected_norm_matches_its_definition():
