@@ -81,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--candidates", type=int, help="first-round candidates (default: each score's own)")
     parser.add_argument("--indexes", nargs="+", choices=["flat", "ivf"], default=["flat", "ivf"],
                         help="which index kinds to build and time")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch intra-op threads (Searcher.open's torch_threads; default 1, as a search-only "
+                             "process on few cores would set it)")
     parser.add_argument("--workdir", type=Path, help="where to write the indexes (default: a temp dir)")
     parser.add_argument("--output", type=Path, default=record.default_output("search_speed"))
     return parser.parse_args(argv)
@@ -271,6 +274,7 @@ def _faiss_queries(searcher: Searcher, batch: Encoded) -> np.ndarray:
 def main(argv=None) -> dict:
     """Build both indexes, time every mode, print and write the figures."""
     args = parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
     rng = np.random.default_rng(0)
     posterior = make_posterior(args.dim, rng)
     centres = rng.normal(size=(args.clusters, args.dim)) / math.sqrt(args.dim)

@@ -193,14 +193,25 @@ def pair_moments(
 def _probe_products(means: np.ndarray, probes: torch.Tensor, query_rows: np.ndarray) -> torch.Tensor:
     """``(P, 3)`` float64: each item mean ``(P, D)`` times its query's probes ``(nq, D, 3)``.
 
-    One matrix product per query over that query's pairs, so no probe is copied per pair.
+    Pairs that form a rectangle (every query, the same number of pairs each, grouped by
+    query: a first rerank stage) take one batched product; other pairs one product per
+    query over its pairs, so no probe is ever copied per pair.
     """
-    order = np.argsort(query_rows, kind="stable")
-    bounds = np.searchsorted(query_rows[order], np.arange(len(probes) + 1))
-    out = torch.empty((len(query_rows), probes.shape[2]), dtype=torch.float64)
+    nq, P = len(probes), len(query_rows)
+    means = torch.from_numpy(np.asarray(means, dtype=np.float64))
+    grouped = bool(np.all(query_rows[1:] >= query_rows[:-1]))
+    if grouped and P and P % nq == 0 and np.array_equal(query_rows, np.repeat(np.arange(nq), P // nq)):
+        return torch.bmm(means.reshape(nq, P // nq, -1), probes).reshape(P, -1)
+    order = np.arange(P) if grouped else np.argsort(query_rows, kind="stable")
+    bounds = np.searchsorted(query_rows[order], np.arange(nq + 1))
+    means = means if grouped else means[torch.from_numpy(order)]
+    products = torch.empty((P, probes.shape[2]), dtype=torch.float64)
     for q in np.flatnonzero(np.diff(bounds)):
-        pairs = order[bounds[q]:bounds[q + 1]]
-        out[pairs] = torch.from_numpy(np.asarray(means[pairs], dtype=np.float64)) @ probes[q]
+        torch.mm(means[bounds[q]:bounds[q + 1]], probes[q], out=products[bounds[q]:bounds[q + 1]])
+    if grouped:
+        return products
+    out = torch.empty_like(products)
+    out[torch.from_numpy(order)] = products
     return out
 
 
