@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from benchmark_scripts import benchmark_module
 
 TINY = ["--items", "3000", "--dim", "32", "--clusters", "20", "--batches", "2", "--repeats", "3"]
@@ -11,8 +12,12 @@ TINY = ["--items", "3000", "--dim", "32", "--clusters", "20", "--batches", "2", 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     out = tmp_path_factory.mktemp("search_speed") / "search_speed.json"
-    with benchmark_module("search_speed") as script:
-        script.main([*TINY, "--output", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        with benchmark_module("search_speed") as script:
+            script.main([*TINY, "--output", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # the script sets torch's threads for its process; this one goes on
     return json.loads(out.read_text())
 
 
