@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(BIN)/bayesretrieval demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)

@@ -8,8 +8,8 @@ mean and std of the cosine with the Monte Carlo ones.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
@@ -67,6 +67,13 @@ def pair_with_cosine(
     norm as before).
 
     Args:
+        image_chol: Cholesky factor of the image activation covariance, ``(h_I, h_I)``.
+        text_chol: Cholesky factor of the text activation covariance, ``(h_T, h_T)``.
+        image_projection: the image projection, ``(h_I, D)``.
+        text_projection: the text projection, ``(h_T, D)``.
+        cosine: the cosine the two mean embeddings get.
+        activation_scale: multiplies both drawn activations.
+        generator: the source of the random draws.
         image_pinv: ``pinv(image_projection)`` if already computed.
 
     Returns:

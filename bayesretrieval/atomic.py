@@ -12,8 +12,9 @@ Result = TypeVar("Result")
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Replace ``path`` durably: ``write`` fills a temp file in the same folder, then fsync,
-    rename and fsync of the folder, so a crash leaves the old file or the new one.
+    """Replace ``path`` durably, so a crash leaves the old file or the new one.
+
+    ``write`` fills a temp file in the same folder, then fsync, rename and fsync of the folder.
 
     Args:
         path: the file to replace.
@@ -46,7 +47,7 @@ def current_umask() -> int:
 
 
 def fsync_path(path: Path) -> None:
-    """fsync a file or folder by path (makes a rename in a folder durable)."""
+    """Fsync a file or folder by path (makes a rename in a folder durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

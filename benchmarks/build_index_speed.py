@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import record
 import torch
 from PIL import Image
 
@@ -38,12 +39,11 @@ from bayesretrieval.indexing import BuildConfig, build_index, decode_image
 from bayesretrieval.indexing.scalars import ScalarComputer
 from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair, load_posterior
 
-import record
-
 SHARED_HESSIANS = record.ROOT.parent / "shared" / "bayesvlm-hessians" / "ViT-B-32-laion2B-s34B-b79K"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse image counts, RSS sizes, batch size, workers, repeats and output (and the internal ``--rss-child``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vit-images", type=int, default=192, help="images for the ViT-B-32 run")
     parser.add_argument("--tiny-images", type=int, default=2000, help="images for the tiny-model run")
@@ -83,6 +83,7 @@ def random_posterior(embed_dim: int, width: int, seed: int = 0) -> PosteriorPair
 
 
 def model_and_posterior(name: str) -> tuple[ClipEncoder, PosteriorPair]:
+    """Model ``name`` at random weights and a posterior: BayesVLM's for ViT-B-32 when in ../shared, else random."""
     encoder = ClipEncoder.from_pretrained(name, None)
     if name == "ViT-B-32" and SHARED_HESSIANS.is_dir():
         return encoder, load_posterior(SHARED_HESSIANS)
@@ -176,6 +177,7 @@ def rss_child(image_dir: str, index_dir: str) -> None:
 
 
 def memory_runs(sizes: list[int], work: Path) -> list[dict]:
+    """Peak RSS of indexing each of ``sizes`` images with the tiny model, each in a fresh process."""
     largest = max(sizes)
     folder = write_jpegs(work / "img-rss", largest, (160, 120), seed=1)
     results = []
@@ -191,6 +193,7 @@ def memory_runs(sizes: list[int], work: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the speed and memory measurements, print the tables and save the record (or be one RSS child)."""
     args = parse_args(argv)
     if args.rss_child:
         rss_child(*args.rss_child)
@@ -201,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         speed = [speed_run("ViT-B-32", args.vit_images, (320, 240), args, work),
                  speed_run(TINY_MODEL, args.tiny_images, (160, 120), args, work)]
         memory = memory_runs(args.rss_sizes, work)
-    print(f"{'model':10} {'images':>7} {'in-mem img/s':>13} {'e2e img/s':>10} {'e2e/in-mem':>11} {'scalars/encode':>15}")
+    print(f"{'model':10} {'images':>7} {'in-mem img/s':>13} {'e2e img/s':>10} {'e2e/in-mem':>11} "
+          f"{'scalars/encode':>15}")
     for row in speed:
         print(f"{row['model']:10} {row['images']:7d} {row['in_memory_images_per_s']:13.1f} "
               f"{row['end_to_end_images_per_s']:10.1f} {row['end_to_end_over_in_memory']:11.2f} "

@@ -13,17 +13,17 @@ import argparse
 from pathlib import Path
 
 import pandas as pd
+import record
 
 from bayesretrieval.accuracy import accuracy_grid, bayesvlm_grid_settings, vit_b32_projections
 from bayesretrieval.similarity import DEFAULT_ESTIMATOR
-
-import record
 
 DEFAULT_HESSIANS = record.ROOT.parent / "shared" / "bayesvlm-hessians" / "ViT-B-32-laion2B-s34B-b79K"
 WORST_COLUMNS = ["estimator", "setting", "activation_scale", "cosine", "std_relative_error", "mean_error"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the hessian directory, the Monte Carlo draws per cell and the output path."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hessians", type=Path, default=DEFAULT_HESSIANS, help="BayesVLM hessian directory")
     parser.add_argument("--draws", type=int, default=100_000, help="Monte Carlo draws per cell")

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import record
 import torch
 from PIL import Image
 
@@ -32,12 +33,11 @@ from bayesretrieval.encoders import TINY_MODEL, ClipEncoder
 from bayesretrieval.posterior.curvature import DEFAULT_SOURCE_BATCH, ChunkCurvature
 from bayesretrieval.posterior.fit import PosteriorFitter
 
-import record
-
 VIT_B_32 = {"embed_dim": 512, "image_width": 768, "text_width": 512, "logit_scale": 100.0}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the chunk sizes, source batch, repeats, encode and pipeline sizes, torch threads and output."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[512, 2048, 8192, 32768])
     parser.add_argument("--source-batch", type=int, default=DEFAULT_SOURCE_BATCH)
@@ -112,6 +112,7 @@ def time_pipeline(num_pairs: int, chunk_size: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Time the curvature step per chunk size, ViT-B-32 encoding and the tiny pipeline; print and save them."""
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import record
 import torch
 from PIL import Image
 from scipy.stats import rankdata
@@ -38,16 +39,16 @@ from bayesretrieval.similarity import cosine_moments
 from bayesretrieval.training import ModelSize, get_trained_model, model_name
 from bayesretrieval.world import MAX_SEVERITY, Shift, make_world, write_world
 
-import record
-
 VARIANCES = ("total", "relative", "caption")
 PRIOR_SCAN = (1e-4, 1e-2, 1.0, 1e2, 1e4)
 """``rho`` of the prior scan, in units of ``A``'s mean eigenvalue."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the model sizes, fitting-world size and chunk size, test-world size, severities, seeds and output."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="+", choices=[s.value for s in ModelSize], default=[s.value for s in ModelSize])
+    parser.add_argument("--sizes", nargs="+", choices=[s.value for s in ModelSize],
+                        default=[s.value for s in ModelSize])
     parser.add_argument("--n-fit", type=int, default=4096, help="training-world pairs to fit on")
     parser.add_argument("--chunk-size", type=int, default=512, help="C, pairs per InfoNCE chunk")
     parser.add_argument("--n-test", type=int, default=500, help="images per test world")
@@ -112,6 +113,7 @@ class ShiftedSet:
 
     @property
     def size(self) -> int:
+        """How many images the shift changed."""
         return len(self.images.activations)
 
 
@@ -160,8 +162,10 @@ def prior_scan(posterior: PosteriorPair, clean: TestImages, shifted_sets: list[S
 
 def shift_study(encoder: ClipEncoder, posterior: PosteriorPair, n_test: int, seed: int,
                 severities: list[int]) -> dict:
-    """AUROC rows of a clean test world of ``n_test`` against its shifted versions, and the
-    prior scan at the highest severity: keys ``rows``, ``scan_severity``, ``prior_scan``."""
+    """AUROC rows of a clean test world of ``n_test`` against its shifted versions, and the prior scan.
+
+    The prior scan is at the highest severity. Keys: ``rows``, ``scan_severity``, ``prior_scan``.
+    """
     world = make_world(n_test, seed=seed)
     clean = encode_test_images(encoder, posterior, world.images, list(world.captions))
     shifted_sets = encode_shifted(encoder, posterior, n_test, seed, severities)
@@ -190,6 +194,7 @@ def print_tables(size: str, entry: dict, chunk_size: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Per model size, fit the posterior on a training world, run the shift study, print and save the tables."""
     args = parse_args(argv)
     results = {"models": {}}
     for size in args.sizes:

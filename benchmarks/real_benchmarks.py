@@ -1,4 +1,4 @@
-"""Retrieval-calibration metrics on COCO 5k and Flickr30k 1k (text-to-image), for users with the data.
+r"""Retrieval-calibration metrics on COCO 5k and Flickr30k 1k (text-to-image), for users with the data.
 
 The same numbers as ``benchmarks/retrieval_calibration.py`` (Recall@1/5/10, precision@10
 and mAP per score; Recall@1 in 10 equal-count uncertainty bins with Spearman and R^2;
@@ -31,7 +31,7 @@ The script prints its ``map`` recalls next to them, writes
 ``benchmarks/results/real_<dataset>.json`` and its plots into ``--plots``.
 
     .venv/bin/python benchmarks/real_benchmarks.py --dataset coco --root ~/data/coco
-    .venv/bin/python benchmarks/real_benchmarks.py --dataset flickr30k --root ~/data/flickr30k \\
+    .venv/bin/python benchmarks/real_benchmarks.py --dataset flickr30k --root ~/data/flickr30k \
         --posterior ~/bayesvlm-hessians/ViT-B-32-laion2B-s34B-b79K
 """
 
@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import record
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -62,8 +63,6 @@ from bayesretrieval.queries import Searcher
 from bayesretrieval.queries.uncertainty import QuerySide
 from bayesretrieval.similarity import CosineEstimator
 from bayesretrieval.store import IndexReader
-
-import record
 
 IMAGE_FOLDERS = ("", "flickr30k-images", "images")
 """Where an image without a ``filepath`` is looked for, relative to the dataset folder."""
@@ -163,7 +162,8 @@ def encode_dataset(encoder: ClipEncoder, paths: list, captions: list, text_image
     """Encode images (in batches, bounded memory) and captions."""
     parts = []
     for start in tqdm(range(0, len(paths), batch_size), desc="encode images", unit="batch"):
-        pixels = torch.stack([encoder.preprocess(Image.open(p).convert("RGB")) for p in paths[start:start + batch_size]])
+        pixels = torch.stack([encoder.preprocess(Image.open(p).convert("RGB"))
+                              for p in paths[start:start + batch_size]])
         parts.append(encoder.encode_images(pixels, batch_size))
     images = Encoded(torch.cat([p.embeds for p in parts]), torch.cat([p.activations for p in parts]))
     return Benchmark(images, encoder.encode_texts(captions, batch_size), text_image, encoder.logit_scale)
@@ -202,6 +202,7 @@ def run_estimator(reader: IndexReader, index_dir: Path, bench: Benchmark, estima
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the dataset and its source (folder or saved encodings), model, posterior, estimators and outputs."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -227,6 +228,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Encode (or load) the benchmark, index its images, sweep every estimator, then save and print the results."""
     args = parse_args(argv)
     started, dataset = time.perf_counter(), Dataset(args.dataset)
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained

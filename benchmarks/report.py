@@ -107,6 +107,7 @@ def outputs(results_dir: Path, results_md: Path, readme: Path) -> dict[Path, str
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the records folder, the RESULTS.md and README paths, and ``--check``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=record.RESULTS_DIR, help="folder of JSON records")
     parser.add_argument("--markdown", type=Path, default=RESULTS_MD, help="RESULTS.md to write")

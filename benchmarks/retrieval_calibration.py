@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import record
 from tqdm import tqdm
 
 from bayesretrieval.encoders import ClipEncoder
@@ -49,18 +50,24 @@ from bayesretrieval.queries.uncertainty import QuerySide
 from bayesretrieval.similarity import CosineEstimator
 from bayesretrieval.training import ModelSize, get_trained_model, model_name
 from bayesretrieval.world import (
-    MAX_SEVERITY, Shift, full_query, make_world, partial_query, query_text, relevance_matrix, write_world,
+    MAX_SEVERITY,
+    Shift,
+    full_query,
+    make_world,
+    partial_query,
+    query_text,
+    relevance_matrix,
+    write_world,
 )
 from bayesretrieval.world.io import IMAGES_DIR, read_world_table
 from bayesretrieval.world.world import scenes_from_table
-
-import record
 
 ATTRIBUTES = ("shape", "colour", "size", "position")
 CLEAN = "clean"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the model size, seeds, world and gallery sizes, queries, estimators and output paths."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,8 +184,10 @@ def shift_analysis(records, fit: np.ndarray, shifted: np.ndarray) -> dict:
             "top1_recall_when_clean": float(correct[~top1_shifted].mean()),
             "auroc_top1_std_for_shifted_top1": (failure_auroc(std, top1_shifted)
                                                 if 0 < top1_shifted.sum() < top1_shifted.size else float("nan")),
-            "top10_precision_shifted_items": float(records.pair_relevant[held][shifted[records.pair_item[held]]].mean()),
-            "top10_precision_clean_items": float(records.pair_relevant[held][~shifted[records.pair_item[held]]].mean())}
+            "top10_precision_shifted_items":
+                float(records.pair_relevant[held][shifted[records.pair_item[held]]].mean()),
+            "top10_precision_clean_items":
+                float(records.pair_relevant[held][~shifted[records.pair_item[held]]].mean())}
 
 
 def run_estimator(index_dir: Path, encoder: ClipEncoder, estimator: str, texts: list[str], relevant: np.ndarray,
@@ -209,6 +218,7 @@ def _by_id(relevant: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Build the worlds, posterior, index and queries, evaluate every estimator, then save and print the results."""
     args = parse_args(argv)
     started = time.perf_counter()
     work = args.work / args.size
@@ -227,8 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "model": model_name(args.size), "logit_scale": encoder.logit_scale,
         "posterior": {"lambda": [posterior.image.prior_precision, posterior.text.prior_precision]},
-        "gallery": {"items": len(item_ids), "shifted": int(scenes["shifted"].sum()), "worlds": int(gallery["world"].nunique()),
-                    "indexed": report.indexed},
+        "gallery": {"items": len(item_ids), "shifted": int(scenes["shifted"].sum()),
+                    "worlds": int(gallery["world"].nunique()), "indexed": report.indexed},
         "queries": {"total": len(texts), "full": int(is_full.sum()),
                     "mean_relevant_full": float(relevant[is_full].sum(1).mean()),
                     "mean_relevant_partial": float(relevant[~is_full].sum(1).mean())},
@@ -268,7 +278,8 @@ def print_tables(results: dict) -> None:
         print("\nselected on held-in queries: " + "; ".join(
             f"{kind} {p['signal']} (held-out AUROC {p['failure_auroc']:.3f}, AURC {p['aurc']:.3f})"
             for kind, p in picked.items() if p["signal"] is not None))
-        print(f"\n(oracle AURC {summary['oracle_aurc']:.3f}, held-out top-1 recall {summary['top1_recall_held_out']:.3f})")
+        print(f"\n(oracle AURC {summary['oracle_aurc']:.3f}, "
+              f"held-out top-1 recall {summary['top1_recall_held_out']:.3f})")
         print("\n| link | ECE | Brier | NLL |\n|---|---|---|---|")
         for name in ("probit", "logistic_map"):
             c = summary["calibration"][name]

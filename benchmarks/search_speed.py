@@ -47,6 +47,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import record
 import torch
 
 from bayesretrieval.encoders import Encoded
@@ -58,8 +59,6 @@ from bayesretrieval.queries.uncertainty import QuerySide
 from bayesretrieval.store import IndexReader, ItemArrays, VarianceSpec, VersionInfo, write_version
 from bayesretrieval.store.format import SKIPPED_SCHEMA
 
-import record
-
 ACTIVATION_WIDTH = 16
 CHUNK = 65_536
 ENGINE_SCORES = ("expected", "lcb")
@@ -68,6 +67,7 @@ FETCH_TRIALS = 5
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """Parse the collection shape, query batches, k, kappa, nprobe, repeats, index kinds, threads and paths."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", type=int, default=200_000)
     parser.add_argument("--dim", type=int, default=512)
@@ -142,6 +142,7 @@ def make_queries(args, posterior: PosteriorPair, centres: np.ndarray, rng: np.ra
 
 
 def build(directory: Path, items: ItemArrays, posterior: PosteriorPair, factory: str) -> float:
+    """Write ``items`` as an index version with the FAISS ``factory`` into ``directory``; returns seconds."""
     start = time.perf_counter()
     info = VersionInfo("embeddings", "benchmark", {"model_name": "none", "pretrained": None,
                                                    "checkpoint_sha256": None}, VarianceSpec(), factory, len(items))
@@ -315,7 +316,8 @@ def report(label: str, timing: dict) -> None:
               f"{t['ratio_paired_quartiles'][1]:.3f})")
         if "candidates_mean" not in t:
             continue
-        print(f"           candidates mean {t['candidates_mean']:.0f} median {t['candidates_median']:.0f} max {t['candidates_max']}  (needed mean {t['needed_mean']:.1f} "
+        print(f"           candidates mean {t['candidates_mean']:.0f} median {t['candidates_median']:.0f} "
+              f"max {t['candidates_max']}  (needed mean {t['needed_mean']:.1f} "
               f"max {t['needed_max']})  certified {t['certified_fraction']:.2f} "
               f"exact {t['exact_fraction']:.2f}")
         print("           ms per batch (best runs): " + ", ".join(

@@ -89,7 +89,8 @@ def _build_rows(result: dict) -> list[dict]:
     rows = []
     for row in data["speed"]:
         rows.append({"measure": f"build-index {row['model']}: end-to-end vs in-memory encode throughput",
-                     "value": f"{row['end_to_end_images_per_s']:.1f} images/s", "ratio": row["end_to_end_over_in_memory"]})
+                     "value": f"{row['end_to_end_images_per_s']:.1f} images/s",
+                     "ratio": row["end_to_end_over_in_memory"]})
         rows.append({"measure": f"build-index {row['model']}: posterior scalars / encode time",
                      "value": f"{row['scalars_s']:.3f} s", "ratio": row["scalars_over_encode"]})
     for row in data["memory"]:
@@ -128,6 +129,7 @@ def run_benchmark(benchmark: SpeedBenchmark, folder: Path, full: bool) -> float:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse which benchmarks to run, quick or ``--full`` (or ``--no-run``), and the records folder."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import record
 from tqdm import tqdm
 
 from bayesretrieval.encoders import ClipEncoder
@@ -38,12 +39,11 @@ from bayesretrieval.world import (
     similarity_scores,
 )
 
-import record
-
 KS = (1, 5, 10)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the model sizes, training and test-world seeds, test-world size, severities and output."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--sizes",
@@ -149,6 +149,7 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Evaluate recall for every requested model size, print the Markdown table and save the record."""
     args = parse_args(argv)
     results = [evaluate(size, args) for size in args.sizes]
     print(markdown(results))

@@ -14,11 +14,14 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
+from reference import random_spd
 
-from bayesretrieval.encoders import TINY_MODEL, register_model_configs
+from bayesretrieval.encoders import TINY_MODEL, Encoded, register_model_configs
+from bayesretrieval.indexing.scalars import ScalarComputer
 from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair
 from bayesretrieval.skips import SkipReason
-from reference import random_spd
+from bayesretrieval.store import ItemArrays, VarianceSpec, VersionInfo, write_version
+from bayesretrieval.store.format import SKIPPED_SCHEMA
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -145,3 +148,47 @@ def make_bad_corpus(folder: Path) -> dict:
     put("alpha.png", _encoded(rgba, "PNG"), (48, 32, lambda rgb: _assert_close(rgb[0, 0], (238, 138, 138), 3)))
     (folder / "readme.txt").write_text("not an image extension: ignored")
     return expected
+
+
+SEARCH_DIM, SEARCH_IMAGE_WIDTH, SEARCH_TEXT_WIDTH = 16, 8, 6
+"""Shapes of :func:`clustered_index`'s posterior: embedding dim, image and text activation widths."""
+SEARCH_MODEL = {"model_name": "bayes-tiny", "pretrained": None, "checkpoint_sha256": None}
+
+
+def _search_posterior(seed: int = 0) -> PosteriorPair:
+    """A random posterior of :data:`SEARCH_DIM` outputs."""
+    g = torch.Generator().manual_seed(seed)
+    image = KroneckerPosterior.from_factors(random_spd(SEARCH_IMAGE_WIDTH, g), random_spd(SEARCH_DIM, g), 10.0, 5.0,
+                                            "image")
+    text = KroneckerPosterior.from_factors(random_spd(SEARCH_TEXT_WIDTH, g), random_spd(SEARCH_DIM, g), 10.0, 5.0,
+                                           "text")
+    return PosteriorPair(image, text, source="search-test")
+
+
+def clustered_index(path, n=10_000, variance="kfac", factory="Flat", seed=0, duplicates=200):
+    """A written index: clustered means, per-item noise from 0.2x to 1x, exact duplicate rows."""
+    rng = np.random.default_rng(seed)
+    posterior = _search_posterior(seed)
+    centres = rng.normal(size=(40, SEARCH_DIM))
+    means = (centres[rng.integers(0, 40, n)] + 0.6 * rng.normal(size=(n, SEARCH_DIM))).astype(np.float32)
+    activations = rng.normal(size=(n, SEARCH_IMAGE_WIDTH)) * rng.uniform(0.2, 1.0, (n, 1))
+    means[-duplicates:], activations[-duplicates:] = means[:duplicates], activations[:duplicates]
+    spec = VarianceSpec.parse(variance)
+    rows = ScalarComputer(posterior, spec).from_activations(torch.from_numpy(means).double(),
+                                                            torch.from_numpy(activations))
+    ids = rng.permutation(np.arange(5, 5 + 3 * n, 3))[:n].astype(np.int64)
+    folders = np.where(np.arange(n) % 3 == 0, "cats", "dogs")
+    items = ItemArrays(ids, [f"{f}/img_{i:05d}.png" for f, i in zip(folders, ids)], np.arange(n) + 100,
+                       np.full(n, 1, np.int64), (32 + np.arange(n) % 5 * 16).astype(np.int32),
+                       np.full(n, 64, np.int32), means, rows.scalars, rows.variance_diag, rows.variance_lowrank)
+    info = VersionInfo("images", str(path), SEARCH_MODEL, spec, factory, int(ids.max()) + 1)
+    write_version(path, items, SKIPPED_SCHEMA.empty_table(), posterior, info)
+    return path
+
+
+def random_queries(nq=6, seed=1, modality="text"):
+    """``nq`` precomputed queries (embeddings and activations) of ``modality`` for :func:`clustered_index`."""
+    rng = np.random.default_rng(seed)
+    width = SEARCH_TEXT_WIDTH if modality == "text" else SEARCH_IMAGE_WIDTH
+    embeds = torch.from_numpy(rng.normal(size=(nq, SEARCH_DIM)) * 1.5)
+    return Encoded(embeds, torch.from_numpy(rng.normal(size=(nq, width)) * 0.7))

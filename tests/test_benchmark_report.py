@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from benchmark_scripts import BENCHMARKS, benchmark_module
 
 HELPERS = {"record", "report", "formatters"}

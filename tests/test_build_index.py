@@ -9,13 +9,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import make_bad_corpus, random_posterior, save_tiny_checkpoint, write_images
 from PIL import Image
 
 from bayesretrieval.encoders import TINY_MODEL, ClipEncoder
 from bayesretrieval.indexing import BuildConfig, IndexMismatchError, build_index, decode_image
 from bayesretrieval.similarity import side_statistics
 from bayesretrieval.store import FORMAT_VERSION, SCALAR_COLUMNS, IndexReader
-from conftest import make_bad_corpus, random_posterior, save_tiny_checkpoint, write_images
 
 D = 64
 
@@ -64,7 +64,8 @@ def test_index_values_match_independent_computation(tmp_path, encoder, posterior
     q = posterior.image.activation_scale(enc.activations.double())
     ref = side_statistics(enc.embeds.double(), q, sigma_i, sigma_t)
     ref_diag = side_statistics(enc.embeds.double(), q, torch.diag(sigma_i.diagonal()), torch.diag(sigma_t.diagonal()))
-    want = torch.stack([ref.scale, ref.norm_sq, ref.own_quad, ref.other_quad, ref_diag.own_quad, ref_diag.other_quad], 1)
+    want = torch.stack([ref.scale, ref.norm_sq, ref.own_quad, ref.other_quad,
+                        ref_diag.own_quad, ref_diag.other_quad], 1)
     got = np.stack([[r[c] for c in SCALAR_COLUMNS] for r in rows])
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4)
     with Image.open(tmp_path / "img" / rows[0]["path"]) as first:
@@ -118,12 +119,14 @@ def test_mismatches_name_both_sides_unless_rebuild(tmp_path, encoder, posterior,
     ids = {p: v[0] for p, v in by_path(IndexReader.open(tmp_path / "idx")).items()}
     other = random_posterior(D, 64, seed=7)
     other.source = "other-posterior"
-    with pytest.raises(IndexMismatchError, match=r"posterior: index has random-test \(\w+\), command uses other-posterior"):
+    with pytest.raises(IndexMismatchError,
+                       match=r"posterior: index has random-test \(\w+\), command uses other-posterior"):
         build_index(img, tmp_path / "idx", encoder, other, fast())
     with pytest.raises(IndexMismatchError, match="variance columns: index has kfac, command asks for diag"):
         build_index(img, tmp_path / "idx", encoder, posterior, fast(variance="diag"))
     random_weights = ClipEncoder.from_pretrained(TINY_MODEL, None)
-    with pytest.raises(IndexMismatchError, match=rf"model: index has bayes-tiny/{checkpoint} \(sha256 \w+\), command uses bayes-tiny/None"):
+    with pytest.raises(IndexMismatchError,
+                       match=rf"model: index has bayes-tiny/{checkpoint} \(sha256 \w+\), command uses bayes-tiny/None"):
         build_index(img, tmp_path / "idx", random_weights, posterior, fast())
     report = build_index(img, tmp_path / "idx", encoder, other, fast(rebuild=True))
     assert report.encoded == 2 and report.manifest.posterior["source"] == "other-posterior"
@@ -174,7 +177,8 @@ def test_bad_file_corpus_end_to_end(tmp_path, encoder, posterior, monkeypatch):
     report = build_index(img, tmp_path / "idx", encoder, posterior, fast(max_pixels=50_000_000))
     reader = IndexReader.open(tmp_path / "idx")
     skipped = {r["path"]: r["reason"] for r in reader.read_skipped().to_pylist()}
-    indexed = {r["path"]: (r["width"], r["height"]) for r in reader.read_items(columns=["path", "width", "height"]).to_pylist()}
+    indexed = {r["path"]: (r["width"], r["height"])
+               for r in reader.read_items(columns=["path", "width", "height"]).to_pylist()}
     for name, outcome in expected.items():
         if isinstance(outcome, SkipReason):
             assert skipped.get(name) == outcome.value, name
@@ -186,7 +190,8 @@ def test_bad_file_corpus_end_to_end(tmp_path, encoder, posterior, monkeypatch):
     # content-determined skips are not retried.
     monkeypatch.undo()
     update = build_index(img, tmp_path / "idx", encoder, posterior, fast(max_pixels=50_000_000))
-    assert update.encoded == 2 and "locked.jpg" in IndexReader.open(tmp_path / "idx").read_items(["path"]).column(0).to_pylist()
+    assert (update.encoded == 2
+            and "locked.jpg" in IndexReader.open(tmp_path / "idx").read_items(["path"]).column(0).to_pylist())
     assert update.skipped == {k: v for k, v in report.skipped.items() if k != "unreadable"}
 
 

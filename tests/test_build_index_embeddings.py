@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import random_posterior
 
 from bayesretrieval.encoders import ModelIdentity
 from bayesretrieval.indexing import BuildConfig
@@ -13,7 +14,6 @@ from bayesretrieval.indexing.embeddings_input import build_index_from_embeddings
 from bayesretrieval.indexing.export import export_index
 from bayesretrieval.similarity import side_statistics
 from bayesretrieval.store import IndexReader
-from conftest import random_posterior
 
 D, R = 16, 2
 MODEL = ModelIdentity("ViT-B-32", "laion2b_s34b_b79k")
@@ -79,7 +79,8 @@ def test_explicit_ids_scale_and_mismatch(tmp_path):
         build_index_from_embeddings(tmp_path / "emb.parquet", tmp_path / "idx", posterior, MODEL,
                                     BuildConfig(variance="diag"))
     with pytest.raises(ValueError, match="model: index has ViT-B-32/laion2b_s34b_b79k, command uses ViT-B-16/x"):
-        build_index_from_embeddings(tmp_path / "emb.parquet", tmp_path / "idx", posterior, ModelIdentity("ViT-B-16", "x"))
+        build_index_from_embeddings(tmp_path / "emb.parquet", tmp_path / "idx", posterior,
+                                    ModelIdentity("ViT-B-16", "x"))
     pq.write_table(pa.table({"vector": [[1.0] * D]}), tmp_path / "wrong.parquet")
     with pytest.raises(ValueError, match=r"expected an embedding column \(embedding, mean, mu\)"):
         build_index_from_embeddings(tmp_path / "wrong.parquet", tmp_path / "idx2", posterior, MODEL)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import random_posterior, save_tiny_checkpoint, write_images
 
 from bayesretrieval.encoders import TINY_MODEL, ClipEncoder
 from bayesretrieval.indexing import BuildConfig, build_index
 from bayesretrieval.store import IndexReader
-from conftest import random_posterior, save_tiny_checkpoint, write_images
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BATCH, IMAGES = 4, 40

@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
+from conftest import write_images
 
 from bayesretrieval.encoders import ClipEncoder
 from bayesretrieval.indexing import BuildConfig, build_index
 from bayesretrieval.posterior.hub import load_published_posterior
 from bayesretrieval.store import IndexReader
-from conftest import write_images
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from bayesretrieval.queries.bounds import ScoreBounds
 from bayesretrieval.queries.calibration import (
@@ -17,7 +18,6 @@ from bayesretrieval.queries.calibration import (
 )
 from bayesretrieval.queries.scorers import make_scorer
 from bayesretrieval.queries.uncertainty import PairMoments
-from scipy import stats
 
 
 def probit_data(n=40_000, tau=0.3, noise_std=0.05, seed=0):

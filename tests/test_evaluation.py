@@ -1,15 +1,19 @@
-"""Benchmark metrics against naive references: the ranking summary, binned recall, AUROC, risk-coverage, softmax, signals."""
+"""Benchmark metrics against naive references.
+
+Covers the ranking summary, binned recall, AUROC, risk-coverage, softmax and signals.
+"""
 
 import numpy as np
 import pytest
 import torch
+from reference import auroc_pairwise
 from scipy import special, stats
 
 from bayesretrieval.evaluation import (
     Fitted,
-    auroc_standard_error,
     Signal,
     TopResults,
+    auroc_standard_error,
     binned_recall,
     failure_auroc,
     fit_temperature,
@@ -22,7 +26,6 @@ from bayesretrieval.evaluation import (
 )
 from bayesretrieval.metrics import average_precision, first_hit_rank, hits_at_k, precision_at_k, recall_at_k
 from bayesretrieval.queries import ProbitCalibration
-from reference import auroc_pairwise
 
 
 def _scores(seed=0, nq=7, nb=12):

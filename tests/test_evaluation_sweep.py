@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import random_posterior
 
 from bayesretrieval.encoders import Encoded, ModelIdentity
 from bayesretrieval.evaluation import DEFAULT_SCORES, evaluate, query_relative_variance, split_queries, sweep
@@ -15,7 +16,6 @@ from bayesretrieval.indexing.embeddings_input import build_index_from_embeddings
 from bayesretrieval.queries import Searcher
 from bayesretrieval.queries.uncertainty import QuerySide
 from bayesretrieval.store import IndexReader
-from conftest import random_posterior
 
 D, H, NB, NQ = 16, 8, 40, 50
 

@@ -106,7 +106,8 @@ def _reference_factors(encoder, pair_folder, chunk_size, num_chunks):
     for name, mine, other in (("image", image, text), ("text", text, image)):
         acts = mine.activations.double()
         hessian = sum(
-            infonce_ggn(mine.embeds[k : k + chunk_size].double(), other.embeds[k : k + chunk_size].double(), scale).sum(0)
+            infonce_ggn(mine.embeds[k : k + chunk_size].double(), other.embeds[k : k + chunk_size].double(),
+                        scale).sum(0)
             for k in range(0, num_pairs, chunk_size)
         )
         factors[name] = (acts.T @ acts / math.sqrt(num_pairs), hessian / math.sqrt(num_pairs))
@@ -148,7 +149,8 @@ def test_too_few_pairs_says_how_many_and_writes_nothing(pair_folder, encoder, tm
     encoded = tmp_path / "encoded.parquet"
     with pytest.raises(ValueError, match="chunk_size=30 needs at least 30 pairs"):
         PosteriorFitter(chunk_size=30).fit(encoder, pair_folder, encoded_out=encoded)
-    with pytest.raises(ValueError, match=r"22 readable pairs \(skipped 1 unreadable, 1 no_caption\), fewer than one chunk: chunk_size=23"):
+    with pytest.raises(ValueError, match=r"22 readable pairs \(skipped 1 unreadable, 1 no_caption\), "
+                                         r"fewer than one chunk: chunk_size=23"):
         PosteriorFitter(chunk_size=23).fit(encoder, pair_folder, encoded_out=encoded)
     assert list(tmp_path.iterdir()) == []
 
@@ -182,7 +184,8 @@ def test_command_fits_and_refuses_bad_input(pair_folder, tmp_path, monkeypatch, 
     assert load_posterior(bvlm).text.prior_precision == 3.0
     assert _run_cli(monkeypatch, "--encoded", str(enc), "-o", str(out), "--lambda", "2", "3", *base) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
-    assert _run_cli(monkeypatch, "--pairs", str(pair_folder), "-o", str(tmp_path / "x"), *base[:4], "--chunk-size", "50") == 2
+    assert _run_cli(monkeypatch, "--pairs", str(pair_folder), "-o", str(tmp_path / "x"), *base[:4],
+                    "--chunk-size", "50") == 2
     assert "needs at least 50 pairs" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     status = _run_cli(monkeypatch, "--encoded", str(enc), "-o", str(out), "--force", "--lambda", "2", "3", *base)
@@ -196,13 +199,16 @@ def test_command_reads_a_written_world(tmp_path, monkeypatch, capsys):
 
     root = write_world(make_world(20, seed=3, part="train"), tmp_path / "world")
     argv = ["--pairs", str(root / "world.parquet"), "--image-root", str(root / "images"), "-o", str(tmp_path / "p")]
-    status = _run_cli(monkeypatch, *argv, "--model", TINY_MODEL, "--pretrained", "none", "--chunk-size", "10", "--lambda", "1")
+    status = _run_cli(monkeypatch, *argv, "--model", TINY_MODEL, "--pretrained", "none", "--chunk-size", "10",
+                      "--lambda", "1")
     assert status == 0
-    assert "fitted on 20 pairs in chunks of 10 (0 after the last full chunk left out; nothing skipped)" in capsys.readouterr().out
+    assert ("fitted on 20 pairs in chunks of 10 (0 after the last full chunk left out; nothing skipped)"
+            in capsys.readouterr().out)
 
 
 def test_no_readable_pairs_names_the_skips(tmp_path, encoder):
-    pd.DataFrame({"image": [f"gone{i}.png" for i in range(4)], "caption": ["x"] * 4}).to_csv(tmp_path / "p.csv", index=False)
+    pd.DataFrame({"image": [f"gone{i}.png" for i in range(4)],
+                  "caption": ["x"] * 4}).to_csv(tmp_path / "p.csv", index=False)
     with pytest.raises(ValueError, match=r"0 readable pairs \(skipped 4 missing; relative paths start at "):
         PosteriorFitter(chunk_size=2).fit(encoder, tmp_path / "p.csv", encoded_out=tmp_path / "e.parquet")
     with pytest.raises(ValueError, match="no readable pairs"):
@@ -221,8 +227,8 @@ def test_benchmark_auroc_matches_pairwise_reference():
 @pytest.fixture(scope="module")
 def world_shift_study():
     """AUROCs of the fitted posterior's image variance and the prior scan, trained test model, severity 5."""
-    from benchmarks.posterior_shift_auroc import fit_on_world, shift_study
     from bayesretrieval.training import ModelSize, get_trained_model, model_name
+    from benchmarks.posterior_shift_auroc import fit_on_world, shift_study
 
     trained = ClipEncoder.from_pretrained(model_name(ModelSize.TEST), get_trained_model(ModelSize.TEST))
     posterior = fit_on_world(trained, n_fit=1024, seed=11, chunk_size=256).posterior_
@@ -237,15 +243,20 @@ def test_fitted_posterior_gives_corrupted_images_more_embedding_variance(world_s
 
 @pytest.mark.parametrize("shift", [shift.value for shift in Shift])
 def test_fitted_posterior_gives_every_shift_more_logit_variance(world_shift_study, shift):
-    """The predictive variance of each image's logit with its own caption (``logits_per_image_var``)
-    is larger for shifted images of every family at severity 5 (measured 0.53 for held-out
-    combinations, 0.60 blur, 0.63 novel shape, 0.89-0.99 for the other corruptions)."""
+    """Shifted images of every family get more logit variance with their own caption than clean ones.
+
+    The variance is ``logits_per_image_var``, at severity 5; the AUROC measured 0.53 for held-out
+    combinations, 0.60 blur, 0.63 novel shape, 0.89-0.99 for the other corruptions.
+    """
     assert world_shift_study[0][shift]["auroc_caption"] > 0.5
 
 
 def test_prior_scan_covers_every_family_and_prior(world_shift_study):
-    """The scan reports every family at every prior; the weakest prior (Mahalanobis distance
-    under the fitting data's second moment) flags heavy noise like the fitted posterior does."""
+    """The scan reports every family at every prior.
+
+    The weakest prior (Mahalanobis distance under the fitting data's second moment) flags
+    heavy noise like the fitted posterior does.
+    """
     from benchmarks.posterior_shift_auroc import PRIOR_SCAN
 
     rows, scan = world_shift_study

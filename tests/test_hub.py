@@ -53,7 +53,8 @@ def test_download_path_verifies_and_falls_back(tmp_path, bayesvlm_dir, monkeypat
         served.append(url)
         name = url.rsplit("/", 1)[-1]
         if "raw.githubusercontent" in url:  # an LFS pointer instead of the content
-            return open(bayesvlm_dir / "prior_precision_analytic.json", "rb") if name.endswith(".pt") else open(bayesvlm_dir / name, "rb")
+            return (open(bayesvlm_dir / "prior_precision_analytic.json", "rb") if name.endswith(".pt")
+                    else open(bayesvlm_dir / name, "rb"))
         return open(bayesvlm_dir / name, "rb")
 
     monkeypatch.setattr(hub.urllib.request, "urlopen", fake_urlopen)

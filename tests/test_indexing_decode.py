@@ -4,12 +4,12 @@ import os
 
 import numpy as np
 import pytest
+from conftest import make_bad_corpus, two_tone
 from PIL import Image
 
 from bayesretrieval.indexing import decode as decode_module
 from bayesretrieval.indexing.decode import ImageSkipped, decode_image
 from bayesretrieval.skips import SkipReason
-from conftest import make_bad_corpus, two_tone
 
 
 def check_outcome(name: str, outcome, image_or_reason) -> None:

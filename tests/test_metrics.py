@@ -71,7 +71,8 @@ def _scores(seed=0, nq=7, nb=12):
 
 def test_ranking_quantities_match_naive_loops():
     scores, relevant = _scores()
-    first, hits, ap = first_hit_rank(scores, relevant), hits_at_k(scores, relevant, 4), average_precision(scores, relevant)
+    first, hits, ap = (first_hit_rank(scores, relevant), hits_at_k(scores, relevant, 4),
+                       average_precision(scores, relevant))
     for q in range(len(scores)):
         ranked = _ranked(scores[q], relevant[q])
         assert first[q] == (ranked.index(True) if any(ranked) else NO_HIT)

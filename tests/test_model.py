@@ -1,9 +1,9 @@
 """BayesCLIP: BayesVLM-Base field names, delta-method embedding variance, zero-shot."""
 
 import pytest
+import reference
 import torch
 
-import reference
 from bayesretrieval.encoders import ClipEncoder
 from bayesretrieval.model import BayesCLIP, normalized_embedding_variance
 from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair

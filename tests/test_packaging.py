@@ -31,7 +31,7 @@ def test_top_level_api_is_the_subpackages_objects():
 
 
 def _third_party_imports() -> dict[str, bool]:
-    """Top-level modules that ``bayesretrieval`` imports, each mapped to whether some import of it is at module level."""
+    """Top-level modules that ``bayesretrieval`` imports, each mapped to whether any import of it is at module level."""
     found: dict[str, bool] = {}
 
     def visit(node: ast.AST, deferred: bool) -> None:

@@ -4,10 +4,10 @@ import json
 import math
 
 import pytest
+import reference
 import torch
 from safetensors.torch import save_file
 
-import reference
 from bayesretrieval.encoders import ClipEncoder, ModelIdentity
 from bayesretrieval.posterior import (
     KroneckerPosterior,

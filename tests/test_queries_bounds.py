@@ -3,27 +3,27 @@
 import numpy as np
 import pytest
 import torch
+from conftest import clustered_index, random_queries
 
 from bayesretrieval.queries.bounds import Spectra, candidate_variance_floor, float32_slack, score_bounds
 from bayesretrieval.queries.uncertainty import ModelCovariances, PairMoments, QuerySide, pair_moments
 from bayesretrieval.store import IndexReader
-from test_queries_search import build_index, text_queries
 
 
 @pytest.fixture(scope="module", params=["kfac", "diag", "lowrank:3"])
 def index(request, tmp_path_factory):
-    return build_index(tmp_path_factory.mktemp("bounds"), n=3000, variance=request.param, seed=9, duplicates=5)
+    return clustered_index(tmp_path_factory.mktemp("bounds"), n=3000, variance=request.param, seed=9, duplicates=5)
 
 
 @pytest.fixture(scope="module")
 def kfac_index(tmp_path_factory):
-    return build_index(tmp_path_factory.mktemp("floor"), n=3000, variance="kfac", seed=12, duplicates=5)
+    return clustered_index(tmp_path_factory.mktemp("floor"), n=3000, variance="kfac", seed=12, duplicates=5)
 
 
 def _prepared_queries(reader, estimator, modality, seed, count=5):
     """The covariances for ``estimator`` and ``count`` random queries of ``modality``, prepared."""
     covs = ModelCovariances.from_posterior(reader.posterior, modality, estimator)
-    queries = text_queries(count, seed=seed, modality=modality)
+    queries = random_queries(count, seed=seed, modality=modality)
     posterior = reader.posterior.text if modality == "text" else reader.posterior.image
     return covs, QuerySide.build(queries.embeds, posterior.activation_scale(queries.activations), covs)
 

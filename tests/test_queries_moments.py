@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from reference import monte_carlo_cosine, random_spd
 
 from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair
 from bayesretrieval.queries.uncertainty import ModelCovariances, PairMoments, QuerySide, pair_moments
 from bayesretrieval.similarity import cosine_moments
 from bayesretrieval.store import ItemRows, ItemScalars
 from bayesretrieval.store.format import SCALAR_COLUMNS
-from reference import monte_carlo_cosine, random_spd
 
 D = 12
 
@@ -25,7 +25,8 @@ def stored_scalars(means, scales, posterior):
     """The six stored scalars, written out with full and diagonal matrices."""
     si, st = posterior.image.output_cov, posterior.text.output_cov
     quad = lambda s: ((means @ s) * means).sum(1)  # noqa: E731
-    cols = [scales, (means**2).sum(1), quad(si), quad(st), quad(torch.diag(si.diagonal())), quad(torch.diag(st.diagonal()))]
+    cols = [scales, (means**2).sum(1), quad(si), quad(st),
+            quad(torch.diag(si.diagonal())), quad(torch.diag(st.diagonal()))]
     assert len(cols) == len(SCALAR_COLUMNS)
     return torch.stack(cols, 1).numpy()
 
@@ -59,7 +60,8 @@ def test_kfac_form_equals_dense_all_pairs(estimator, modality):
     posterior, means, scales, q_means, q_scales = random_setup()
     covs = ModelCovariances.from_posterior(posterior, modality, estimator)
     query = QuerySide.build(q_means, q_scales, covs)
-    got = all_pairs_moments(query, one_per_query(means, stored_scalars(means, scales, posterior)), covs, "kfac", estimator)
+    got = all_pairs_moments(query, one_per_query(means, stored_scalars(means, scales, posterior)), covs, "kfac",
+                            estimator)
     query_cov = posterior.text.output_cov if modality == "text" else posterior.image.output_cov
     mean, var = cosine_moments(means, scales, posterior.image.output_cov, q_means, q_scales, query_cov, estimator)
     torch.testing.assert_close(got.mean, mean.T, rtol=1e-12, atol=1e-12)
@@ -70,7 +72,7 @@ def test_kfac_form_equals_dense_all_pairs(estimator, modality):
 
 @pytest.mark.parametrize("estimator", ["second_order", "published", "delta"])
 def test_per_item_forms_reduce_to_kfac(estimator):
-    """diag with ``q diag(Sigma_I)`` is the diagonal-covariance KFAC; full-rank lowrank is KFAC."""
+    """Diag with ``q diag(Sigma_I)`` is the diagonal-covariance KFAC; full-rank lowrank is KFAC."""
     posterior, means, scales, q_means, q_scales = random_setup(1)
     scalars = stored_scalars(means, scales, posterior)
     sigma = posterior.image.output_cov
@@ -79,7 +81,8 @@ def test_per_item_forms_reduce_to_kfac(estimator):
     covs = ModelCovariances.from_posterior(posterior, "text", estimator)
     query = QuerySide.build(q_means, q_scales, covs)
     kfac = all_pairs_moments(query, one_per_query(means, scalars), covs, "kfac", estimator)
-    lowrank = all_pairs_moments(query, one_per_query(means, scalars, torch.zeros(7, D), factor), covs, "lowrank", estimator)
+    lowrank = all_pairs_moments(query, one_per_query(means, scalars, torch.zeros(7, D), factor), covs, "lowrank",
+                                estimator)
     torch.testing.assert_close(lowrank.mean, kfac.mean, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(lowrank.var, kfac.var, rtol=1e-8, atol=1e-14)
     diag_posterior = PosteriorPair(posterior.image.diagonal(), posterior.text, source="diag")

@@ -6,62 +6,26 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
+from conftest import SEARCH_DIM as D
+from conftest import SEARCH_TEXT_WIDTH as H_TEXT
+from conftest import clustered_index, random_queries
+from reference import brute_force_top_k
 
 from bayesretrieval.encoders import Encoded
-from bayesretrieval.indexing.scalars import ScalarComputer
-from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair
 from bayesretrieval.queries import ItemFilter, ProbitCalibration, Searcher
 from bayesretrieval.queries.calibration import save_calibration
 from bayesretrieval.queries.searcher import RESULT_COLUMNS
 from bayesretrieval.queries.uncertainty import ModelCovariances, QuerySide, pair_moments
 from bayesretrieval.similarity import cosine_moments
-from bayesretrieval.store import IndexReader, ItemArrays, VarianceSpec, VersionInfo, write_version
-from bayesretrieval.store.format import SKIPPED_SCHEMA
-from reference import brute_force_top_k, random_spd
+from bayesretrieval.store import IndexReader
 
-D, H_IMAGE, H_TEXT = 16, 8, 6
-MODEL = {"model_name": "bayes-tiny", "pretrained": None, "checkpoint_sha256": None}
 SCORE_RTOL = 1e-7
 """The dense references sum the same float64 terms in another order."""
 
 
-def small_posterior(seed: int = 0) -> PosteriorPair:
-    g = torch.Generator().manual_seed(seed)
-    image = KroneckerPosterior.from_factors(random_spd(H_IMAGE, g), random_spd(D, g), 10.0, 5.0, "image")
-    text = KroneckerPosterior.from_factors(random_spd(H_TEXT, g), random_spd(D, g), 10.0, 5.0, "text")
-    return PosteriorPair(image, text, source="search-test")
-
-
-def build_index(path, n=10_000, variance="kfac", factory="Flat", seed=0, duplicates=200):
-    """A written index: clustered means, per-item noise from 0.2x to 1x, exact duplicate rows."""
-    rng = np.random.default_rng(seed)
-    posterior = small_posterior(seed)
-    centres = rng.normal(size=(40, D))
-    means = (centres[rng.integers(0, 40, n)] + 0.6 * rng.normal(size=(n, D))).astype(np.float32)
-    activations = rng.normal(size=(n, H_IMAGE)) * rng.uniform(0.2, 1.0, (n, 1))
-    means[-duplicates:], activations[-duplicates:] = means[:duplicates], activations[:duplicates]
-    spec = VarianceSpec.parse(variance)
-    rows = ScalarComputer(posterior, spec).from_activations(torch.from_numpy(means).double(), torch.from_numpy(activations))
-    ids = rng.permutation(np.arange(5, 5 + 3 * n, 3))[:n].astype(np.int64)
-    folders = np.where(np.arange(n) % 3 == 0, "cats", "dogs")
-    items = ItemArrays(ids, [f"{f}/img_{i:05d}.png" for f, i in zip(folders, ids)], np.arange(n) + 100,
-                       np.full(n, 1, np.int64), (32 + np.arange(n) % 5 * 16).astype(np.int32),
-                       np.full(n, 64, np.int32), means, rows.scalars, rows.variance_diag, rows.variance_lowrank)
-    info = VersionInfo("images", str(path), MODEL, spec, factory, int(ids.max()) + 1)
-    write_version(path, items, SKIPPED_SCHEMA.empty_table(), posterior, info)
-    return path
-
-
-def text_queries(nq=6, seed=1, modality="text"):
-    rng = np.random.default_rng(seed)
-    width = H_TEXT if modality == "text" else H_IMAGE
-    embeds = torch.from_numpy(rng.normal(size=(nq, D)) * 1.5)
-    return Encoded(embeds, torch.from_numpy(rng.normal(size=(nq, width)) * 0.7))
-
-
 @pytest.fixture(scope="module")
 def flat_index(tmp_path_factory):
-    return build_index(tmp_path_factory.mktemp("flat"))
+    return clustered_index(tmp_path_factory.mktemp("flat"))
 
 
 def reference_scores(reader, encoded, score, kappa=1.0, modality="text", calibration=None, estimator="second_order"):
@@ -94,7 +58,7 @@ def assert_same_ranking(frame, ref_ids, ref_values, nq):
 def test_search_equals_brute_force(flat_index, score, kappa):
     reader = IndexReader.open(flat_index)
     searcher = Searcher(reader, None, flat_index)
-    queries = text_queries()
+    queries = random_queries()
     frame = searcher.search(queries, k=10, score=score, kappa=kappa)
     ref_ids, ref_values = brute_force_top_k(reference_scores(reader, queries, score, kappa), reader.item_ids, 10)
     assert_same_ranking(frame, ref_ids, ref_values, 6)
@@ -107,7 +71,7 @@ def test_search_equals_brute_force(flat_index, score, kappa):
 def test_search_reports_where_its_time_went(flat_index):
     searcher = Searcher(IndexReader.open(flat_index), None, flat_index)
     start = time.perf_counter()
-    frame = searcher.search(text_queries(), k=10, score="lcb", kappa=3.0)  # grows the candidate set: two rounds
+    frame = searcher.search(random_queries(), k=10, score="lcb", kappa=3.0)  # grows the candidate set: two rounds
     wall = time.perf_counter() - start
     seconds = frame.attrs["seconds"]
     assert set(seconds) == {"queries", "faiss", "rerank", "table"}
@@ -120,7 +84,7 @@ def test_search_reports_where_its_time_went(flat_index):
 def test_other_estimators_equal_brute_force(flat_index, estimator, score):
     reader = IndexReader.open(flat_index)
     searcher = Searcher(reader, None, flat_index, estimator=estimator)
-    queries = text_queries(4, seed=8)
+    queries = random_queries(4, seed=8)
     frame = searcher.search(queries, k=10, score=score, kappa=2.0)
     ref = reference_scores(reader, queries, score, 2.0, estimator=estimator)
     ref_ids, ref_values = brute_force_top_k(ref, reader.item_ids, 10)
@@ -146,10 +110,10 @@ def test_probability_score_and_threshold(flat_index, tmp_path):
     reader = IndexReader.open(flat_index)
     searcher = Searcher(reader, None, flat_index)
     with pytest.raises(ValueError, match="calibration"):
-        searcher.search(text_queries(), k=5, score="probability")
+        searcher.search(random_queries(), k=5, score="probability")
     link = ProbitCalibration.from_dict({"threshold": 0.5, "noise_std": 0.05})
     save_calibration(flat_index, "text", link, searcher._calibration_tags())
-    queries = text_queries()
+    queries = random_queries()
     frame = searcher.search(queries, k=10, score="probability")
     ref = reference_scores(reader, queries, "probability", calibration=link)
     ref_ids, ref_values = brute_force_top_k(ref, reader.item_ids, 10)
@@ -162,11 +126,11 @@ def test_probability_score_and_threshold(flat_index, tmp_path):
 @pytest.mark.parametrize("variance,form", [("diag", "diag"), ("lowrank:3", "lowrank")])
 @pytest.mark.parametrize("score", ["lcb", "ucb", "expected"])
 def test_per_item_forms_equal_brute_force(tmp_path, variance, form, score):
-    path = build_index(tmp_path, n=10_000, variance=variance, seed=2)
+    path = clustered_index(tmp_path, n=10_000, variance=variance, seed=2)
     reader = IndexReader.open(path)
     searcher = Searcher(reader, None, path)
     assert searcher.form.value == form
-    queries = text_queries(4, seed=3)
+    queries = random_queries(4, seed=3)
     frame = searcher.search(queries, k=10, score=score, kappa=2.0)
     covs = ModelCovariances.from_posterior(reader.posterior, "text", "second_order")
     query = QuerySide.build(queries.embeds, reader.posterior.text.activation_scale(queries.activations), covs)
@@ -183,7 +147,7 @@ def test_per_item_forms_equal_brute_force(tmp_path, variance, form, score):
 def test_filters_are_exact(flat_index):
     reader = IndexReader.open(flat_index)
     searcher = Searcher(reader, None, flat_index)
-    queries = text_queries(3, seed=5)
+    queries = random_queries(3, seed=5)
     ref = reference_scores(reader, queries, "lcb", 2.0)
     items = reader.read_items(columns=["item_id", "path", "width"]).to_pandas()
     some_ids = set(items.item_id.iloc[::7].tolist())
@@ -207,7 +171,7 @@ def test_filters_are_exact(flat_index):
 def test_image_queries_use_image_posterior_on_both_sides(flat_index):
     reader = IndexReader.open(flat_index)
     searcher = Searcher(reader, None, flat_index)
-    queries = text_queries(3, seed=6, modality="image")
+    queries = random_queries(3, seed=6, modality="image")
     frame = searcher.search(queries, k=10, score="lcb", modality="image")
     ref = reference_scores(reader, queries, "lcb", modality="image")
     ref_ids, ref_values = brute_force_top_k(ref, reader.item_ids, 10)
@@ -215,10 +179,10 @@ def test_image_queries_use_image_posterior_on_both_sides(flat_index):
 
 
 def test_ivf_is_exact_only_when_every_list_is_probed(tmp_path):
-    path = build_index(tmp_path, n=10_000, factory="IVF16,Flat", seed=4)
+    path = clustered_index(tmp_path, n=10_000, factory="IVF16,Flat", seed=4)
     reader = IndexReader.open(path)
     searcher = Searcher(reader, None, path)
-    queries = text_queries(4, seed=7)
+    queries = random_queries(4, seed=7)
     probed = searcher.search(queries, k=10, score="lcb", nprobe=2)
     assert not probed.attrs["exact"]
     full = searcher.search(queries, k=10, score="lcb", nprobe=16)
@@ -228,12 +192,12 @@ def test_ivf_is_exact_only_when_every_list_is_probed(tmp_path):
 
 
 def test_k_larger_than_collection_returns_everything(tmp_path):
-    path = build_index(tmp_path, n=30, duplicates=2)
+    path = clustered_index(tmp_path, n=30, duplicates=2)
     searcher = Searcher(IndexReader.open(path), None, path)
-    frame = searcher.search(text_queries(2), k=1000, score="ucb")
+    frame = searcher.search(random_queries(2), k=1000, score="ucb")
     assert len(frame) == 60 and frame.attrs["exact"]
     assert sorted(frame[frame.query_index == 0].item_id) == sorted(IndexReader.open(path).item_ids.tolist())
-    assert len(searcher.search(text_queries(1), k=5, where=ItemFilter(item_ids=[-99]))) == 0
+    assert len(searcher.search(random_queries(1), k=5, where=ItemFilter(item_ids=[-99]))) == 0
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -243,7 +207,7 @@ def test_k_larger_than_collection_returns_everything(tmp_path):
 def test_bad_arguments_raise(flat_index, kwargs, message):
     searcher = Searcher(IndexReader.open(flat_index), None, flat_index)
     with pytest.raises(ValueError, match=message):
-        searcher.search(text_queries(1), **kwargs)
+        searcher.search(random_queries(1), **kwargs)
 
 
 def test_queries_without_encoder_or_wrong_dim_raise(flat_index):
@@ -255,11 +219,11 @@ def test_queries_without_encoder_or_wrong_dim_raise(flat_index):
 
 
 def test_a_search_does_not_depend_on_earlier_searches(flat_index):
-    queries = text_queries(6, seed=12)
+    queries = random_queries(6, seed=12)
     fresh = Searcher(IndexReader.open(flat_index), None, flat_index).search(queries, k=10, score="lcb", kappa=3.0)
     searcher = Searcher(IndexReader.open(flat_index), None, flat_index)
     searcher.search(queries, k=10, score="lcb", kappa=3.0, candidates=42)
-    searcher.search(text_queries(3, seed=2), k=5, score="expected")
+    searcher.search(random_queries(3, seed=2), k=5, score="expected")
     again = searcher.search(queries, k=10, score="lcb", kappa=3.0)
     for key in ("candidates", "needed", "exact", "certified"):
         assert again.attrs[key] == fresh.attrs[key]
@@ -267,13 +231,13 @@ def test_a_search_does_not_depend_on_earlier_searches(flat_index):
 
 
 def test_expected_needs_one_round_of_about_2k_candidates(flat_index):
-    frame = Searcher(IndexReader.open(flat_index), None, flat_index).search(text_queries(6, seed=12), k=10)
+    frame = Searcher(IndexReader.open(flat_index), None, flat_index).search(random_queries(6, seed=12), k=10)
     assert frame.attrs["candidates"] == [20] * 6 and frame.attrs["exact"]
 
 
 @pytest.mark.parametrize("score,kappa", [("expected", 1.0), ("lcb", 1.0), ("lcb", 3.0), ("ucb", 1.0)])
 def test_needed_is_the_fewest_candidates_that_certify(flat_index, score, kappa):
-    queries = text_queries(6, seed=5)
+    queries = random_queries(6, seed=5)
     searcher = Searcher(IndexReader.open(flat_index), None, flat_index)
     reference = searcher.search(queries, k=10, score=score, kappa=kappa)
     needed = reference.attrs["needed"]
@@ -290,7 +254,7 @@ def test_needed_is_the_fewest_candidates_that_certify(flat_index, score, kappa):
 def test_pair_moments_in_any_order_equal_the_dense_moments(flat_index):
     reader = IndexReader.open(flat_index)
     searcher = Searcher(reader, None, flat_index)
-    encoded = searcher.encode(text_queries(5, seed=3), "text")
+    encoded = searcher.encode(random_queries(5, seed=3), "text")
     engine = searcher.engine("text")
     query = QuerySide.build(encoded.means, encoded.scales, engine.covs)
     I = np.asarray(reader.item_ids)[np.random.default_rng(0).integers(0, len(reader), (5, 7))]

@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from benchmark_scripts import benchmark_module
+from conftest import random_posterior
 from PIL import Image
 
 from bayesretrieval.posterior.io import save_bayesvlm_directory
-from benchmark_scripts import benchmark_module
-from conftest import random_posterior
 
 EMBED_DIM, WIDTH = 64, 64  # bayes-tiny
 

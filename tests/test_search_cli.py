@@ -7,13 +7,13 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from reference import random_spd
 
 from bayesretrieval.cli import main
 from bayesretrieval.indexing.scalars import ScalarComputer
 from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair
 from bayesretrieval.store import ItemArrays, VarianceSpec, VersionInfo, write_version
 from bayesretrieval.store.format import SKIPPED_SCHEMA
-from reference import random_spd
 
 D = WIDTH = 64  # bayes-tiny: embed_dim 64, both towers 64 wide
 N = 40

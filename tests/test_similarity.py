@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+import reference
 import torch
 
-import reference
 from bayesretrieval import probabilistic_logits
 from bayesretrieval.posterior import KroneckerPosterior
 from bayesretrieval.similarity import (

@@ -8,6 +8,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import random_posterior
 
 from bayesretrieval.store import (
     SCALAR_COLUMNS,
@@ -20,7 +21,6 @@ from bayesretrieval.store import (
 )
 from bayesretrieval.store import format as fmt
 from bayesretrieval.store.format import SKIPPED_SCHEMA
-from conftest import random_posterior
 
 
 def random_items(n: int, d: int, seed: int = 0, variance: VarianceSpec = VarianceSpec()) -> ItemArrays:

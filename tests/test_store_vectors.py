@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
+from conftest import random_posterior
+from test_store import empty_skipped, info, random_items
 
 from bayesretrieval.store import IndexReader, ItemScalars, VarianceSpec, write_version
 from bayesretrieval.store.vectors import expected_norm, faiss_vectors
-from conftest import random_posterior
-from test_store import empty_skipped, info, random_items
 
 
 def test_expected_norm_matches_its_definition():

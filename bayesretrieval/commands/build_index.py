@@ -53,11 +53,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pseudo-data-count", "-n", type=float, nargs="+", help="override n (one, or image text)")
     parser.add_argument("--prior-precision", "--lambda", type=float, nargs="+",
                         help="override lambda (one, or image text)")
-    parser.add_argument("--faiss", dest="faiss_factory", help="FAISS factory string (default: Flat up to 100k items, then IVF)")
+    parser.add_argument("--faiss", dest="faiss_factory",
+                        help="FAISS factory string (default: Flat up to 100k items, then IVF)")
     parser.add_argument("--variance", default="kfac",
                         help="per-item covariance columns: kfac (none beyond the posterior scalars), diag, lowrank:R")
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="image-decoding processes (0: in-process)")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="image-decoding processes (0: in-process)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images as too_large")
     parser.add_argument("--device", default="cpu", help="torch device for the encoder")
     parser.add_argument("--rebuild", action="store_true", help="re-encode everything, replacing a mismatched index")

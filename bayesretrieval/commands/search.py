@@ -62,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--nprobe", type=int, help="IVF lists to probe")
     parser.add_argument("--candidates", type=int, help="first-round candidates per query")
     parser.add_argument("--max-candidates", type=int, default=DEFAULT_MAX_CANDIDATES,
-                        help=f"give up certifying a query beyond this many candidates (default {DEFAULT_MAX_CANDIDATES})")
+                        help="give up certifying a query beyond this many candidates "
+                             f"(default {DEFAULT_MAX_CANDIDATES})")
     parser.add_argument("--device", default="cpu", help="where to run the model (default cpu)")
     parser.add_argument("--in-memory", action="store_true",
                         help="load the index arrays into RAM instead of memory-mapping them (N x D x 4 bytes of means)")

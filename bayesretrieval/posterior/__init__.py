@@ -1,5 +1,7 @@
 """Kronecker-factored Laplace posterior: build, load, save, fit (docs/math.md sections 1-2)."""
 
+from bayesretrieval.posterior.curvature import ChunkCurvature, infonce_ggn, infonce_ggn_sum
+from bayesretrieval.posterior.fit import PosteriorFitter, encode_pairs, fit_posterior, read_encoded
 from bayesretrieval.posterior.io import (
     PosteriorPair,
     load_bayesvlm_base,
@@ -7,8 +9,6 @@ from bayesretrieval.posterior.io import (
     load_posterior,
     save_bayesvlm_directory,
 )
-from bayesretrieval.posterior.curvature import ChunkCurvature, infonce_ggn, infonce_ggn_sum
-from bayesretrieval.posterior.fit import PosteriorFitter, encode_pairs, fit_posterior, read_encoded
 from bayesretrieval.posterior.kronecker import KroneckerPosterior, Modality, symmetrize
 from bayesretrieval.posterior.pairs import PairReader
 from bayesretrieval.posterior.prior import FactorSpectrum, PriorObjective, optimize_prior_precision

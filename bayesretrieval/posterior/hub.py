@@ -174,7 +174,8 @@ def _download(entry: PublishedPosterior, file_name: str, target: Path, expected:
         f"into {folder}, or pass the folder holding them as the posterior path"
     )
     if is_offline():
-        raise PosteriorUnavailableError(f"BayesVLM posterior file {file_name} is not cached and downloads are off; {where}")
+        raise PosteriorUnavailableError(
+            f"BayesVLM posterior file {file_name} is not cached and downloads are off; {where}")
     errors = []
     for url in entry.urls(file_name):
         fd, temp = tempfile.mkstemp(prefix=f".{file_name}.", dir=folder)

@@ -164,7 +164,7 @@ _TABLE_READERS: dict[PairLayout, tuple[Callable, Callable, Callable]] = {
 
 @dataclass
 class PairReader:
-    """Stream image-caption pairs from a table or a folder, recording what is skipped.
+    r"""Stream image-caption pairs from a table or a folder, recording what is skipped.
 
     Args:
         path: a ``.csv``/``.tsv``/``.parquet`` table or a folder.
@@ -172,7 +172,7 @@ class PairReader:
             ``IMAGE_COLUMNS`` present).
         caption_column: caption column of a table (default: the first of
             ``CAPTION_COLUMNS`` present).
-        separator: CSV field separator (default ``\\t`` for ``.tsv``, else ``,``).
+        separator: CSV field separator (default ``\t`` for ``.tsv``, else ``,``).
         image_root: folder that relative image paths of a table start from (default: the
             table's folder).
 

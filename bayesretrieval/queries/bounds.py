@@ -138,7 +138,8 @@ def _second_order_variance_bound(y, covs, extremes, form, spectra) -> torch.Tens
     lam_item, trace_xy, trace_xx = _item_unit_terms(covs, form, spectra)
     rho = extremes.noise_ratio_max
     ry2 = y.expected_norm_sq(covs.constants.trace_y)
-    return (4 * rho * lam_item * y.norm_sq / ry2 + 4 * y.scale * spectra.query_max / ry2 + rho * y.scale * trace_xy / ry2
+    return (4 * rho * lam_item * y.norm_sq / ry2 + 4 * y.scale * spectra.query_max / ry2
+            + rho * y.scale * trace_xy / ry2
             + 0.5 * (rho**2 * trace_xx + y.scale**2 * covs.constants.trace_yy / ry2**2))
 
 

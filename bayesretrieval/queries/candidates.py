@@ -100,7 +100,8 @@ class ScoredPairs:
         """Both sets of pairs, ``self``'s first."""
         return ScoredPairs(
             np.concatenate([self.query_rows, other.query_rows]), np.concatenate([self.item_ids, other.item_ids]),
-            PairMoments(*(torch.cat([a, b]) for a, b in zip(vars(self.moments).values(), vars(other.moments).values()))),
+            PairMoments(*(torch.cat([a, b])
+                          for a, b in zip(vars(self.moments).values(), vars(other.moments).values()))),
             np.concatenate([self.scores, other.scores]))
 
     def top(self, nq: int, k: int) -> np.ndarray:
@@ -185,7 +186,10 @@ class CandidateSearch:
         return pair_moments(query, query_rows, items, self.covs, self.form, self.estimator)
 
     def moments(self, query: QuerySide, I: np.ndarray) -> PairMoments:
-        """Exact moments of every query with each of its items ``I`` ``(nq, c)``, each ``(nq, c)`` (NaN where ``-1``)."""
+        """Exact moments of every query with each of its items ``I`` ``(nq, c)``.
+
+        Each moment is ``(nq, c)``, NaN where ``I`` is ``-1``.
+        """
         rows, columns = np.nonzero(I >= 0)
         flat = self.pair_moments(query, rows, I[rows, columns])
         spread = lambda values: torch.full(I.shape, torch.nan, dtype=torch.float64).index_put_(  # noqa: E731
@@ -283,8 +287,10 @@ class CandidateSearch:
 
 
 def _certifying_count(column_bounds: np.ndarray, kth: np.ndarray) -> np.ndarray:
-    """Per query, the fewest candidates whose certificate holds: one past the first column
-    whose bound is below the ``k``-th score (bounds only fall along a row); all columns if none is.
+    """Per query, the fewest candidates whose certificate holds.
+
+    That is one past the first column whose bound is below the ``k``-th score (bounds only
+    fall along a row); all columns if none is.
     """
     below = column_bounds < kth[:, None]
     return np.where(below.any(axis=1), below.argmax(axis=1) + 1, column_bounds.shape[1])

@@ -81,9 +81,11 @@ class ExpectedScorer(Scorer):
         return max(2 * k, k + 4)
 
     def score(self, moments):
+        """``m``."""
         return moments.mean
 
     def upper_bound(self, bounds):
+        """``bounds.mean``."""
         return bounds.mean
 
 
@@ -96,9 +98,11 @@ class ConfidenceBoundScorer(Scorer):
 
     @classmethod
     def from_options(cls, kappa, calibration):
+        """Build with the search's ``kappa``."""
         return cls(kappa)
 
     def score(self, moments):
+        """``m + direction * kappa sqrt(v)``."""
         return moments.mean + self.direction * self.kappa * moments.var.sqrt()
 
 
@@ -110,6 +114,7 @@ class LowerBoundScorer(ConfidenceBoundScorer):
     uses_variance_floor = True
 
     def upper_bound(self, bounds):
+        """``bounds.mean - kappa sqrt(bounds.var_floor)``."""
         return bounds.mean - self.kappa * np.sqrt(bounds.var_floor)
 
 
@@ -120,6 +125,7 @@ class UpperBoundScorer(ConfidenceBoundScorer):
     direction = 1.0
 
     def upper_bound(self, bounds):
+        """``bounds.mean + kappa sqrt(bounds.var)``."""
         return bounds.mean + self.kappa * np.sqrt(bounds.var)
 
 
@@ -133,12 +139,14 @@ class ProbabilityScorer(Scorer):
 
     @classmethod
     def from_options(cls, kappa, calibration):
+        """Build with the search's fitted ``calibration``, which this score requires."""
         if calibration is None:
             raise ValueError("score 'probability' needs a calibration; run `bayesretrieval calibrate` on the index")
         calibration.check_fitted()
         return cls(calibration)
 
     def score(self, moments):
+        """``Phi((m - tau) / sqrt(v + noise_std^2))``."""
         return self.calibration.probability(moments.mean, moments.var)
 
     def upper_bound(self, bounds):
@@ -154,9 +162,11 @@ class MapScorer(Scorer):
     name = ScoreName.MAP
 
     def score(self, moments):
+        """``cos(mu_x, mu_y)``."""
         return moments.map_cosine
 
     def upper_bound(self, bounds):
+        """``bounds.map_cosine``."""
         return bounds.map_cosine
 
 

@@ -73,7 +73,8 @@ class Searcher:
         if self.form not in spec.forms:
             raise ValueError(f"covariance form {self.form.value!r} needs variance columns; index has "
                              f"variance {reader.manifest.variance!r}")
-        self.logit_scale = float(logit_scale if logit_scale is not None else (encoder.logit_scale if encoder else 100.0))
+        self.logit_scale = float(logit_scale if logit_scale is not None
+                                 else (encoder.logit_scale if encoder else 100.0))
         self.posterior = reader.posterior
         self.posterior_fingerprint = reader.manifest.posterior.get("fingerprint")
         self._engines: dict[Modality, CandidateSearch] = {}
@@ -131,8 +132,10 @@ class Searcher:
         return self._engines[modality]
 
     def encode(self, queries, modality: Modality | str | None = None) -> Queries:
-        """Encode texts, images (PIL images or a preprocessed ``(nq, 3, H, W)`` tensor) or take
-        precomputed :class:`~bayesretrieval.encoders.Encoded` (``modality`` says which tower).
+        """Encode texts or images, or take precomputed embeddings, as queries.
+
+        Images are PIL images or a preprocessed ``(nq, 3, H, W)`` tensor; precomputed ones are
+        :class:`~bayesretrieval.encoders.Encoded` (``modality`` says which tower).
 
         Raises:
             ValueError: for no queries, an empty text, or queries that need a model when
@@ -169,7 +172,8 @@ class Searcher:
                              f"index has dim {self.reader.embed_dim}")
         if len(encoded.embeds) == 0:
             raise ValueError("no queries given")
-        return Queries(labels, encoded.embeds.to(torch.float64), posterior.activation_scale(encoded.activations), modality)
+        return Queries(labels, encoded.embeds.to(torch.float64), posterior.activation_scale(encoded.activations),
+                       modality)
 
     def search(self, queries, k: int = 10, score: ScoreName | str = ScoreName.EXPECTED, kappa: float = 1.0,
                threshold: float | None = None, where: ItemFilter | None = None, modality: Modality | str | None = None,

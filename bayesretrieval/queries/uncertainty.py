@@ -226,7 +226,8 @@ class _PerItemCovariance:
         """``u_p^T S_p v_p`` for ``(P, D)`` rows, shape ``(P,)``."""
         out = (self.diag * u * v).sum(1)
         if self.lowrank is not None:
-            out = out + (torch.einsum("prd,pd->pr", self.lowrank, u) * torch.einsum("prd,pd->pr", self.lowrank, v)).sum(1)
+            out = out + (torch.einsum("prd,pd->pr", self.lowrank, u)
+                         * torch.einsum("prd,pd->pr", self.lowrank, v)).sum(1)
         return out
 
     def constants(self, covs: ModelCovariances) -> CovarianceConstants:

@@ -72,6 +72,7 @@ from bayesretrieval.store.format import (
     VarianceSpec,
 )
 from bayesretrieval.store.reader import IdLookup, IndexReader, ItemRows
+from bayesretrieval.store.vectors import expected_norm
 from bayesretrieval.store.writer import (
     ItemArrays,
     ItemMetadata,
@@ -80,7 +81,6 @@ from bayesretrieval.store.writer import (
     default_faiss_factory,
     write_version,
 )
-from bayesretrieval.store.vectors import expected_norm
 
 __all__ = [
     "FORMAT_VERSION",

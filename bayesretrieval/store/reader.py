@@ -109,7 +109,9 @@ class IndexReader:
         self._path_offsets = np.load(self.version_dir / fmt.PATH_OFFSETS_FILE, mmap_mode=mode)
         self._path_bytes = _map_bytes(self.version_dir / fmt.PATHS_FILE)
         spec = self.manifest.variance_spec
-        self.variance_diag = np.load(self.version_dir / fmt.VARIANCE_DIAG_FILE, mmap_mode=mode) if spec.has_diag else None
+        self.variance_diag = (
+            np.load(self.version_dir / fmt.VARIANCE_DIAG_FILE, mmap_mode=mode) if spec.has_diag else None
+        )
         self.variance_lowrank = (
             np.load(self.version_dir / fmt.VARIANCE_LOWRANK_FILE, mmap_mode=mode) if spec.has_lowrank else None
         )
