@@ -8,7 +8,7 @@ import pytest
 from conftest import PROJECT_ROOT
 
 README = PROJECT_ROOT / "README.md"
-DEMO = ["-m", "bayesretrieval.cli", "demo", "--gallery", "40", "--shifted", "4", "--pairs", "256", "-k", "2"]
+DEMO = ["-m", "bayesretrieval.cli", "demo", "-k", "2"]
 
 
 def python_blocks() -> list[str]:
@@ -18,7 +18,7 @@ def python_blocks() -> list[str]:
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
-    """A folder holding ``demo-output/`` from a small run of ``bayesretrieval demo``."""
+    """A folder holding ``demo-output/`` from a run of ``bayesretrieval demo``, as the quickstart makes it."""
     folder = tmp_path_factory.mktemp("readme")
     subprocess.run([sys.executable, *DEMO], cwd=folder, check=True, capture_output=True, timeout=900)
     return folder
