@@ -112,9 +112,17 @@ def _cpu_name() -> str:
 
 
 def _relative(path: Path) -> str:
-    """``path`` relative to the repository when inside it (as given otherwise)."""
+    """``path`` relative to the repository, ``../`` for its neighbours such as ``../shared``.
+
+    So no record names a machine's own folders. Relative paths, and those sharing no folder
+    with the repository, stay as given.
+    """
+    if not path.is_absolute():
+        return str(path)
     resolved = path.resolve()
-    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+    if resolved.is_relative_to(ROOT.parent):
+        return os.path.relpath(resolved, ROOT)
+    return str(path)
 
 
 def _plain(value):

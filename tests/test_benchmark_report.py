@@ -34,13 +34,15 @@ def test_every_benchmark_script_writes_a_record():
 
 
 def test_record_says_how_the_figures_were_produced(record, tmp_path):
-    args = argparse.Namespace(draws=10, hessians=record.ROOT / "benchmarks", sizes=["a", "b"], output=None)
+    args = argparse.Namespace(draws=10, hessians=record.ROOT / "benchmarks", sizes=["a", "b"], output=None,
+                              shared=record.ROOT.parent / "shared" / "x")
     path = record.save("demo", BENCHMARKS / "cosine_accuracy.py", args, {"worst": 0.5},
                        ["--draws", "10"], tmp_path / "out" / "demo.json")
     data = json.loads(path.read_text())
     assert data["benchmark"] == "demo" and data["figures"] == {"worst": 0.5}
     assert data["command"] == ["benchmarks/cosine_accuracy.py", "--draws", "10"]
-    assert data["config"] == {"draws": 10, "hessians": "benchmarks", "sizes": ["a", "b"], "output": None}
+    assert data["config"] == {"draws": 10, "hessians": "benchmarks", "sizes": ["a", "b"], "output": None,
+                              "shared": "../shared/x"}  # no machine's own folders in a committed record
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=record.ROOT, capture_output=True, text=True).stdout
     assert data["commit"]["sha"] == head.strip() and isinstance(data["commit"]["dirty"], bool)
     assert {"platform", "cpu_count", "python", "numpy", "torch", "faiss"} <= set(data["machine"])
