@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = build_index(work / "gallery", work / "index", encoder, posterior, BuildConfig(workers=0))
     reader = Searcher.open(work / "index", encoder).reader
     item_ids = np.asarray(reader.item_ids, dtype=np.int64)
-    paths = reader.fetch(item_ids).paths
+    paths = reader.paths(item_ids)
     scenes = gallery.set_index("path").loc[list(paths)]
     texts, is_full = draw_queries(list(scenes["scene"]), args.queries, args.seed + 7)
     relevant = relevance_matrix(texts, list(scenes["scene"]))

@@ -82,8 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--indexes", nargs="+", choices=["flat", "ivf"], default=["flat", "ivf"],
                         help="which index kinds to build and time")
     parser.add_argument("--torch-threads", type=int, default=1,
-                        help="torch intra-op threads (Searcher.open's torch_threads; default 1, as a search-only "
-                             "process on few cores would set it)")
+                        help="torch intra-op threads for the process (what Searcher.open(torch_threads=...) "
+                             "sets; default 1, as a search-only process on few cores would set it)")
     parser.add_argument("--workdir", type=Path, help="where to write the indexes (default: a temp dir)")
     parser.add_argument("--output", type=Path, default=record.default_output("search_speed"))
     return parser.parse_args(argv)

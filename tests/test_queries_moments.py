@@ -1,4 +1,4 @@
-"""Cosine moments of each item uncertainty form: exact identities and Monte Carlo checks."""
+"""Cosine moments of each item covariance form: exact identities and Monte Carlo checks."""
 
 import numpy as np
 import pytest

@@ -267,3 +267,33 @@ def test_pair_moments_in_any_order_equal_the_dense_moments(flat_index):
         torch.testing.assert_close(getattr(flat, name), getattr(dense, name)[rows[shuffle], columns[shuffle]],
                                    rtol=0, atol=0)
         assert getattr(dense, name)[torch.from_numpy(I < 0)].isnan().all()
+
+
+def test_a_filter_whose_items_sit_in_unprobed_lists_returns_nothing(tmp_path):
+    path = clustered_index(tmp_path, n=3000, factory="IVF16,Flat", seed=4)
+    reader = IndexReader.open(path)
+    searcher = Searcher(reader, None, path)
+    sizes = [len(searcher.search(random_queries(1, seed=7), k=3, nprobe=1, where=ItemFilter(item_ids=[int(i)])))
+             for i in np.asarray(reader.item_ids)[::30]]
+    assert set(sizes) == {0, 1}  # some single items were in the probed list, some were not
+
+
+def test_pair_moments_refuse_query_rows_out_of_range(flat_index):
+    searcher = Searcher(IndexReader.open(flat_index), None, flat_index)
+    encoded = searcher.encode(random_queries(2), "text")
+    engine = searcher.engine("text")
+    query = QuerySide.build(encoded.means, encoded.scales, engine.covs)
+    ids = np.asarray(searcher.reader.item_ids[:3])
+    with pytest.raises(ValueError, match=r"query rows must be in \[0, 2\)"):
+        engine.pair_moments(query, np.array([1, -1, 0]), ids)
+
+
+def test_quantised_storage_scores_every_candidate_and_is_never_exact(tmp_path):
+    path = clustered_index(tmp_path, n=3000, factory="IVF4,SQ8", seed=5)
+    reader = IndexReader.open(path)
+    searcher = Searcher(reader, None, path)
+    queries = random_queries(3, seed=8)
+    frame = searcher.search(queries, k=5, score="lcb", nprobe=4, candidates=3000)
+    assert not frame.attrs["exact"]
+    ref_ids, ref_values = brute_force_top_k(reference_scores(reader, queries, "lcb"), reader.item_ids, 5)
+    assert_same_ranking(frame, ref_ids, ref_values, 3)  # every item a candidate: the rerank alone decides

@@ -199,3 +199,17 @@ def test_open_retries_when_the_named_version_was_collected(tmp_path, monkeypatch
     assert IndexReader.open(tmp_path).manifest.version == "v000001" and len(calls) == 2
     with pytest.raises(FileNotFoundError, match="missing manifest.json"):
         IndexReader.open(tmp_path / "elsewhere")
+
+
+def test_fetch_reads_only_the_columns_a_form_uses(tmp_path):
+    spec = VarianceSpec.parse("lowrank:2")
+    items = random_items(20, 8, variance=spec)
+    write_version(tmp_path, items, empty_skipped(), random_posterior(8, 6), info(spec))
+    reader = IndexReader.open(tmp_path)
+    ids = items.item_ids[:4]
+    assert reader.fetch(ids).variance_lowrank is not None
+    diag = reader.fetch(ids, "diag")
+    assert diag.variance_diag is not None and diag.variance_lowrank is None
+    kfac = reader.fetch(ids, "kfac")
+    assert kfac.variance_diag is None and kfac.variance_lowrank is None
+    np.testing.assert_array_equal(kfac.means, reader.fetch(ids).means)

@@ -94,8 +94,8 @@ def score_bounds(
             ``(nq, c)`` such values (e.g. every returned candidate's), bounded one by one.
         query: the prepared queries.
         covs: the covariances the estimator uses.
-        extremes: the collection's ratio extremes.
-        form: the item uncertainty form.
+        extremes: the collection extremes.
+        form: the item covariance form.
         estimator: the cosine estimator.
         spectra: the covariances' extreme eigenvalues.
 

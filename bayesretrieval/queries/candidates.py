@@ -120,18 +120,20 @@ class ScoredPairs:
 
     def kth_scores(self, positions: np.ndarray) -> np.ndarray:
         """``(nq,)`` the ``k``-th best score of each query, ``-inf`` for a query with fewer than ``k`` pairs."""
-        last = positions[:, -1]
-        return np.where(last >= 0, self.scores[last], -np.inf)
+        return _at(self.scores, positions[:, -1], -np.inf)
+
+
+def stores_exact_vectors(index: faiss.Index) -> bool:
+    """Whether FAISS's inner products are exact up to float32 rounding: ``Flat`` or ``IVF*,Flat`` storage."""
+    return isinstance(_inner(index), (faiss.IndexFlat, faiss.IndexIVFFlat))
 
 
 def is_exhaustive(index: faiss.Index, nprobe: int | None) -> bool:
-    """Whether FAISS's ranking is exact: flat storage, and every IVF list probed."""
+    """Whether FAISS's ranking is exact: exact storage, and every IVF list probed."""
     inner = _inner(index)
-    if isinstance(inner, faiss.IndexFlat):
-        return True
-    if isinstance(inner, faiss.IndexIVFFlat):
-        return (nprobe or inner.nprobe) >= inner.nlist
-    return False
+    if isinstance(inner, faiss.IndexIVF):
+        return stores_exact_vectors(index) and (nprobe or inner.nprobe) >= inner.nlist
+    return stores_exact_vectors(index)
 
 
 def search_parameters(index: faiss.Index, selector, nprobe: int | None):
@@ -175,6 +177,7 @@ class CandidateSearch:
         self.spectra = Spectra.of(covs)
         self.slack = float32_slack(self.index.d)
         self.has_floor = has_variance_floor(self.form, self.estimator)
+        self.prunes = stores_exact_vectors(self.index)
 
     def pair_moments(self, query: QuerySide, query_rows: np.ndarray, item_ids: np.ndarray) -> PairMoments:
         """Exact moments of the pairs (query ``query_rows[p]``, item ``item_ids[p]``), each ``(P,)``.
@@ -182,7 +185,7 @@ class CandidateSearch:
         Raises:
             ValueError: if an item id is not in the index.
         """
-        items = self.reader.fetch(item_ids)
+        items = self.reader.fetch(item_ids, self.form)
         return pair_moments(query, query_rows, items, self.covs, self.form, self.estimator)
 
     def moments(self, query: QuerySide, I: np.ndarray) -> PairMoments:
@@ -251,9 +254,11 @@ class CandidateSearch:
         The first ``k +`` :data:`RERANK_MARGIN` candidates give a provisional ``k``-th
         score; a later candidate whose score bound (``column_bounds``, tightened by its
         variance floor where the scorer gains from one) is below it cannot enter the top
-        ``k`` and is not read. Every stored row read costs a random memory access.
+        ``k`` and is not read. Every stored row read costs a random memory access. FAISS's
+        inner products bound nothing when its vectors are quantised (``SQ8``, ...): there
+        every candidate is scored.
         """
-        in_first = np.arange(I.shape[1]) < k + RERANK_MARGIN
+        in_first = np.arange(I.shape[1]) < (k + RERANK_MARGIN if self.prunes else I.shape[1])
         pairs = self._score(query, scorer, I, (I >= 0) & in_first)
         if in_first.all():
             return pairs
@@ -298,10 +303,12 @@ def _certifying_count(column_bounds: np.ndarray, kth: np.ndarray) -> np.ndarray:
 
 def _store(out: SearchOutcome, rows: np.ndarray, pairs: ScoredPairs, positions: np.ndarray) -> None:
     """Write the pairs at ``positions`` ``(len(rows), k)`` into the outcome's ``rows``."""
-    found = positions >= 0
-    safe = np.where(found, positions, 0)
-    pick = lambda values, fill: np.where(found, np.asarray(values)[safe], fill)  # noqa: E731
-    out.item_ids[rows] = pick(pairs.item_ids, -1)
-    out.scores[rows] = pick(pairs.scores, -np.inf)
+    out.item_ids[rows] = _at(pairs.item_ids, positions, -1)
+    out.scores[rows] = _at(pairs.scores, positions, -np.inf)
     for name in ("mean", "var", "map_cosine"):
-        getattr(out, name)[rows] = pick(getattr(pairs.moments, name).numpy(), np.nan)
+        getattr(out, name)[rows] = _at(getattr(pairs.moments, name).numpy(), positions, np.nan)
+
+
+def _at(values: np.ndarray, positions: np.ndarray, fill) -> np.ndarray:
+    """``values[positions]`` with ``fill`` where a position is ``-1`` (also when ``values`` is empty)."""
+    return np.append(values, fill)[positions]

@@ -259,7 +259,7 @@ class Searcher:
 
         Raises:
             ValueError: when ``required`` and the stored link was fitted for another
-                posterior, estimator or uncertainty form.
+                posterior, estimator or covariance form.
         """
         try:
             return load_calibration(self.index_dir, Modality(modality).value, self._calibration_tags())

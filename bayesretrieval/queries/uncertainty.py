@@ -161,12 +161,14 @@ def pair_moments(
         The moments, each ``(P,)``.
 
     Raises:
-        ValueError: if ``query_rows`` and ``items`` differ in length, or ``form`` needs
-            variance columns that ``items`` lacks.
+        ValueError: if ``query_rows`` and ``items`` differ in length, a query row is out
+            of range, or ``form`` needs variance columns that ``items`` lacks.
     """
     query_rows = np.asarray(query_rows, dtype=np.int64)
     if query_rows.shape != items.item_ids.shape:
         raise ValueError(f"{len(query_rows)} query rows for {len(items.item_ids)} items")
+    if query_rows.size and not 0 <= query_rows.min() <= query_rows.max() < len(query.means):
+        raise ValueError(f"query rows must be in [0, {len(query.means)}), got {query_rows.min()}..{query_rows.max()}")
     form = CovarianceForm(form)
     rows = torch.from_numpy(query_rows)
     dot, cross_item, cross_y = _probe_products(items.means, query.probes, query_rows).unbind(1)

@@ -49,7 +49,8 @@ FAISS_METRIC = "inner_product"
 class ItemScalars:
     """The per-item scalars of docs/math.md section 4, by name.
 
-    Each attribute has the shape of the rows read (``(N,)`` for a whole table).
+    Each attribute has the shape of the rows read (``(N,)`` for a whole table); numpy
+    arrays, or torch tensors where the cosine moments are computed.
 
     Attributes:
         scale: ``q = a^T A^-1 a``.

@@ -196,17 +196,23 @@ class IndexReader:
         """Row positions of ``item_ids`` ``(k,)`` in the arrays, ``-1`` where absent."""
         return self.id_lookup.positions(item_ids)
 
-    def fetch(self, item_ids) -> ItemRows:
-        """The stored rows of ``item_ids`` (any shape, flattened) in O(n).
+    def fetch(self, item_ids, form: CovarianceForm | str | None = None) -> ItemRows:
+        """The stored rows of ``item_ids`` (any shape, flattened), one lookup per id.
+
+        Args:
+            item_ids: the ids.
+            form: read only the covariance columns this form uses (``None``: all stored).
 
         Raises:
             ValueError: naming the ids that are not in the index (``-1`` included).
         """
         ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
         rows = self._rows(ids)
-        take = lambda array: None if array is None else np.asarray(array[rows])  # noqa: E731
-        return ItemRows(ids, take(self.means), ItemScalars.from_table(take(self.scalars)),
-                        take(self.variance_diag), take(self.variance_lowrank))
+        form = self.manifest.variance_spec.form if form is None else CovarianceForm(form)
+        take = lambda array, used: None if array is None or not used else np.asarray(array[rows])  # noqa: E731
+        return ItemRows(ids, take(self.means, True), ItemScalars.from_table(take(self.scalars, True)),
+                        take(self.variance_diag, form is not CovarianceForm.KFAC),
+                        take(self.variance_lowrank, form is CovarianceForm.LOWRANK))
 
     def fetch_scalars(self, item_ids) -> ItemScalars:
         """The per-item scalars of ``item_ids`` (any shape, flattened), without reading their means.
