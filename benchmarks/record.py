@@ -119,9 +119,9 @@ def _relative(path: Path) -> str:
     """
     if not path.is_absolute():
         return str(path)
-    resolved = path.resolve()
-    if resolved.is_relative_to(ROOT.parent):
-        return os.path.relpath(resolved, ROOT)
+    absolute = Path(os.path.abspath(path))  # not resolved: ``../shared`` may be a link
+    if absolute.is_relative_to(ROOT.parent):
+        return os.path.relpath(absolute, ROOT)
     return str(path)
 
 
