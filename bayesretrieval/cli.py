@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "bayesretrieval.commands.export",
     "bayesretrieval.commands.search",
     "bayesretrieval.commands.calibrate",
+    "bayesretrieval.commands.verify",
 )
 
 

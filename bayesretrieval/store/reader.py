@@ -248,16 +248,26 @@ class IndexReader:
         """The table of skipped inputs: ``path``, ``reason``, ``detail``, ``file_size``, ``mtime_ns``."""
         return pq.read_table(self.version_dir / fmt.SKIPPED_FILE)
 
-    def verify(self) -> None:
-        """Check every file of the version against the manifest's sha256.
+    def verify(self) -> int:
+        """Check every file of the version against the manifest's sha256 (reads every byte).
+
+        Returns:
+            The number of files checked.
 
         Raises:
-            ValueError: naming the first file whose checksum differs.
+            ValueError: naming every file that is missing or whose checksum differs.
         """
+        damaged = []
         for name, expected in self.manifest.files.items():
-            got = file_sha256(self.version_dir / name)
-            if got != expected:
-                raise ValueError(f"{self.version_dir / name}: sha256 {got}, manifest says {expected}")
+            path = self.version_dir / name
+            if not path.is_file():
+                damaged.append(f"{name} (missing)")
+            elif file_sha256(path) != expected:
+                damaged.append(f"{name} (sha256 differs from the manifest)")
+        if damaged:
+            raise ValueError(f"index version {self.version_dir} is damaged: {', '.join(damaged)}; rebuild it with "
+                             "`bayesretrieval build-index SRC INDEX --rebuild`")
+        return len(self.manifest.files)
 
 
 def _current_version_dir(index_dir: Path) -> Path:
