@@ -12,6 +12,7 @@ from reference import random_spd
 from bayesretrieval.cli import main
 from bayesretrieval.indexing.scalars import ScalarComputer
 from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair
+from bayesretrieval.queries import Searcher
 from bayesretrieval.store import ItemArrays, VarianceSpec, VersionInfo, write_version
 from bayesretrieval.store.format import SKIPPED_SCHEMA
 
@@ -111,6 +112,7 @@ def bad_files(tmp_path):
     (["{index}", "--query-file", "{tmp}/bad.json"], "does not parse"),
     (["{index}", "--query-file", "{tmp}/nope.txt"], "not found"),
     (["{index}", "q", "--ids", "1,x"], "--ids"),
+    (["{index}", "q", "--ids", "1,99999"], "--ids: 1 ids are not in the index, e.g. [99999]"),
     (["{index}", "q", "--where", "no_such_column > 1"], "predicate"),
     (["{index}", "q", "--kappa", "-1", "--score", "lcb"], "kappa"),
 ])
@@ -168,3 +170,10 @@ def test_in_memory_and_torch_threads_change_nothing_but_speed(tiny_index, capsys
     assert json.loads(loaded)["results"] == json.loads(mapped)["results"]
     code, _, err = run_cli(capsys, *argv, "--torch-threads", "0")
     assert code == 2 and "torch_threads must be at least 1" in err
+
+
+def test_a_bare_pil_image_searches_like_a_list_of_one(tiny_index):
+    searcher = Searcher.open(tiny_index)
+    image = Image.open(tiny_index.parent / "images" / "sub" / "img_01.png")
+    bare, listed = searcher.search(image, k=3), searcher.search([image], k=3)
+    assert len(bare) == 3 and bare.item_id.tolist() == listed.item_id.tolist()

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
@@ -168,7 +169,12 @@ def run(args: argparse.Namespace) -> int:
     _check_arguments(args)
     queries = _queries(args)
     item_filter = _item_filter(args)
-    IndexReader.open(args.index_dir)  # fail fast on a directory that is not an index
+    reader = IndexReader.open(args.index_dir)  # fail fast on a directory that is not an index
+    if item_filter is not None and item_filter.item_ids is not None:
+        ids = np.asarray(item_filter.item_ids, dtype=np.int64)
+        unknown = ids[reader.positions(ids) < 0]
+        if unknown.size:
+            raise CommandError(f"--ids: {unknown.size} ids are not in the index, e.g. {unknown[:5].tolist()}")
     searcher = Searcher.open(args.index_dir, device=args.device, estimator=args.estimator, in_memory=args.in_memory,
                              torch_threads=args.torch_threads)
     results = searcher.search(queries, k=args.k, score=args.score, kappa=args.kappa, threshold=args.threshold,

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from bayesretrieval.encoders import ClipEncoder, Encoded
 from bayesretrieval.posterior import Modality
@@ -145,7 +146,7 @@ class Searcher:
             modality = Modality(modality or Modality.TEXT)
             labels = [f"#{i}" for i in range(len(queries.embeds))]
             return self._from_encoded(queries, modality, labels)
-        if isinstance(queries, str):
+        if isinstance(queries, (str, Image.Image)):
             queries = [queries]
         if not isinstance(queries, torch.Tensor):
             queries = list(queries)
@@ -182,7 +183,7 @@ class Searcher:
         """Search for one or many queries.
 
         Args:
-            queries: a text, a list of texts, a list of PIL images, a preprocessed image
+            queries: a text, a list of texts, a PIL image or a list of them, a preprocessed image
                 tensor ``(nq, 3, H, W)``, or precomputed :class:`Encoded` queries.
             k: results per query (``>= 1``); more than the collection returns all of it.
             score: ``expected``, ``lcb``, ``ucb``, ``probability`` or ``map``.
