@@ -152,10 +152,7 @@ def recall_at_k(first_hit, k: int) -> float:
     Returns:
         A value in ``[0, 1]``.
     """
-    _check_k(k)
-    first_hit = np.asarray(first_hit).reshape(-1)
-    if first_hit.size == 0:
-        raise ValueError("no queries given")
+    first_hit = _per_query(first_hit, k)
     return float(np.mean(first_hit < k))
 
 
@@ -169,10 +166,20 @@ def precision_at_k(hits, k: int) -> float:
     Returns:
         A value in ``[0, 1]``.
     """
-    _check_k(k)
-    hits = np.asarray(hits).reshape(-1)
-    if hits.size == 0:
-        raise ValueError("no queries given")
+    hits = _per_query(hits, k)
     if (hits < 0).any() or (hits > k).any():
         raise ValueError(f"hits must be counts in [0, k={k}], got {hits.min()} to {hits.max()}")
     return float(np.mean(hits / k))
+
+
+def _per_query(values, k: int) -> np.ndarray:
+    """``values`` as a flat ``(nq,)`` array, after checking ``k`` and that there is a query.
+
+    Raises:
+        ValueError: for ``k < 1`` or no queries.
+    """
+    _check_k(k)
+    values = np.asarray(values).reshape(-1)
+    if values.size == 0:
+        raise ValueError("no queries given")
+    return values

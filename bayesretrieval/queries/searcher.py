@@ -69,11 +69,8 @@ class Searcher:
         self.reader, self.encoder = reader, encoder
         self.index_dir = Path(index_dir) if index_dir is not None else reader.version_dir.parent.parent
         self.estimator = CosineEstimator(estimator)
-        spec = reader.manifest.variance_spec
-        self.form = CovarianceForm(form) if form is not None else spec.form
-        if self.form not in spec.forms:
-            raise ValueError(f"covariance form {self.form.value!r} needs variance columns; index has "
-                             f"variance {reader.manifest.variance!r}")
+        self.form = CovarianceForm(form) if form is not None else reader.manifest.variance_spec.form
+        reader.extremes(self.form)  # raises for a form whose variance columns the index lacks
         self.logit_scale = float(logit_scale if logit_scale is not None
                                  else (encoder.logit_scale if encoder else 100.0))
         self.posterior = reader.posterior

@@ -171,7 +171,8 @@ def pair_moments(
         raise ValueError(f"query rows must be in [0, {len(query.means)}), got {query_rows.min()}..{query_rows.max()}")
     form = CovarianceForm(form)
     rows = torch.from_numpy(query_rows)
-    dot, cross_item, cross_y = _probe_products(items.means, query.probes, query_rows).unbind(1)
+    means = torch.from_numpy(np.asarray(items.means, dtype=np.float64))
+    dot, cross_item, cross_y = _probe_products(means, query.probes, query_rows).unbind(1)
     y = SideStatistics(*(t[rows] for t in (query.stats.scale, query.stats.norm_sq,
                                            query.stats.own_quad, query.stats.other_quad)))
     scalars = ItemScalars(*(torch.from_numpy(np.ascontiguousarray(v)) for v in vars(items.scalars).values()))
@@ -180,7 +181,6 @@ def pair_moments(
         x = SideStatistics(scalars.scale, scalars.norm_sq, own_quad, other_quad)
         pair, constants = PairTerms(dot, cross_item, cross_y), covs.constants
     else:
-        means = torch.from_numpy(np.asarray(items.means, dtype=np.float64))
         y_means = query.means[rows]
         item_cov = _item_covariance(items, form, covs.diagonal)
         x = SideStatistics(torch.ones_like(dot), scalars.norm_sq, item_cov.quad(means, means), other_quad)
@@ -192,15 +192,14 @@ def pair_moments(
     return PairMoments(mean.reshape(-1), var.reshape(-1), map_cosine)
 
 
-def _probe_products(means: np.ndarray, probes: torch.Tensor, query_rows: np.ndarray) -> torch.Tensor:
-    """``(P, 3)`` float64: each item mean ``(P, D)`` times its query's probes ``(nq, D, 3)``.
+def _probe_products(means: torch.Tensor, probes: torch.Tensor, query_rows: np.ndarray) -> torch.Tensor:
+    """``(P, 3)`` float64: each item mean ``(P, D)`` float64 times its query's probes ``(nq, D, 3)``.
 
     Pairs that form a rectangle (every query, the same number of pairs each, grouped by
     query: a first rerank stage) take one batched product; other pairs one product per
     query over its pairs, so no probe is ever copied per pair.
     """
     nq, P = len(probes), len(query_rows)
-    means = torch.from_numpy(np.asarray(means, dtype=np.float64))
     grouped = bool(np.all(query_rows[1:] >= query_rows[:-1]))
     if grouped and P and P % nq == 0 and np.array_equal(query_rows, np.repeat(np.arange(nq), P // nq)):
         return torch.bmm(means.reshape(nq, P // nq, -1), probes).reshape(P, -1)

@@ -56,7 +56,7 @@ class CollectionExtremes:
         """
         if len(scalars) == 0:
             return cls(0.0, 0.0, 1.0, 1.0, 1.0, 1.0)
-        parts = []
+        low, high = np.full(4, np.inf), np.full(4, -np.inf)  # running extremes of the four ratios
         for start in range(0, len(scalars), CHUNK_ROWS):
             rows = slice(start, start + CHUNK_ROWS)
             item = ItemScalars.from_table(scalars[rows])
@@ -64,13 +64,13 @@ class CollectionExtremes:
             faiss_sq = norm_sq + item.scale * trace_image
             trace = item.scale * trace_image if item_trace is None else item_trace[rows]
             own_sq = norm_sq + trace
-            parts.append(np.stack([trace / own_sq, trace / norm_sq, np.sqrt(faiss_sq / own_sq),
-                                   np.sqrt(faiss_sq / norm_sq)], axis=1))
-        table = np.concatenate(parts)
+            ratios = np.stack([trace / own_sq, trace / norm_sq, np.sqrt(faiss_sq / own_sq),
+                               np.sqrt(faiss_sq / norm_sq)], axis=1)
+            low, high = np.minimum(low, ratios.min(0)), np.maximum(high, ratios.max(0))
         return cls(
-            noise_ratio_max=float(table[:, 0].max()), plain_noise_ratio_max=float(table[:, 1].max()),
-            mean_factor_min=float(table[:, 2].min()), mean_factor_max=float(table[:, 2].max()),
-            map_factor_min=float(table[:, 3].min()), map_factor_max=float(table[:, 3].max()),
+            noise_ratio_max=float(high[0]), plain_noise_ratio_max=float(high[1]),
+            mean_factor_min=float(low[2]), mean_factor_max=float(high[2]),
+            map_factor_min=float(low[3]), map_factor_max=float(high[3]),
         )
 
     def to_dict(self) -> dict:

@@ -145,11 +145,6 @@ class VarianceSpec:
         """Whether ``variance_lowrank`` is present."""
         return self.form is CovarianceForm.LOWRANK
 
-    @property
-    def forms(self) -> list[CovarianceForm]:
-        """Every covariance form a search can use with these columns, poorest first."""
-        return list(CovarianceForm)[: list(CovarianceForm).index(self.form) + 1]
-
 
 @dataclass(frozen=True)
 class Manifest:
