@@ -16,7 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write the current version of INDEX_DIR to OUT in another layout. "
         "clip-retrieval: img_emb/img_emb_{N}.npy (float16, L2-normalised means) row-aligned "
         "with metadata/metadata_{N}.parquet (image_path, item_id, uncertainty columns), "
-        "as embedding-reader and autofaiss read it.",
+        "as embedding-reader and autofaiss read it. OUT is replaced whole (written beside it, "
+        "then renamed over it, with a bayesretrieval-export.json marker), so it must be new, "
+        "empty, or an earlier export; any other non-empty folder is refused.",
     )
     parser.add_argument("index_dir", type=Path, metavar="INDEX_DIR")
     parser.add_argument("out", type=Path, metavar="OUT")
