@@ -20,12 +20,12 @@ import open_clip
 import torch
 from torch import nn
 
+from bayesretrieval.options import DEFAULT_MODEL, DEFAULT_PRETRAINED
+
 logger = logging.getLogger(__name__)
 
 TINY_MODEL = "bayes-tiny"
 SMALL_MODEL = "bayes-small"
-DEFAULT_MODEL = "ViT-B-32"
-DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 
 _CONFIGS_REGISTERED = False
 
