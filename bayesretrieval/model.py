@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from bayesretrieval.encoders import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipEncoder, Encoded
-from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair, load_posterior
+from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair, load_posterior, posterior_for_model
 from bayesretrieval.similarity import (
     DEFAULT_ESTIMATOR,
     CosineEstimator,
@@ -128,6 +128,7 @@ class BayesCLIP:
         posterior: PosteriorPair | str | Path | None = None,
         device: str = "cpu",
         estimator: CosineEstimator | str = DEFAULT_ESTIMATOR,
+        force_posterior: bool = False,
     ) -> "BayesCLIP":
         """Build the model from an open_clip name and a posterior.
 
@@ -138,13 +139,19 @@ class BayesCLIP:
                 formats; required.
             device: where to run the towers.
             estimator: cosine-moment estimator.
+            force_posterior: use a posterior fitted for other weights, or one that does not
+                say which (logged as a warning).
+
+        Raises:
+            PosteriorMismatchError: the posterior belongs to other weights (unless forced).
         """
         if posterior is None:
             raise ValueError("a posterior is required: a PosteriorPair or a path to one")
         if not isinstance(posterior, PosteriorPair):
             posterior = load_posterior(posterior)
         encoder = ClipEncoder.from_pretrained(model_name, pretrained, device=device)
-        return cls(encoder, posterior, estimator)
+        posterior.check_encoder(encoder)
+        return cls(encoder, posterior_for_model(posterior, encoder.identity, force_posterior), estimator)
 
     @property
     def logit_scale(self) -> float:

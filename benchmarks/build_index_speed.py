@@ -37,7 +37,7 @@ from PIL import Image
 from bayesretrieval.encoders import TINY_MODEL, ClipEncoder
 from bayesretrieval.indexing import BuildConfig, build_index, decode_image
 from bayesretrieval.indexing.scalars import ScalarComputer
-from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair, load_posterior
+from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair, load_posterior, posterior_for_model
 
 SHARED_HESSIANS = record.ROOT.parent / "shared" / "bayesvlm-hessians" / "ViT-B-32-laion2B-s34B-b79K"
 
@@ -83,16 +83,21 @@ def random_posterior(embed_dim: int, width: int, seed: int = 0) -> PosteriorPair
 
 
 def model_and_posterior(name: str) -> tuple[ClipEncoder, PosteriorPair]:
-    """Model ``name`` at random weights and a posterior: BayesVLM's for ViT-B-32 when in ../shared, else random."""
+    """Model ``name`` at random weights and a posterior: BayesVLM's for ViT-B-32 when in ../shared, else random.
+
+    Neither posterior was fitted for random weights; the speed does not depend on that, so
+    the pairing is forced.
+    """
     encoder = ClipEncoder.from_pretrained(name, None)
     if name == "ViT-B-32" and SHARED_HESSIANS.is_dir():
-        return encoder, load_posterior(SHARED_HESSIANS)
-    d, h = encoder.image_projection.shape[1], encoder.image_projection.shape[0]
-    posterior = random_posterior(d, h)
-    if posterior.text.in_features != encoder.text_projection.shape[0]:
-        posterior = PosteriorPair(posterior.image, random_posterior(d, encoder.text_projection.shape[0]).text,
-                                  source="random-benchmark")
-    return encoder, posterior
+        posterior = load_posterior(SHARED_HESSIANS)
+    else:
+        d, h = encoder.image_projection.shape[1], encoder.image_projection.shape[0]
+        posterior = random_posterior(d, h)
+        if posterior.text.in_features != encoder.text_projection.shape[0]:
+            posterior = PosteriorPair(posterior.image, random_posterior(d, encoder.text_projection.shape[0]).text,
+                                      source="random-benchmark")
+    return encoder, posterior_for_model(posterior, encoder.identity, force=True)
 
 
 def speed_run(name: str, count: int, size: tuple[int, int], args, work: Path) -> dict:

@@ -57,7 +57,7 @@ from bayesretrieval.encoders import ClipEncoder, Encoded, ModelIdentity
 from bayesretrieval.evaluation import evaluate, query_relative_variance, split_queries, sweep
 from bayesretrieval.evaluation.plots import plot_evaluation
 from bayesretrieval.indexing.embeddings_input import build_index_from_embeddings
-from bayesretrieval.posterior import PosteriorPair, load_posterior
+from bayesretrieval.posterior import PosteriorPair, load_posterior, posterior_for_model
 from bayesretrieval.posterior.hub import load_published_posterior
 from bayesretrieval.queries import Searcher
 from bayesretrieval.queries.uncertainty import QuerySide
@@ -214,6 +214,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pretrained", default="laion2b_s34b_b79k",
                         help="open_clip tag or checkpoint; 'none' for random init (default: %(default)s)")
     parser.add_argument("--posterior", type=Path, help="posterior path (default: BayesVLM's published one)")
+    parser.add_argument("--force-posterior", action="store_true",
+                        help="use a posterior that does not say it was fitted for --model/--pretrained")
     parser.add_argument("--split", default="test", help="Karpathy split (default: %(default)s)")
     parser.add_argument("--captions-per-image", type=int, default=5)
     parser.add_argument("--estimators", nargs="+", choices=[e.value for e in CosineEstimator],
@@ -244,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
             bench.save(args.save_embeddings)
     else:
         bench = Benchmark.load(args.embeddings)
+    posterior = posterior_for_model(posterior, model, args.force_posterior)
     fit = split_queries(len(bench.text_image), args.split_seed)
     results = {"images": len(bench.images.embeds), "queries": len(bench.text_image),
                "logit_scale": bench.logit_scale, "posterior": posterior.source,

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from reference import random_spd
 
-from bayesretrieval.encoders import TINY_MODEL, Encoded, register_model_configs
+from bayesretrieval.encoders import TINY_MODEL, Encoded, ModelIdentity, register_model_configs
 from bayesretrieval.indexing.scalars import ScalarComputer
 from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair
 from bayesretrieval.skips import SkipReason
@@ -37,13 +37,14 @@ def bayesvlm_dir() -> Path:
     return SHARED_HESSIANS
 
 
-def random_posterior(embed_dim: int, image_width: int, text_width: int | None = None, seed: int = 0) -> PosteriorPair:
-    """A small random Kronecker posterior pair (random SPD factors)."""
+def random_posterior(embed_dim: int, image_width: int, text_width: int | None = None, seed: int = 0,
+                     model: ModelIdentity | None = None) -> PosteriorPair:
+    """A small random Kronecker posterior pair (random SPD factors), claimed to be fitted for ``model``."""
     g = torch.Generator().manual_seed(seed)
     text_width = text_width or image_width
     image = KroneckerPosterior.from_factors(random_spd(image_width, g), random_spd(embed_dim, g), 10.0, 5.0, "image")
     text = KroneckerPosterior.from_factors(random_spd(text_width, g), random_spd(embed_dim, g), 10.0, 5.0, "text")
-    return PosteriorPair(image, text, source="random-test")
+    return PosteriorPair(image, text, source="random-test", model=model)
 
 
 def write_images(folder: Path, names, seed: int = 0) -> None:

@@ -2,6 +2,7 @@
 
 import argparse
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import faiss
@@ -31,8 +32,8 @@ def encoder(checkpoint) -> ClipEncoder:
 
 
 @pytest.fixture(scope="module")
-def posterior():
-    return random_posterior(D, 64)
+def posterior(encoder):
+    return random_posterior(D, 64, model=encoder.identity)
 
 
 def fast(**kwargs) -> BuildConfig:
@@ -117,7 +118,7 @@ def test_mismatches_name_both_sides_unless_rebuild(tmp_path, encoder, posterior,
     write_images(img, ["x.png", "y.png"])
     build_index(img, tmp_path / "idx", encoder, posterior, fast())
     ids = {p: v[0] for p, v in by_path(IndexReader.open(tmp_path / "idx")).items()}
-    other = random_posterior(D, 64, seed=7)
+    other = random_posterior(D, 64, seed=7, model=encoder.identity)
     other.source = "other-posterior"
     with pytest.raises(IndexMismatchError,
                        match=r"posterior: index has random-test \(\w+\), command uses other-posterior"):
@@ -127,7 +128,7 @@ def test_mismatches_name_both_sides_unless_rebuild(tmp_path, encoder, posterior,
     random_weights = ClipEncoder.from_pretrained(TINY_MODEL, None)
     with pytest.raises(IndexMismatchError,
                        match=rf"model: index has bayes-tiny/{checkpoint} \(sha256 \w+\), command uses bayes-tiny/None"):
-        build_index(img, tmp_path / "idx", random_weights, posterior, fast())
+        build_index(img, tmp_path / "idx", random_weights, replace(posterior, model=random_weights.identity), fast())
     report = build_index(img, tmp_path / "idx", encoder, other, fast(rebuild=True))
     assert report.encoded == 2 and report.manifest.posterior["source"] == "other-posterior"
     assert {p: v[0] for p, v in by_path(IndexReader.open(tmp_path / "idx")).items()} == ids
@@ -235,7 +236,7 @@ def test_console_script_exit_codes_and_export(tmp_path, checkpoint, posterior, c
 
     write_images(tmp_path / "img", ["one.png", "two.png", "three.png"])
     posterior.save(tmp_path / "posterior")
-    other = random_posterior(D, 64, seed=3)
+    other = random_posterior(D, 64, seed=3, model=posterior.model)
     other.save(tmp_path / "other")
     common = ["--model", TINY_MODEL, "--pretrained", str(checkpoint), "--workers", "0", "--no-progress"]
     argv = ["build-index", str(tmp_path / "img"), str(tmp_path / "idx"), *common]

@@ -1,5 +1,7 @@
 """Precomputed embeddings (any probabilistic model) in, the same index out; and export."""
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -79,8 +81,8 @@ def test_explicit_ids_scale_and_mismatch(tmp_path):
         build_index_from_embeddings(tmp_path / "emb.parquet", tmp_path / "idx", posterior, MODEL,
                                     BuildConfig(variance="diag"))
     with pytest.raises(ValueError, match="model: index has ViT-B-32/laion2b_s34b_b79k, command uses ViT-B-16/x"):
-        build_index_from_embeddings(tmp_path / "emb.parquet", tmp_path / "idx", posterior,
-                                    ModelIdentity("ViT-B-16", "x"))
+        other = ModelIdentity("ViT-B-16", "x")
+        build_index_from_embeddings(tmp_path / "emb.parquet", tmp_path / "idx", replace(posterior, model=other), other)
     pq.write_table(pa.table({"vector": [[1.0] * D]}), tmp_path / "wrong.parquet")
     with pytest.raises(ValueError, match=r"expected an embedding column \(embedding, mean, mu\)"):
         build_index_from_embeddings(tmp_path / "wrong.parquet", tmp_path / "idx2", posterior, MODEL)

@@ -73,9 +73,9 @@ def setup(tmp_path_factory):
     write_images(root / "img", [f"g{i % 4}/im {i:03d}.png" for i in range(IMAGES)])
     (root / "img" / "bad.jpg").write_bytes(b"")
     checkpoint = save_tiny_checkpoint(root / "tiny.pt")
-    posterior = random_posterior(64, 64)
-    posterior.save(root / "posterior")
     encoder = ClipEncoder.from_pretrained(TINY_MODEL, checkpoint)
+    posterior = random_posterior(64, 64, model=encoder.identity)
+    posterior.save(root / "posterior")
     build_index(root / "img", root / "clean", encoder, posterior, BuildConfig(batch_size=BATCH, workers=0))
     return root, encoder, posterior
 

@@ -24,7 +24,7 @@ D, H, NB, NQ = 16, 8, 40, 50
 def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sweep")
     rng = np.random.default_rng(0)
-    posterior = random_posterior(D, H)
+    posterior = random_posterior(D, H, model=ModelIdentity("bayes-tiny", None))
     centres = rng.normal(size=(5, D))
     labels = rng.integers(0, 5, NB)
     items = centres[labels] + 0.8 * rng.normal(size=(NB, D))

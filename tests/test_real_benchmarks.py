@@ -47,7 +47,7 @@ def posterior_dir(tmp_path_factory) -> Path:
 def test_fake_coco_end_to_end_and_embeddings_round_trip(script, tmp_path, posterior_dir):
     torch.manual_seed(0)
     root = fake_dataset(tmp_path / "coco", "coco")
-    common = ["--dataset", "coco", "--model", "bayes-tiny", "--posterior", str(posterior_dir),
+    common = ["--dataset", "coco", "--model", "bayes-tiny", "--posterior", str(posterior_dir), "--force-posterior",
               "--estimators", "second_order", "published", "--chunk-size", "7"]
     first = script.main([*common, "--root", str(root), "--pretrained", "none", "--plots", str(tmp_path / "a"),
                          "--output", str(tmp_path / "a.json"), "--save-embeddings", str(tmp_path / "emb.npz")])

@@ -31,7 +31,7 @@ from bayesretrieval.indexing.assemble import skipped_table
 from bayesretrieval.indexing.existing import index_lock, previous_items
 from bayesretrieval.indexing.pipeline import BuildConfig, BuildReport
 from bayesretrieval.indexing.scalars import ScalarComputer
-from bayesretrieval.posterior import PosteriorPair
+from bayesretrieval.posterior import PosteriorPair, posterior_for_model
 from bayesretrieval.skips import SkipReason
 from bayesretrieval.store import CovarianceForm, ItemArrays, VarianceSpec, VersionInfo, write_version
 
@@ -173,6 +173,7 @@ def build_index_from_embeddings(
     """
     config = config or BuildConfig()
     started = time.perf_counter()
+    posterior = posterior_for_model(posterior, model, config.force_posterior)
     data = read_embeddings(embeddings_file, posterior)
     if config.variance.form is not CovarianceForm.KFAC and config.variance != data.variance:
         raise ValueError(f"variance {config.variance} requested, {embeddings_file} has {data.variance}")

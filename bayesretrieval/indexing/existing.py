@@ -13,6 +13,7 @@ from typing import Iterator
 from bayesretrieval.encoders import ModelIdentity
 from bayesretrieval.indexing.plan import PreviousItems
 from bayesretrieval.posterior import PosteriorPair
+from bayesretrieval.posterior.identity import describe_model
 from bayesretrieval.store import IndexReader, VarianceSpec
 from bayesretrieval.store import format as fmt
 
@@ -85,7 +86,7 @@ def check_compatible(
     existing_model = ModelIdentity.from_dict(manifest.model)
     problems = []
     if not existing_model.matches(model):
-        problems.append(f"model: index has {_describe_model(existing_model)}, command uses {_describe_model(model)}")
+        problems.append(f"model: index has {describe_model(existing_model)}, command uses {describe_model(model)}")
     fingerprint = manifest.posterior.get("fingerprint")
     if fingerprint != posterior.fingerprint:
         problems.append(
@@ -101,8 +102,3 @@ def check_compatible(
             f"existing index at version {manifest.version} does not match: " + "; ".join(problems)
             + " (pass --rebuild to replace it)"
         )
-
-
-def _describe_model(identity: ModelIdentity) -> str:
-    text = f"{identity.model_name}/{identity.pretrained}"
-    return f"{text} (sha256 {identity.checkpoint_sha256[:12]})" if identity.checkpoint_sha256 else text

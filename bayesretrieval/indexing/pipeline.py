@@ -22,7 +22,7 @@ from bayesretrieval.indexing.plan import BuildPlan, PreviousItems, plan_build
 from bayesretrieval.indexing.scalars import ScalarComputer
 from bayesretrieval.indexing.sources import walk_images
 from bayesretrieval.indexing.work import WorkFolder, result_schema
-from bayesretrieval.posterior import PosteriorPair
+from bayesretrieval.posterior import PosteriorPair, posterior_for_model
 from bayesretrieval.store import Manifest, VarianceSpec, VersionInfo, default_faiss_factory, write_version
 from bayesretrieval.store.format import FORMAT_VERSION
 from bayesretrieval.store.writer import empty_faiss_index
@@ -45,6 +45,8 @@ class BuildConfig:
         rebuild: re-encode everything and replace an index made with other settings.
         max_pixels: images with more pixels are skipped as ``too_large``.
         shard_batches: batches per durable shard (the work a crash can lose).
+        force_posterior: use a posterior fitted for other weights, or one that does not
+            say which (see :func:`~bayesretrieval.posterior.posterior_for_model`).
     """
 
     batch_size: int = 64
@@ -54,6 +56,7 @@ class BuildConfig:
     rebuild: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     shard_batches: int = 8
+    force_posterior: bool = False
 
     def __post_init__(self):
         self.variance = VarianceSpec.parse(self.variance)
@@ -138,12 +141,14 @@ def build_index(
     Raises:
         IndexMismatchError: the existing index was made differently (unless ``rebuild``).
         IndexBusyError: another build holds the lock.
+        PosteriorMismatchError: the posterior was fitted for other weights (unless forced).
         ValueError: the posterior does not fit the encoder.
     """
     config = config or BuildConfig()
     started = time.perf_counter()
     image_dir, index_dir = Path(image_dir), Path(index_dir)
     posterior.check_encoder(encoder)
+    posterior = posterior_for_model(posterior, encoder.identity, config.force_posterior)
     if config.faiss_factory:
         empty_faiss_index(config.faiss_factory, encoder.embed_dim)
     files, problems = walk_images(image_dir)

@@ -2,6 +2,7 @@
 
 from bayesretrieval.posterior.curvature import ChunkCurvature, infonce_ggn, infonce_ggn_sum
 from bayesretrieval.posterior.fit import PosteriorFitter, encode_pairs, fit_posterior, read_encoded
+from bayesretrieval.posterior.identity import PosteriorMismatchError, posterior_for_model
 from bayesretrieval.posterior.io import (
     PosteriorPair,
     load_bayesvlm_base,
@@ -21,6 +22,7 @@ __all__ = [
     "Modality",
     "PairReader",
     "PosteriorFitter",
+    "PosteriorMismatchError",
     "PosteriorPair",
     "PriorObjective",
     "SkipReason",
@@ -32,6 +34,7 @@ __all__ = [
     "load_bayesvlm_posterior",
     "load_posterior",
     "optimize_prior_precision",
+    "posterior_for_model",
     "read_encoded",
     "save_bayesvlm_directory",
     "symmetrize",

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from bayesretrieval.encoders import ClipEncoder, Encoded
-from bayesretrieval.posterior import Modality
+from bayesretrieval.posterior import Modality, posterior_for_model
 from bayesretrieval.queries.calibration import ProbitCalibration, load_calibration, save_calibration
 from bayesretrieval.queries.candidates import DEFAULT_MAX_CANDIDATES, CandidateSearch, SearchOutcome
 from bayesretrieval.queries.filters import ItemFilter, id_selector
@@ -100,7 +100,9 @@ class Searcher:
 
         Raises:
             FileNotFoundError: if there is no index at ``index_dir``.
-            ValueError: if the model or posterior does not match the manifest.
+            ValueError: if the model or posterior does not match the manifest, or the stored
+                posterior names other weights than the encoder's
+                (:class:`~bayesretrieval.posterior.PosteriorMismatchError`).
         """
         if torch_threads is not None:
             if torch_threads < 1:
@@ -119,6 +121,8 @@ class Searcher:
             raise ValueError(f"index {index_dir}: stored posterior fingerprint {posterior.fingerprint[:12]} "
                              f"differs from the manifest's {str(expected)[:12]}")
         posterior.check_encoder(encoder)
+        if posterior.model is not None:
+            posterior_for_model(posterior, encoder.identity)
         return cls(reader, encoder, index_dir, **options)
 
     def engine(self, modality: Modality | str) -> CandidateSearch:
