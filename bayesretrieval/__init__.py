@@ -14,15 +14,41 @@ The main entry points, importable from the top level:
   compatibility functions.
 """
 
+import importlib
+
 __version__ = "0.1.0"
 
-from bayesretrieval.encoders import ClipEncoder  # noqa: E402
-from bayesretrieval.indexing import BuildConfig, build_index  # noqa: E402
-from bayesretrieval.model import BayesCLIP  # noqa: E402
-from bayesretrieval.posterior import PosteriorPair, fit_posterior, load_bayesvlm_posterior, load_posterior  # noqa: E402
-from bayesretrieval.queries import ItemFilter, ScoreName, Searcher  # noqa: E402
-from bayesretrieval.similarity import CosineEstimator, probabilistic_logits  # noqa: E402
-from bayesretrieval.store import IndexReader  # noqa: E402
+_LAZY = {
+    "BayesCLIP": "bayesretrieval.model",
+    "BuildConfig": "bayesretrieval.indexing",
+    "ClipEncoder": "bayesretrieval.encoders",
+    "CosineEstimator": "bayesretrieval.similarity",
+    "IndexReader": "bayesretrieval.store",
+    "ItemFilter": "bayesretrieval.queries",
+    "PosteriorPair": "bayesretrieval.posterior",
+    "ScoreName": "bayesretrieval.queries",
+    "Searcher": "bayesretrieval.queries",
+    "build_index": "bayesretrieval.indexing",
+    "fit_posterior": "bayesretrieval.posterior",
+    "load_bayesvlm_posterior": "bayesretrieval.posterior",
+    "load_posterior": "bayesretrieval.posterior",
+    "probabilistic_logits": "bayesretrieval.similarity",
+}
+"""Public name -> the module it comes from, imported on first access (PEP 562), so that
+``import bayesretrieval`` (and the console script's ``--help``) does not load torch."""
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "BayesCLIP",

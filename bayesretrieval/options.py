@@ -2,10 +2,131 @@
 
 Only the standard library is imported here, so that ``bayesretrieval --help`` and
 ``bayesretrieval COMMAND --help`` answer without loading torch, open_clip or FAISS. The
-modules that use these values import them from here.
+modules that use these values import them from here (``from bayesretrieval.similarity
+import CosineEstimator`` keeps working).
 """
 
 from __future__ import annotations
 
+import os
+from enum import Enum
+
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+
+DEFAULT_MAX_PIXELS = 178_956_970
+"""Largest width x height decoded (twice Pillow's decompression-bomb warning limit)."""
+
+DEFAULT_MAX_CANDIDATES = 65_536
+
+
+class CosineEstimator(str, Enum):
+    """How the mean and variance of ``cos(x, y)`` are approximated."""
+
+    PUBLISHED = "published"
+    """BayesVLM's ProbCosine with diagonal covariances (to reproduce published numbers)."""
+    KRONECKER = "kronecker"
+    """ProbCosine with the full output-side covariance ``Sigma_B``."""
+    DELTA = "delta"
+    """First-order delta method around the means (docs/math.md sections 3 and 7)."""
+    SECOND_ORDER = "second_order"
+    """Default: radial linearisation around ``E|x|^2`` plus the bilinear and curvature terms."""
+
+
+DEFAULT_ESTIMATOR = CosineEstimator.SECOND_ORDER
+
+
+class ScoreName(str, Enum):
+    """The ranking scores."""
+
+    EXPECTED = "expected"
+    """Expected cosine ``m = E[cos]``."""
+    LCB = "lcb"
+    """Risk-averse lower confidence bound ``m - kappa sqrt(v)``."""
+    UCB = "ucb"
+    """Optimistic upper confidence bound ``m + kappa sqrt(v)``."""
+    PROBABILITY = "probability"
+    """Calibrated probability of a match ``Phi((m - tau) / sqrt(v + noise_std^2))``."""
+    MAP = "map"
+    """Plain cosine of the mean embeddings (the deterministic CLIP baseline)."""
+
+
+class ModelSize(str, Enum):
+    """The trained models the project uses."""
+
+    TEST = "test"
+    """``bayes-tiny`` trained for well under a minute on 2 CPU cores; for tests."""
+    BENCHMARK = "benchmark"
+    """``bayes-small`` trained for about ten minutes on 2 CPU cores; for benchmarks."""
+
+
+IMAGES_DIR = "images"
+MANIFEST_FILE = "world.json"
+MAX_SEVERITY = 5
+
+
+class Part(str, Enum):
+    """Which side of the split a world is drawn for."""
+
+    TRAIN = "train"
+    """The training world: only pairs and shapes of the split's training pool."""
+    TEST = "test"
+    """The in-distribution test world: the same distribution, an independent stream."""
+
+
+class Shift(str, Enum):
+    """A family of distribution shift; severity runs from 1 (mild) to 5 (severe)."""
+
+    NOISE = "noise"
+    """Additive Gaussian pixel noise, std 8 to 64 grey levels."""
+    BLUR = "blur"
+    """Gaussian blur, radius 0.5 to 3 pixels."""
+    OCCLUSION = "occlusion"
+    """Grey squares at random places covering about 6% to 45% of the image."""
+    CONTRAST = "contrast"
+    """Pixels pulled towards the image mean, keeping 60% down to 8% of the contrast."""
+    JPEG = "jpeg"
+    """JPEG compression at quality 30 down to 5."""
+    COMBINATION = "combination"
+    """A fraction severity/5 of images shows a colour-shape pair held out of training."""
+    NOVEL_SHAPE = "novel_shape"
+    """A fraction severity/5 of images shows a shape never seen in training."""
+
+    @property
+    def is_pixel(self) -> bool:
+        """Whether the shift corrupts pixels (else it changes the scene content)."""
+        from bayesretrieval.world.shifts import CORRUPTIONS
+
+        return self in CORRUPTIONS
+
+
+class ImageFormat(str, Enum):
+    """How images are stored."""
+
+    PNG = "png"
+    """Lossless; the files decode to exactly the world's pixels."""
+    JPEG = "jpeg"
+    """Quality 95, like typical photos; pixels change slightly."""
+
+
+# Values still defined by modules this one cannot own yet (posterior/, indexing/export.py,
+# indexing/pipeline.py, training.TRAIN_CONFIGS), repeated here for the parser;
+# tests/test_cli_startup.py asserts each equals its owner's value.
+
+DEFAULT_CHUNK_SIZE = 32_768
+"""``bayesretrieval.posterior.fit.DEFAULT_CHUNK_SIZE``."""
+DEFAULT_SOURCE_BATCH = 1024
+"""``bayesretrieval.posterior.curvature.DEFAULT_SOURCE_BATCH``."""
+PRIOR_OBJECTIVES = ("kronecker", "bayesvlm_reference")
+"""Values of ``bayesretrieval.posterior.prior.PriorObjective``, the default first."""
+DEFAULT_ROWS_PER_FILE = 1_000_000
+"""``bayesretrieval.indexing.export.DEFAULT_ROWS_PER_FILE``."""
+EXPORT_FORMATS = ("clip-retrieval",)
+"""Values of ``bayesretrieval.indexing.export.ExportFormat``, the default first."""
+TRAIN_RUNS = {ModelSize.TEST: ("bayes-tiny", 250, 128), ModelSize.BENCHMARK: ("bayes-small", 800, 128)}
+"""``(model_name, steps, batch_size)`` of each ``bayesretrieval.training.TRAIN_CONFIGS`` entry."""
+
+
+def default_workers() -> int:
+    """``bayesretrieval.indexing.pipeline.default_workers``: one per spare core, at most 8."""
+    return min(8, max(1, (os.cpu_count() or 2) - 1))

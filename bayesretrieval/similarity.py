@@ -12,29 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
 from typing import Callable
 
 import numpy as np
 import torch
 
+from bayesretrieval.options import DEFAULT_ESTIMATOR, CosineEstimator
 from bayesretrieval.posterior.kronecker import KroneckerPosterior
-
-
-class CosineEstimator(str, Enum):
-    """How the mean and variance of ``cos(x, y)`` are approximated."""
-
-    PUBLISHED = "published"
-    """BayesVLM's ProbCosine with diagonal covariances (to reproduce published numbers)."""
-    KRONECKER = "kronecker"
-    """ProbCosine with the full output-side covariance ``Sigma_B``."""
-    DELTA = "delta"
-    """First-order delta method around the means (docs/math.md sections 3 and 7)."""
-    SECOND_ORDER = "second_order"
-    """Default: radial linearisation around ``E|x|^2`` plus the bilinear and curvature terms."""
-
-
-DEFAULT_ESTIMATOR = CosineEstimator.SECOND_ORDER
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -29,6 +28,7 @@ from torch import nn
 from bayesretrieval.atomic import write_atomic
 from bayesretrieval.cache import cache_dir
 from bayesretrieval.encoders import SMALL_MODEL, TINY_MODEL, register_model_configs
+from bayesretrieval.options import ModelSize
 from bayesretrieval.world.render import images_to_tensor
 from bayesretrieval.world.scenes import SceneConfig
 from bayesretrieval.world.splits import DEFAULT_SPLIT, WorldSplit
@@ -36,15 +36,6 @@ from bayesretrieval.world.world import WORLD_VERSION, iter_batches
 
 CHECKPOINT_FORMAT_VERSION = 1
 MAX_LOGIT_SCALE = math.log(100.0)
-
-
-class ModelSize(str, Enum):
-    """The trained models the project uses."""
-
-    TEST = "test"
-    """``bayes-tiny`` trained for well under a minute on 2 CPU cores; for tests."""
-    BENCHMARK = "benchmark"
-    """``bayes-small`` trained for about ten minutes on 2 CPU cores; for benchmarks."""
 
 
 @dataclass(frozen=True)

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from bayesretrieval.cli import CommandError, image_text_values
-from bayesretrieval.encoders import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipEncoder, ModelIdentity, file_sha256
-from bayesretrieval.indexing import BuildConfig, BuildReport, IndexBusyError, build_index
-from bayesretrieval.indexing.decode import DEFAULT_MAX_PIXELS
-from bayesretrieval.indexing.embeddings_input import build_index_from_embeddings
-from bayesretrieval.indexing.pipeline import default_workers
-from bayesretrieval.posterior import PosteriorPair, load_posterior
-from bayesretrieval.posterior.hub import load_published_posterior
+from bayesretrieval.options import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRETRAINED, default_workers
+
+if TYPE_CHECKING:
+    from bayesretrieval.indexing import BuildReport
+    from bayesretrieval.posterior import PosteriorPair
 
 BAYESVLM = "bayesvlm"
 
@@ -69,6 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def resolve_posterior(spec: str, model_name: str, pretrained: str | None, n, lam) -> PosteriorPair:
     """Load ``--posterior``: ``bayesvlm`` (published, fetched) or a path in any supported format."""
+    from bayesretrieval.posterior import load_posterior
+    from bayesretrieval.posterior.hub import load_published_posterior
+
     if spec == BAYESVLM:
         return load_published_posterior(model_name, pretrained, pseudo_data_count=n, prior_precision=lam)
     return load_posterior(Path(spec), n, lam)
@@ -76,6 +78,10 @@ def resolve_posterior(spec: str, model_name: str, pretrained: str | None, n, lam
 
 def run(args: argparse.Namespace) -> int:
     """Run ``build-index``."""
+    from bayesretrieval.encoders import ClipEncoder, ModelIdentity, file_sha256
+    from bayesretrieval.indexing import BuildConfig, IndexBusyError
+    from bayesretrieval.indexing.embeddings_input import build_index_from_embeddings
+
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
     n = image_text_values(args.pseudo_data_count, "--pseudo-data-count")
     lam = image_text_values(args.prior_precision, "--prior-precision")
@@ -100,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _build_with_progress(args, encoder, posterior, config) -> BuildReport:
+    from bayesretrieval.indexing import build_index
+
     bar = tqdm(unit="img", dynamic_ncols=True, disable=args.no_progress, desc="encoding")
 
     def update(progress) -> None:

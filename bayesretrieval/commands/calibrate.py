@@ -6,17 +6,16 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-import numpy as np
-import pandas as pd
-import torch
+from typing import TYPE_CHECKING
 
 from bayesretrieval.cli import CommandError
-from bayesretrieval.metrics import binary_labels
-from bayesretrieval.queries.calibration import evaluate_links
-from bayesretrieval.queries.searcher import Searcher
-from bayesretrieval.queries.uncertainty import PairMoments
-from bayesretrieval.similarity import DEFAULT_ESTIMATOR, CosineEstimator
+from bayesretrieval.options import DEFAULT_ESTIMATOR, CosineEstimator
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+    from bayesretrieval.queries.uncertainty import PairMoments
 
 DESCRIPTION = """\
 Fit the link p(match) = Phi((E[cos] - tau) / sqrt(Var[cos] + noise_std^2)) (docs/math.md
@@ -52,6 +51,11 @@ def read_pairs(path: Path, reader) -> pd.DataFrame:
     Raises:
         CommandError: if the file is missing, does not parse, or names unknown items.
     """
+    import numpy as np
+    import pandas as pd
+
+    from bayesretrieval.metrics import binary_labels
+
     if not path.is_file():
         raise CommandError(f"pairs file not found: {path}")
     try:
@@ -76,6 +80,10 @@ def read_pairs(path: Path, reader) -> pd.DataFrame:
 
 
 def _subset(moments: PairMoments, mask: np.ndarray) -> PairMoments:
+    import torch
+
+    from bayesretrieval.queries.uncertainty import PairMoments
+
     rows = torch.from_numpy(mask.reshape(-1))
     return PairMoments(moments.mean.reshape(-1)[rows], moments.var.reshape(-1)[rows],
                        moments.map_cosine.reshape(-1)[rows])
@@ -83,6 +91,11 @@ def _subset(moments: PairMoments, mask: np.ndarray) -> PairMoments:
 
 def run(args: argparse.Namespace) -> int:
     """Fit, report and store the link."""
+    import numpy as np
+
+    from bayesretrieval.queries.calibration import evaluate_links
+    from bayesretrieval.queries.searcher import Searcher
+
     if not 0 <= args.holdout < 1:
         raise CommandError(f"--holdout must be in [0, 1), got {args.holdout}")
     if not args.index_dir.is_dir():

@@ -12,15 +12,9 @@ import logging
 import time
 from pathlib import Path
 
-import pandas as pd
 from tqdm import tqdm
 
-from bayesretrieval.encoders import ClipEncoder
-from bayesretrieval.indexing.pipeline import BuildConfig, build_index
-from bayesretrieval.posterior.fit import fit_posterior
-from bayesretrieval.training import ModelSize, get_trained_model, model_name
-from bayesretrieval.world import Shift, make_world, write_world
-from bayesretrieval.world.io import IMAGES_DIR, read_world_table
+from bayesretrieval.options import IMAGES_DIR, ModelSize, Shift
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +43,11 @@ def register(subparsers) -> None:
 
 def _write_pairs_world(root: Path, count: int, seed: int) -> Path:
     """Write a training world and a ``pairs.csv`` (image path, caption) beside it."""
+    import pandas as pd
+
+    from bayesretrieval.world import make_world, write_world
+    from bayesretrieval.world.io import read_world_table
+
     if not (root / PAIRS_FILE).is_file():
         write_world(make_world(count, seed=seed + 1, part="train"), root, overwrite=True)
         table, _ = read_world_table(root)
@@ -59,6 +58,8 @@ def _write_pairs_world(root: Path, count: int, seed: int) -> Path:
 
 def _write_gallery(root: Path, clean: int, shifted: int, seed: int) -> Path:
     """Write a clean test world plus one shifted world per family under ``root``."""
+    from bayesretrieval.world import make_world, write_world
+
     worlds = [("clean", make_world(clean, seed=seed + 2, part="test"))]
     worlds += [
         (shift.value, make_world(shifted, seed=seed + 3 + i, part="test", shift=shift, severity=3))
@@ -72,6 +73,11 @@ def _write_gallery(root: Path, clean: int, shifted: int, seed: int) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo."""
+    from bayesretrieval.encoders import ClipEncoder
+    from bayesretrieval.indexing.pipeline import BuildConfig, build_index
+    from bayesretrieval.posterior.fit import fit_posterior
+    from bayesretrieval.training import get_trained_model, model_name
+
     start = time.perf_counter()
     out: Path = args.out
     print(f"[1/5] writing the small world to {out}/")

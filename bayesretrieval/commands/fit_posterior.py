@@ -6,11 +6,13 @@ import argparse
 from pathlib import Path
 
 from bayesretrieval.cli import CommandError, image_text_values
-from bayesretrieval.encoders import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipEncoder
-from bayesretrieval.posterior.curvature import DEFAULT_SOURCE_BATCH
-from bayesretrieval.posterior.fit import DEFAULT_CHUNK_SIZE, PosteriorFitter, encode_pairs
-from bayesretrieval.posterior.pairs import PairReader
-from bayesretrieval.posterior.prior import PriorObjective
+from bayesretrieval.options import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_MODEL,
+    DEFAULT_PRETRAINED,
+    DEFAULT_SOURCE_BATCH,
+    PRIOR_OBJECTIVES,
+)
 
 DESCRIPTION = """\
 Fit the Kronecker-factored Laplace posterior over CLIP's two projections (docs/math.md
@@ -60,8 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--objective",
-        choices=[o.value for o in PriorObjective],
-        default=PriorObjective.KRONECKER.value,
+        choices=list(PRIOR_OBJECTIVES),
+        default=PRIOR_OBJECTIVES[0],
         help="evidence maximised for lambda",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="pairs encoded per batch")
@@ -98,6 +100,10 @@ def _skip_summary(counts: dict[str, int]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fit-posterior``."""
+    from bayesretrieval.encoders import ClipEncoder
+    from bayesretrieval.posterior.fit import PosteriorFitter, encode_pairs
+    from bayesretrieval.posterior.pairs import PairReader
+
     _check_outputs(args)
     reader = None
     if args.pairs is not None:

@@ -8,9 +8,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bayesretrieval.cli import CommandError
-from bayesretrieval.world.io import IMAGES_DIR, MANIFEST_FILE, ImageFormat, write_world
-from bayesretrieval.world.shifts import MAX_SEVERITY, Shift
-from bayesretrieval.world.world import Part, make_world
+from bayesretrieval.options import IMAGES_DIR, MANIFEST_FILE, MAX_SEVERITY, ImageFormat, Part, Shift
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,6 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Generate and write the world."""
+    from bayesretrieval.world.io import write_world
+    from bayesretrieval.world.world import make_world
+
     if (Path(args.out) / MANIFEST_FILE).exists() and not args.overwrite:
         raise CommandError(f"{args.out} already holds a world; pass --overwrite to replace it")
     severity = args.severity if args.shift is not None else 0

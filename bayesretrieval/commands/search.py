@@ -6,19 +6,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-import numpy as np
-import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from typing import TYPE_CHECKING
 
 from bayesretrieval.cli import CommandError
-from bayesretrieval.queries.candidates import DEFAULT_MAX_CANDIDATES
-from bayesretrieval.queries.filters import ItemFilter
-from bayesretrieval.queries.report import render_html
-from bayesretrieval.queries.scorers import ScoreName
-from bayesretrieval.queries.searcher import Searcher
-from bayesretrieval.similarity import DEFAULT_ESTIMATOR, CosineEstimator
-from bayesretrieval.store import IndexReader
+from bayesretrieval.options import DEFAULT_ESTIMATOR, DEFAULT_MAX_CANDIDATES, CosineEstimator, ScoreName
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from bayesretrieval.queries.filters import ItemFilter
 
 DESCRIPTION = """\
 Search an index built by `bayesretrieval build-index` with one or more text queries
@@ -80,6 +76,8 @@ def read_query_file(path: Path) -> list[str]:
     Raises:
         CommandError: if the file is missing or does not parse.
     """
+    import pandas as pd
+
     if not path.is_file():
         raise CommandError(f"query file not found: {path}")
     suffix = path.suffix.lower()
@@ -101,6 +99,8 @@ def read_query_file(path: Path) -> list[str]:
 
 
 def _item_filter(args) -> ItemFilter | None:
+    from bayesretrieval.queries.filters import ItemFilter
+
     ids = None
     if args.ids:
         try:
@@ -114,6 +114,8 @@ def _item_filter(args) -> ItemFilter | None:
 def _queries(args):
     texts = list(args.queries) + (read_query_file(args.query_file) if args.query_file else [])
     if args.image:
+        from PIL import Image, UnidentifiedImageError
+
         if texts:
             raise CommandError("give text queries or --image, not both")
         images = []
@@ -147,6 +149,8 @@ def _check_arguments(args) -> None:
 
 def format_results(results: pd.DataFrame, output_format: str) -> str:
     """The results as a readable table, JSON records or CSV."""
+    import pandas as pd
+
     if output_format == "json":
         return json.dumps({"score": results.attrs.get("score"), "exact": results.attrs.get("exact"),
                            "results": json.loads(results.to_json(orient="records"))}, indent=2)
@@ -166,6 +170,12 @@ def format_results(results: pd.DataFrame, output_format: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Search and print the results."""
+    import numpy as np
+
+    from bayesretrieval.queries.report import render_html
+    from bayesretrieval.queries.searcher import Searcher
+    from bayesretrieval.store import IndexReader
+
     _check_arguments(args)
     queries = _queries(args)
     item_filter = _item_filter(args)

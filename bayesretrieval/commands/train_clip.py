@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from bayesretrieval.training import (
-    TRAIN_CONFIGS,
-    ModelSize,
-    StepInfo,
-    checkpoint_path,
-    get_trained_model,
-    model_name,
-)
+from bayesretrieval.options import TRAIN_RUNS, ModelSize
+
+if TYPE_CHECKING:
+    from bayesretrieval.training import StepInfo
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train-clip`` subcommand."""
     sizes = ", ".join(
-        f"{s.value} = {c.model_name}, {c.steps} steps of {c.batch_size}"
-        for s, c in TRAIN_CONFIGS.items()
+        f"{s.value} = {name}, {steps} steps of {batch_size}"
+        for s, (name, steps, batch_size) in TRAIN_RUNS.items()
     )
     parser = subparsers.add_parser(
         "train-clip",
@@ -48,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train or fetch the checkpoint and print where it is."""
+    from bayesretrieval.training import TRAIN_CONFIGS, checkpoint_path, get_trained_model, model_name
+
     cached = checkpoint_path(args.size, args.seed).is_file() and not args.retrain
     steps = TRAIN_CONFIGS[ModelSize(args.size)].steps
     with tqdm(total=steps, desc=f"training {args.size}", unit="step", disable=cached) as bar:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bayesretrieval.store import IndexReader
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``verify`` subcommand."""
@@ -23,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``verify``."""
+    from bayesretrieval.store import IndexReader
+
     reader = IndexReader.open(args.index_dir)
     checked = reader.verify()
     print(f"ok: {args.index_dir} version {reader.manifest.version}, {len(reader)} items, {checked} files intact")

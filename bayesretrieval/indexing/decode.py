@@ -8,11 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from bayesretrieval.options import DEFAULT_MAX_PIXELS
 from bayesretrieval.skips import SkipReason
-
-DEFAULT_MAX_PIXELS = 178_956_970
-"""Largest width x height decoded (twice Pillow's decompression-bomb warning limit)."""
-
 
 RETRIED_REASONS = frozenset({SkipReason.UNREADABLE, SkipReason.VANISHED, SkipReason.TOO_LARGE})
 """Skips an update tries again even when the file's size and mtime did not change

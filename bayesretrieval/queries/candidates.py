@@ -19,6 +19,7 @@ import faiss
 import numpy as np
 import torch
 
+from bayesretrieval.options import DEFAULT_MAX_CANDIDATES
 from bayesretrieval.queries.bounds import (
     ScoreBounds,
     Spectra,
@@ -39,7 +40,6 @@ RERANK_MARGIN = 1
 """Candidates beyond ``k`` the first rerank stage scores: one more makes its provisional
 ``k``-th score tight enough that, for ``expected``, no later candidate usually survives
 the bound and the second stage scores nothing."""
-DEFAULT_MAX_CANDIDATES = 65_536
 
 
 @dataclass

@@ -8,30 +8,15 @@ says how many FAISS candidates its first round needs (:meth:`Scorer.first_round`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 from typing import ClassVar
 
 import numpy as np
 import torch
 
+from bayesretrieval.options import ScoreName
 from bayesretrieval.queries.bounds import ScoreBounds
 from bayesretrieval.queries.calibration import ProbitCalibration
 from bayesretrieval.queries.uncertainty import PairMoments
-
-
-class ScoreName(str, Enum):
-    """The ranking scores."""
-
-    EXPECTED = "expected"
-    """Expected cosine ``m = E[cos]``."""
-    LCB = "lcb"
-    """Risk-averse lower confidence bound ``m - kappa sqrt(v)``."""
-    UCB = "ucb"
-    """Optimistic upper confidence bound ``m + kappa sqrt(v)``."""
-    PROBABILITY = "probability"
-    """Calibrated probability of a match ``Phi((m - tau) / sqrt(v + noise_std^2))``."""
-    MAP = "map"
-    """Plain cosine of the mean embeddings (the deterministic CLIP baseline)."""
 
 
 class Scorer:

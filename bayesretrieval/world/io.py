@@ -14,7 +14,6 @@ table on ``path``.
 from __future__ import annotations
 
 import json
-from enum import Enum
 from pathlib import Path
 from typing import Callable
 
@@ -25,25 +24,15 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from bayesretrieval import __version__
+from bayesretrieval.options import IMAGES_DIR, MANIFEST_FILE, ImageFormat
 from bayesretrieval.world.shifts import Shift
 from bayesretrieval.world.splits import WorldSplit
 from bayesretrieval.world.world import WORLD_VERSION, Part, World, scenes_from_table
 
 FORMAT_VERSION = 1
-IMAGES_DIR = "images"
 TABLE_FILE = "world.parquet"
-MANIFEST_FILE = "world.json"
 FILES_PER_FOLDER = 1000
 MANIFEST_KEY = b"bayesretrieval.world"
-
-
-class ImageFormat(str, Enum):
-    """How images are stored."""
-
-    PNG = "png"
-    """Lossless; the files decode to exactly the world's pixels."""
-    JPEG = "jpeg"
-    """Quality 95, like typical photos; pixels change slightly."""
 
 
 _SUFFIX = {ImageFormat.PNG: ".png", ImageFormat.JPEG: ".jpg"}

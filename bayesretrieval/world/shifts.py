@@ -9,38 +9,12 @@ either a held-out colour-shape pair or a held-out shape (see ``splits``).
 from __future__ import annotations
 
 import io
-from enum import Enum
 from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageFilter
 
-MAX_SEVERITY = 5
-
-
-class Shift(str, Enum):
-    """A family of distribution shift; severity runs from 1 (mild) to 5 (severe)."""
-
-    NOISE = "noise"
-    """Additive Gaussian pixel noise, std 8 to 64 grey levels."""
-    BLUR = "blur"
-    """Gaussian blur, radius 0.5 to 3 pixels."""
-    OCCLUSION = "occlusion"
-    """Grey squares at random places covering about 6% to 45% of the image."""
-    CONTRAST = "contrast"
-    """Pixels pulled towards the image mean, keeping 60% down to 8% of the contrast."""
-    JPEG = "jpeg"
-    """JPEG compression at quality 30 down to 5."""
-    COMBINATION = "combination"
-    """A fraction severity/5 of images shows a colour-shape pair held out of training."""
-    NOVEL_SHAPE = "novel_shape"
-    """A fraction severity/5 of images shows a shape never seen in training."""
-
-    @property
-    def is_pixel(self) -> bool:
-        """Whether the shift corrupts pixels (else it changes the scene content)."""
-        return self in CORRUPTIONS
-
+from bayesretrieval.options import MAX_SEVERITY, Shift
 
 Corruption = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
 

@@ -10,12 +10,12 @@ a stream.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Iterator
 
 import numpy as np
 import pandas as pd
 
+from bayesretrieval.options import Part
 from bayesretrieval.world.captions import caption
 from bayesretrieval.world.render import render_scenes
 from bayesretrieval.world.scenes import ObjectPool, Scene, SceneConfig, WorldObject, sample_scenes
@@ -27,15 +27,6 @@ WORLD_VERSION = 1
 """Bump when rendering, captions or sampling change (trained models then retrain)."""
 MAX_OBJECTS = 2
 OBJECT_COLUMNS = ("shape", "colour", "size", "position")
-
-
-class Part(str, Enum):
-    """Which side of the split a world is drawn for."""
-
-    TRAIN = "train"
-    """The training world: only pairs and shapes of the split's training pool."""
-    TEST = "test"
-    """The in-distribution test world: the same distribution, an independent stream."""
 
 
 _STREAMS = {"scenes": 0, "shift": 1, "batches": 2}
