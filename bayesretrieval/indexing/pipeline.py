@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,15 +21,11 @@ from bayesretrieval.indexing.plan import BuildPlan, PreviousItems, plan_build
 from bayesretrieval.indexing.scalars import ScalarComputer
 from bayesretrieval.indexing.sources import walk_images
 from bayesretrieval.indexing.work import WorkFolder, result_schema
+from bayesretrieval.options import default_workers
 from bayesretrieval.posterior import PosteriorPair, posterior_for_model
 from bayesretrieval.store import Manifest, VarianceSpec, VersionInfo, default_faiss_factory, write_version
 from bayesretrieval.store.format import FORMAT_VERSION
 from bayesretrieval.store.writer import empty_faiss_index
-
-
-def default_workers() -> int:
-    """Loader processes: one per spare core, at most 8 (0 means decode in the main process)."""
-    return min(8, max(1, (os.cpu_count() or 2) - 1))
 
 
 @dataclass
