@@ -1,6 +1,8 @@
 """The index directory format: write a version, read it back, publish atomically."""
 
 import json
+import subprocess
+import sys
 
 import faiss
 import numpy as np
@@ -12,6 +14,7 @@ from conftest import random_posterior
 
 from bayesretrieval.store import (
     SCALAR_COLUMNS,
+    IndexDamagedError,
     IndexReader,
     ItemArrays,
     VarianceSpec,
@@ -104,18 +107,38 @@ def test_parquet_and_faiss_open_with_standard_tools(tmp_path):
     np.testing.assert_allclose(reader.expected_norm(), enorm[np.argsort(items.item_ids)])
 
 
-def test_publish_keeps_previous_version_readable(tmp_path):
+def test_a_live_reader_pins_its_version_until_closed(tmp_path):
     d = 8
     posterior = random_posterior(d, 6)
     write_version(tmp_path, random_items(5, d, seed=1), empty_skipped(), posterior, info())
     old = IndexReader.open(tmp_path)
     old_means = np.array(old.means)
-    write_version(tmp_path, random_items(7, d, seed=2), empty_skipped(), posterior, info())
-    assert len(IndexReader.open(tmp_path)) == 7
+    for count, seed in ((7, 2), (9, 3), (4, 4)):
+        write_version(tmp_path, random_items(count, d, seed=seed), empty_skipped(), posterior, info())
+    versions = lambda: sorted(p.name for p in (tmp_path / "versions").iterdir())  # noqa: E731
+    assert versions() == ["v000001", "v000004"]  # v2 and v3 were never opened: collected
     np.testing.assert_array_equal(old.fetch(old.item_ids[:2]).means, old_means[:2])
-    assert old.read_items(columns=["item_id"]).num_rows == 5
-    write_version(tmp_path, random_items(9, d, seed=3), empty_skipped(), posterior, info())
-    assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == ["v000002", "v000003"]
+    assert old.read_items(columns=["item_id"]).num_rows == 5 and old.faiss_index.ntotal == 5
+    with IndexReader.open(tmp_path) as current:
+        assert len(current) == 4
+        old.close()
+        write_version(tmp_path, random_items(6, d, seed=5), empty_skipped(), posterior, info())
+        assert versions() == ["v000004", "v000005"]
+    write_version(tmp_path, random_items(3, d, seed=6), empty_skipped(), posterior, info())
+    assert versions() == ["v000006"] and not list((tmp_path / "readers").glob("*.lease"))
+
+
+def test_a_dead_readers_lease_is_stale(tmp_path):
+    d = 8
+    posterior = random_posterior(d, 6)
+    write_version(tmp_path, random_items(5, d, seed=1), empty_skipped(), posterior, info())
+    script = ("import sys, os; from bayesretrieval.store import IndexReader; "
+              "r = IndexReader.open(sys.argv[1]); os._exit(0)")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True)
+    assert len(list((tmp_path / "readers").glob("*.lease"))) == 1  # left behind by a process that never closed it
+    write_version(tmp_path, random_items(6, d, seed=2), empty_skipped(), posterior, info())
+    assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == ["v000002"]
+    assert not list((tmp_path / "readers").glob("*.lease"))
 
 
 def test_empty_index_and_errors(tmp_path):
@@ -188,15 +211,19 @@ def test_open_retries_when_the_named_version_was_collected(tmp_path, monkeypatch
 
     posterior = random_posterior(8, 6)
     write_version(tmp_path, random_items(2, 8, seed=1), empty_skipped(), posterior, info())
-    real = reader_module._current_version_dir
+    real = reader_module.current_version
     calls = []
 
     def stale_then_real(index_dir):
         calls.append(index_dir)
-        return tmp_path / "versions" / "v000000" if len(calls) == 1 else real(index_dir)
+        return "v000000" if len(calls) == 1 else real(index_dir)
 
-    monkeypatch.setattr(reader_module, "_current_version_dir", stale_then_real)
+    monkeypatch.setattr(reader_module, "current_version", stale_then_real)
     assert IndexReader.open(tmp_path).manifest.version == "v000001" and len(calls) == 2
+    monkeypatch.setattr(reader_module, "current_version", lambda index_dir: "v000000")
+    with pytest.raises(IndexDamagedError, match="names version v000000, but .* does not exist"):
+        IndexReader.open(tmp_path)
+    monkeypatch.undo()
     with pytest.raises(FileNotFoundError, match="missing manifest.json"):
         IndexReader.open(tmp_path / "elsewhere")
 

@@ -35,4 +35,4 @@ def test_damaged_and_missing_files_are_named(index, capsys):
     code, out, err = run_cli(capsys, "verify", index)
     assert code == 2 and not out
     assert "items.parquet (sha256 differs from the manifest)" in err and "index.faiss (missing)" in err
-    assert "--rebuild" in err and len(err.strip().splitlines()) == 1
+    assert "build-index SRC INDEX` repairs" in err and len(err.strip().splitlines()) == 1

@@ -21,9 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``verify``."""
-    from bayesretrieval.store import IndexReader
+    from bayesretrieval.store import format as fmt
+    from bayesretrieval.store.reader import current_version, verify_version
 
-    reader = IndexReader.open(args.index_dir)
-    checked = reader.verify()
-    print(f"ok: {args.index_dir} version {reader.manifest.version}, {len(reader)} items, {checked} files intact")
+    manifest = verify_version(args.index_dir / fmt.VERSIONS_DIR / current_version(args.index_dir))
+    print(f"ok: {args.index_dir} version {manifest.version}, {manifest.item_count} items, "
+          f"{len(manifest.files)} files intact")
     return 0

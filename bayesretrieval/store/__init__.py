@@ -71,7 +71,7 @@ from bayesretrieval.store.format import (
     Manifest,
     VarianceSpec,
 )
-from bayesretrieval.store.reader import IdLookup, IndexReader, ItemRows
+from bayesretrieval.store.reader import IdLookup, IndexDamagedError, IndexReader, ItemRows
 from bayesretrieval.store.vectors import expected_norm
 from bayesretrieval.store.writer import (
     ItemArrays,
@@ -87,6 +87,7 @@ __all__ = [
     "SCALAR_COLUMNS",
     "CovarianceForm",
     "IdLookup",
+    "IndexDamagedError",
     "IndexReader",
     "ItemArrays",
     "ItemMetadata",

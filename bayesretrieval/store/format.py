@@ -170,6 +170,8 @@ class Manifest:
         extremes: the search certificate's collection extremes per covariance form
             (:func:`bayesretrieval.store.extremes.extremes_by_form`).
         files: sha256 per file of the version folder (relative POSIX paths).
+        file_sizes: size in bytes per file of the version folder (checked on every open;
+            empty in manifests written before sizes were recorded).
     """
 
     format_version: int
@@ -190,6 +192,7 @@ class Manifest:
     traces: dict
     extremes: dict
     files: dict = field(default_factory=dict)
+    file_sizes: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """Return a JSON-ready dict."""
@@ -213,7 +216,7 @@ class Manifest:
                 "rebuild the index with `bayesretrieval build-index SRC INDEX --rebuild`"
             )
         names = cls.__dataclass_fields__
-        missing = sorted(set(names) - set(data) - {"files"})
+        missing = sorted(set(names) - set(data) - {"files", "file_sizes"})
         if missing:
             raise ValueError(f"manifest lacks fields {missing}")
         return cls(**{k: v for k, v in data.items() if k in names})

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
+import weakref
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Iterator
 
 import faiss
 import numpy as np
@@ -19,10 +22,18 @@ from bayesretrieval.posterior import PosteriorPair
 from bayesretrieval.store import format as fmt
 from bayesretrieval.store.extremes import CollectionExtremes
 from bayesretrieval.store.format import CovarianceForm, ItemScalars, Manifest
+from bayesretrieval.store.leases import VersionLease
 from bayesretrieval.store.vectors import expected_norm
 
 OPEN_ATTEMPTS = 3
 """Re-reads of ``manifest.json`` when the version it named was collected meanwhile."""
+
+REPAIR_HINT = ("`bayesretrieval verify INDEX` checks every file; `bayesretrieval build-index SRC INDEX` "
+               "repairs the index")
+
+
+class IndexDamagedError(ValueError):
+    """A file of an index is missing, truncated or unreadable (the message names it)."""
 
 
 class IdLookup:
@@ -101,43 +112,107 @@ class IndexReader:
         manifest_file = self.version_dir / fmt.MANIFEST_FILE
         if not manifest_file.is_file():
             raise FileNotFoundError(f"not an index version folder (no {fmt.MANIFEST_FILE}): {self.version_dir}")
-        self.manifest = Manifest.from_dict(json.loads(manifest_file.read_text()))
+        self.manifest = read_manifest(manifest_file)
+        self._lease: VersionLease | None = None
+        self._check_files()
         mode = "r" if mmap else None
-        self.item_ids = np.load(self.version_dir / fmt.ITEM_IDS_FILE, mmap_mode=mode)
-        self.means = np.load(self.version_dir / fmt.MEANS_FILE, mmap_mode=mode)
-        self.scalars = np.load(self.version_dir / fmt.SCALARS_FILE, mmap_mode=mode)
-        self._path_offsets = np.load(self.version_dir / fmt.PATH_OFFSETS_FILE, mmap_mode=mode)
+        count, dim, spec = self.manifest.item_count, self.manifest.embed_dim, self.manifest.variance_spec
+        self.item_ids = self._array(fmt.ITEM_IDS_FILE, mode, (count,))
+        self.means = self._array(fmt.MEANS_FILE, mode, (count, dim))
+        self.scalars = self._array(fmt.SCALARS_FILE, mode, (count, len(fmt.SCALAR_COLUMNS)))
+        self._path_offsets = self._array(fmt.PATH_OFFSETS_FILE, mode, (count + 1,))
         self._path_bytes = _map_bytes(self.version_dir / fmt.PATHS_FILE)
-        spec = self.manifest.variance_spec
-        self.variance_diag = (
-            np.load(self.version_dir / fmt.VARIANCE_DIAG_FILE, mmap_mode=mode) if spec.has_diag else None
-        )
-        self.variance_lowrank = (
-            np.load(self.version_dir / fmt.VARIANCE_LOWRANK_FILE, mmap_mode=mode) if spec.has_lowrank else None
-        )
-        if len(self.item_ids) != self.manifest.item_count:
-            raise ValueError(
-                f"{self.version_dir}: manifest says {self.manifest.item_count} items, "
-                f"{fmt.ITEM_IDS_FILE} has {len(self.item_ids)}"
-            )
+        if len(self._path_bytes) != int(self._path_offsets[-1]):
+            raise self._damaged(fmt.PATHS_FILE, f"{len(self._path_bytes)} bytes, offsets end at "
+                                                f"{int(self._path_offsets[-1])}")
+        self.variance_diag = self._array(fmt.VARIANCE_DIAG_FILE, mode, (count, dim)) if spec.has_diag else None
+        self.variance_lowrank = (self._array(fmt.VARIANCE_LOWRANK_FILE, mode, (count, spec.rank, dim))
+                                 if spec.has_lowrank else None)
+        self._check_parquet_rows(fmt.ITEMS_FILE, count)
+        self._check_parquet_rows(fmt.SKIPPED_FILE, self.manifest.skipped_count)
+
+    def _damaged(self, name: str, problem: str) -> "IndexDamagedError":
+        return IndexDamagedError(f"index file {self.version_dir / name} is damaged ({problem}); {REPAIR_HINT}")
+
+    def _check_files(self) -> None:
+        """Every file the manifest lists is present, with the size it was written with."""
+        problems = []
+        for name in self.manifest.files:
+            path = self.version_dir / name
+            expected = self.manifest.file_sizes.get(name)
+            if not path.is_file():
+                problems.append(f"{path} (missing)")
+            elif expected is not None and path.stat().st_size != expected:
+                problems.append(f"{path} ({path.stat().st_size} bytes, written with {expected})")
+        if problems:
+            raise IndexDamagedError(f"index version {self.version_dir} is damaged: {', '.join(problems)}; "
+                                    f"{REPAIR_HINT}")
+
+    def _array(self, name: str, mode: str | None, shape: tuple) -> np.ndarray:
+        """``np.load`` of one ``.npy`` file whose header must give ``shape``."""
+        try:
+            array = np.load(self.version_dir / name, mmap_mode=mode)
+        except (OSError, ValueError, EOFError) as err:
+            raise self._damaged(name, str(err).strip() or type(err).__name__) from None
+        if array.shape != shape:
+            raise self._damaged(name, f"shape {array.shape}, the manifest says {shape}")
+        return array
+
+    def _check_parquet_rows(self, name: str, rows: int) -> None:
+        with self._reading(name):
+            found = pq.ParquetFile(self.version_dir / name).metadata.num_rows
+        if found != rows:
+            raise self._damaged(name, f"{found} rows, the manifest says {rows}")
+
+    @contextlib.contextmanager
+    def _reading(self, name: str) -> Iterator[None]:
+        """Turn a failed read of ``name`` into an :class:`IndexDamagedError` naming the file."""
+        try:
+            yield
+        except (OSError, pa.ArrowException, RuntimeError, EOFError) as err:
+            text = str(err).strip()
+            raise self._damaged(name, text.splitlines()[-1] if text else type(err).__name__) from None
 
     @classmethod
     def open(cls, index_dir: str | Path, mmap: bool = True) -> "IndexReader":
-        """Open the version ``INDEX_DIR/manifest.json`` currently points to.
+        """Open the version ``INDEX_DIR/manifest.json`` currently points to, and pin it.
+
+        The reader holds a lease on its version (:mod:`bayesretrieval.store.leases`), so
+        builds that publish newer versions keep this one on disk until :meth:`close` (or
+        until the reader is garbage-collected or its process ends).
 
         Raises:
             FileNotFoundError: if ``index_dir`` holds no published index.
+            IndexDamagedError: naming a missing, truncated or unreadable file.
             ValueError: if the format version is not the one this library reads.
         """
         index_dir = Path(index_dir)
-        for _ in range(OPEN_ATTEMPTS - 1):
-            version_dir = _current_version_dir(index_dir)
+        for _ in range(OPEN_ATTEMPTS):
+            version = current_version(index_dir)
+            lease = VersionLease.acquire(index_dir, version)
+            if lease is None:  # collected between reading manifest.json and pinning it
+                continue
             try:
-                return cls(version_dir, mmap=mmap)
-            except FileNotFoundError:
-                if version_dir.is_dir():  # a real problem, not a collected version
-                    raise
-        return cls(_current_version_dir(index_dir), mmap=mmap)
+                reader = cls(index_dir / fmt.VERSIONS_DIR / version, mmap=mmap)
+            except BaseException:
+                lease.release()
+                raise
+            reader._lease = lease
+            weakref.finalize(reader, lease.release)
+            return reader
+        raise IndexDamagedError(f"{index_dir / fmt.MANIFEST_FILE} names version {version}, but "
+                                f"{index_dir / fmt.VERSIONS_DIR / version} does not exist; {REPAIR_HINT}")
+
+    def close(self) -> None:
+        """Release the lease on this version (idempotent); arrays already read stay readable."""
+        if self._lease is not None:
+            self._lease.release()
+
+    def __enter__(self) -> "IndexReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __len__(self) -> int:
         return int(self.manifest.item_count)
@@ -155,12 +230,17 @@ class IndexReader:
     @cached_property
     def posterior(self) -> PosteriorPair:
         """The posterior stored with the index (project format)."""
-        return PosteriorPair.load(self.version_dir / fmt.POSTERIOR_DIR)
+        with self._reading(fmt.POSTERIOR_DIR):
+            try:
+                return PosteriorPair.load(self.version_dir / fmt.POSTERIOR_DIR)
+            except (ValueError, KeyError) as err:  # content that does not match its fingerprint
+                raise OSError(str(err)) from None
 
     @cached_property
     def faiss_index(self) -> faiss.Index:
         """The FAISS index (ids are item ids) over expected-norm-scaled means."""
-        return faiss.read_index(str(self.version_dir / fmt.FAISS_FILE))
+        with self._reading(fmt.FAISS_FILE):
+            return faiss.read_index(str(self.version_dir / fmt.FAISS_FILE))
 
     @property
     def trace_image(self) -> float:
@@ -242,11 +322,14 @@ class IndexReader:
 
     def read_items(self, columns: list | None = None, filters=None) -> pa.Table:
         """Read ``items.parquet`` (all or some columns; pyarrow ``filters`` for metadata filters)."""
-        return pq.read_table(self.version_dir / fmt.ITEMS_FILE, columns=columns, filters=filters)
+        with self._reading(fmt.ITEMS_FILE):
+            return pq.read_table(self.version_dir / fmt.ITEMS_FILE, columns=columns, filters=filters,
+                                 page_checksum_verification=True)
 
     def read_skipped(self) -> pa.Table:
         """The table of skipped inputs: ``path``, ``reason``, ``detail``, ``file_size``, ``mtime_ns``."""
-        return pq.read_table(self.version_dir / fmt.SKIPPED_FILE)
+        with self._reading(fmt.SKIPPED_FILE):
+            return pq.read_table(self.version_dir / fmt.SKIPPED_FILE, page_checksum_verification=True)
 
     def verify(self) -> int:
         """Check every file of the version against the manifest's sha256 (reads every byte).
@@ -255,29 +338,74 @@ class IndexReader:
             The number of files checked.
 
         Raises:
-            ValueError: naming every file that is missing or whose checksum differs.
+            IndexDamagedError: naming every file that is missing or whose checksum differs.
         """
-        damaged = []
-        for name, expected in self.manifest.files.items():
-            path = self.version_dir / name
-            if not path.is_file():
-                damaged.append(f"{name} (missing)")
-            elif file_sha256(path) != expected:
-                damaged.append(f"{name} (sha256 differs from the manifest)")
-        if damaged:
-            raise ValueError(f"index version {self.version_dir} is damaged: {', '.join(damaged)}; rebuild it with "
-                             "`bayesretrieval build-index SRC INDEX --rebuild`")
+        verify_version(self.version_dir)
         return len(self.manifest.files)
 
 
-def _current_version_dir(index_dir: Path) -> Path:
-    """The version folder ``manifest.json`` names (checking the format version first)."""
-    manifest_file = index_dir / fmt.MANIFEST_FILE
+def verify_version(version_dir: Path) -> Manifest:
+    """Check every file of a version folder against its manifest's sha256, without opening it.
+
+    Returns:
+        The version's manifest.
+
+    Raises:
+        IndexDamagedError: naming every file that is missing or whose checksum differs.
+    """
+    manifest = read_manifest(Path(version_dir) / fmt.MANIFEST_FILE)
+    damaged = damaged_files(version_dir, manifest)
+    if damaged:
+        raise IndexDamagedError(f"index version {version_dir} is damaged: "
+                                f"{', '.join(f'{n} ({why})' for n, why in damaged.items())}; {REPAIR_HINT}")
+    return manifest
+
+
+def damaged_files(version_dir: Path, manifest: Manifest) -> dict[str, str]:
+    """The files of a version that are missing or whose sha256 differs from ``manifest``'s, with why."""
+    damaged = {}
+    for name, expected in manifest.files.items():
+        path = Path(version_dir) / name
+        if not path.is_file():
+            damaged[name] = "missing"
+        elif file_sha256(path) != expected:
+            damaged[name] = "sha256 differs from the manifest"
+    return damaged
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Parse a ``manifest.json``.
+
+    Raises:
+        FileNotFoundError: if it does not exist.
+        IndexDamagedError: naming the file when it is not a readable manifest.
+        ValueError: for another format version.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as err:
+        raise IndexDamagedError(f"index manifest {path} is damaged ({err}); {REPAIR_HINT}") from None
+    if not isinstance(data, dict):
+        raise IndexDamagedError(f"index manifest {path} is damaged (not a JSON object); {REPAIR_HINT}")
+    try:
+        return Manifest.from_dict(data)
+    except TypeError as err:
+        raise IndexDamagedError(f"index manifest {path} is damaged ({err}); {REPAIR_HINT}") from None
+
+
+def current_version(index_dir: Path) -> str:
+    """The version ``INDEX_DIR/manifest.json`` names (checking the file first).
+
+    Raises:
+        FileNotFoundError: if there is no ``manifest.json``.
+        IndexDamagedError: if it cannot be read.
+    """
+    manifest_file = Path(index_dir) / fmt.MANIFEST_FILE
     if not manifest_file.is_file():
         raise FileNotFoundError(f"no index at {index_dir} (missing {fmt.MANIFEST_FILE})")
-    data = json.loads(manifest_file.read_text())
-    Manifest.from_dict(data)
-    return index_dir / fmt.VERSIONS_DIR / data["version"]
+    return read_manifest(manifest_file).version
 
 
 def _map_bytes(path: Path) -> mmap.mmap | bytes:

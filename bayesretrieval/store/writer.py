@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +20,7 @@ from bayesretrieval.posterior import PosteriorPair
 from bayesretrieval.store import format as fmt
 from bayesretrieval.store.extremes import extremes_by_form
 from bayesretrieval.store.format import ItemScalars, Manifest, VarianceSpec
+from bayesretrieval.store.leases import collect_garbage
 from bayesretrieval.store.vectors import expected_norm, faiss_vectors
 
 ROW_GROUP_ROWS = 65536
@@ -148,8 +148,8 @@ def write_version(
 
     The version is written to a hidden staging folder, fsync'd, renamed into
     ``versions/``, and only then ``manifest.json`` is replaced (write temp + fsync +
-    ``os.replace``). Afterwards every version but the current and the previous one is
-    deleted.
+    ``os.replace``). Afterwards every version that is neither current nor pinned by a
+    live reader's lease is deleted (:mod:`bayesretrieval.store.leases`).
 
     Returns:
         The published manifest.
@@ -157,15 +157,13 @@ def write_version(
     index_dir = Path(index_dir)
     versions = index_dir / fmt.VERSIONS_DIR
     versions.mkdir(parents=True, exist_ok=True)
-    previous = _current_version_name(index_dir)
-    name = _next_version_name(previous)
+    name = _next_version_name(index_dir)
     items = items.take(np.argsort(items.item_ids, kind="stable"))
     _check_items(items, posterior, info)
-    # a folder already named ``name`` was never published (a build killed before the swap): replaced
     manifest = publish_directory(
         versions / name, lambda staging: _write_staging(staging, name, items, skipped, posterior, info))
     write_text_atomic(index_dir / fmt.MANIFEST_FILE, manifest.to_json())
-    collect_garbage(index_dir, keep={name, previous})
+    collect_garbage(index_dir, current=name)
     return manifest
 
 
@@ -231,13 +229,11 @@ def _write_staging(staging, name, items, skipped, posterior, info) -> Manifest:
     faiss.write_index(build_faiss_index(faiss_vectors(items.means, norms), items.item_ids, factory),
                       str(staging / fmt.FAISS_FILE))
     posterior.save(staging / fmt.POSTERIOR_DIR)
-    pq.write_table(skipped.cast(fmt.SKIPPED_SCHEMA), staging / fmt.SKIPPED_FILE)
-    files = {
-        p.relative_to(staging).as_posix(): file_sha256(p)
-        for p in sorted(staging.rglob("*"))
-        if p.is_file()
-    }
-    manifest = Manifest(**{**manifest.to_dict(), "files": files})
+    pq.write_table(skipped.cast(fmt.SKIPPED_SCHEMA), staging / fmt.SKIPPED_FILE, write_page_checksum=True)
+    written = [p for p in sorted(staging.rglob("*")) if p.is_file()]
+    files = {p.relative_to(staging).as_posix(): file_sha256(p) for p in written}
+    sizes = {p.relative_to(staging).as_posix(): p.stat().st_size for p in written}
+    manifest = Manifest(**{**manifest.to_dict(), "files": files, "file_sizes": sizes})
     (staging / fmt.MANIFEST_FILE).write_text(manifest.to_json())
     return manifest
 
@@ -255,7 +251,7 @@ def _fixed_list(matrix: np.ndarray) -> pa.Array:
 def _write_items_parquet(path: Path, items: ItemArrays, manifest: Manifest) -> None:
     schema = fmt.items_schema(manifest.embed_dim, manifest.variance_spec)
     schema = schema.with_metadata({fmt.PARQUET_METADATA_KEY: manifest.to_json().encode()})
-    with pq.ParquetWriter(path, schema) as writer:
+    with pq.ParquetWriter(path, schema, write_page_checksum=True) as writer:
         for start in range(0, max(len(items), 1), ROW_GROUP_ROWS):
             rows = slice(start, start + ROW_GROUP_ROWS)
             columns = [
@@ -275,21 +271,15 @@ def _write_items_parquet(path: Path, items: ItemArrays, manifest: Manifest) -> N
             writer.write_table(pa.Table.from_arrays(columns, schema=schema))
 
 
-def _current_version_name(index_dir: Path) -> str | None:
-    manifest = index_dir / fmt.MANIFEST_FILE
-    if not manifest.is_file():
-        return None
-    return json.loads(manifest.read_text()).get("version")
+def _next_version_name(index_dir: Path) -> str:
+    """One past the published version, or past the newest version folder when ``manifest.json`` is unreadable.
 
-
-def _next_version_name(previous: str | None) -> str:
-    number = int(previous[1:]) + 1 if previous and previous[1:].isdigit() else 1
+    A folder already named so was never published (a build killed before the swap) and is replaced.
+    """
+    try:
+        current = json.loads((index_dir / fmt.MANIFEST_FILE).read_text())["version"]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = [p.name for p in (index_dir / fmt.VERSIONS_DIR).iterdir()]
+        current = max((n for n in names if n[:1] == "v" and n[1:].isdigit()), default=None)
+    number = int(current[1:]) + 1 if current and current[1:].isdigit() else 1
     return f"v{number:06d}"
-
-
-def collect_garbage(index_dir: str | Path, keep: set) -> None:
-    """Delete version folders (and leftover staging folders) not named in ``keep``."""
-    versions = Path(index_dir) / fmt.VERSIONS_DIR
-    for entry in versions.iterdir() if versions.is_dir() else ():
-        if entry.name not in keep:
-            shutil.rmtree(entry, ignore_errors=True)
