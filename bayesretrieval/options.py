@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import os
 from enum import Enum
+from typing import TYPE_CHECKING, Callable, NamedTuple
+
+if TYPE_CHECKING:
+    from bayesretrieval.posterior.prior import FactorSpectrum
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
@@ -109,24 +113,62 @@ class ImageFormat(str, Enum):
     """Quality 95, like typical photos; pixels change slightly."""
 
 
-# Values still defined by modules this one cannot own yet (posterior/, indexing/export.py,
-# indexing/pipeline.py, training.TRAIN_CONFIGS), repeated here for the parser;
-# tests/test_cli_startup.py asserts each equals its owner's value.
+TINY_MODEL = "bayes-tiny"
+"""open_clip name of the tiny model config (``ModelSize.TEST``)."""
+SMALL_MODEL = "bayes-small"
+"""open_clip name of the small model config (``ModelSize.BENCHMARK``)."""
+
+
+class TrainRun(NamedTuple):
+    """The parts of a training run that ``train-clip --help`` shows.
+
+    ``bayesretrieval.training.TRAIN_CONFIGS`` builds each ``TrainConfig`` from these and
+    adds the optimiser settings.
+    """
+
+    model_name: str
+    steps: int
+    batch_size: int
+
+
+TRAIN_RUNS: dict[ModelSize, TrainRun] = {
+    ModelSize.TEST: TrainRun(TINY_MODEL, steps=250, batch_size=128),
+    ModelSize.BENCHMARK: TrainRun(SMALL_MODEL, steps=800, batch_size=128),
+}
 
 DEFAULT_CHUNK_SIZE = 32_768
-"""``bayesretrieval.posterior.fit.DEFAULT_CHUNK_SIZE``."""
+"""BayesVLM's ``C``: the number of InfoNCE classes per chunk."""
 DEFAULT_SOURCE_BATCH = 1024
-"""``bayesretrieval.posterior.curvature.DEFAULT_SOURCE_BATCH``."""
-PRIOR_OBJECTIVES = ("kronecker", "bayesvlm_reference")
-"""Values of ``bayesretrieval.posterior.prior.PriorObjective``, the default first."""
+"""Sources per sub-batch when summing a chunk's curvature (memory ``O(b C + D^2)``)."""
+
+
+class PriorObjective(str, Enum):
+    """Objectives for choosing ``lambda`` by type-II maximum likelihood."""
+
+    KRONECKER = "kronecker"
+    """The Laplace evidence of the Kronecker-factored posterior (docs/math.md section 2); default."""
+    BAYESVLM_REFERENCE = "bayesvlm_reference"
+    """BayesVLM's reference code objective; reproduces its published lambdas."""
+
+    @property
+    def log_evidence(self) -> Callable[[FactorSpectrum, float, float], float]:
+        """The function ``(spectrum, log_lambda, n) -> objective value`` (to maximise)."""
+        from bayesretrieval.posterior.prior import OBJECTIVES
+
+        return OBJECTIVES[self]
+
+
 DEFAULT_ROWS_PER_FILE = 1_000_000
-"""``bayesretrieval.indexing.export.DEFAULT_ROWS_PER_FILE``."""
-EXPORT_FORMATS = ("clip-retrieval",)
-"""Values of ``bayesretrieval.indexing.export.ExportFormat``, the default first."""
-TRAIN_RUNS = {ModelSize.TEST: ("bayes-tiny", 250, 128), ModelSize.BENCHMARK: ("bayes-small", 800, 128)}
-"""``(model_name, steps, batch_size)`` of each ``bayesretrieval.training.TRAIN_CONFIGS`` entry."""
+
+
+class ExportFormat(str, Enum):
+    """Layouts ``bayesretrieval export`` writes."""
+
+    CLIP_RETRIEVAL = "clip-retrieval"
+    """``img_emb/img_emb_{N}.npy`` (float16, L2-normalised means) row-aligned with
+    ``metadata/metadata_{N}.parquet`` (``image_path``, ``item_id``, uncertainty columns)."""
 
 
 def default_workers() -> int:
-    """``bayesretrieval.indexing.pipeline.default_workers``: one per spare core, at most 8."""
+    """Loader processes: one per spare core, at most 8 (0 means decode in the main process)."""
     return min(8, max(1, (os.cpu_count() or 2) - 1))

@@ -27,8 +27,8 @@ from torch import nn
 
 from bayesretrieval.atomic import write_atomic
 from bayesretrieval.cache import cache_dir
-from bayesretrieval.encoders import SMALL_MODEL, TINY_MODEL, register_model_configs
-from bayesretrieval.options import ModelSize
+from bayesretrieval.encoders import register_model_configs
+from bayesretrieval.options import TRAIN_RUNS, ModelSize
 from bayesretrieval.world.render import images_to_tensor
 from bayesretrieval.world.scenes import SceneConfig
 from bayesretrieval.world.splits import DEFAULT_SPLIT, WorldSplit
@@ -87,9 +87,10 @@ class TrainConfig:
 
 
 TRAIN_CONFIGS: dict[ModelSize, TrainConfig] = {
-    ModelSize.TEST: TrainConfig(TINY_MODEL, steps=250, batch_size=128, lr=2e-3, warmup_steps=25),
-    ModelSize.BENCHMARK: TrainConfig(SMALL_MODEL, steps=800, batch_size=128, lr=1e-3),
+    ModelSize.TEST: TrainConfig(**TRAIN_RUNS[ModelSize.TEST]._asdict(), lr=2e-3, warmup_steps=25),
+    ModelSize.BENCHMARK: TrainConfig(**TRAIN_RUNS[ModelSize.BENCHMARK]._asdict(), lr=1e-3),
 }
+"""Each size's run: model, steps and batch size from :data:`bayesretrieval.options.TRAIN_RUNS`."""
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bayesretrieval.options import DEFAULT_ROWS_PER_FILE, EXPORT_FORMATS
+from bayesretrieval.options import DEFAULT_ROWS_PER_FILE, ExportFormat
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,8 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("index_dir", type=Path, metavar="INDEX_DIR")
     parser.add_argument("out", type=Path, metavar="OUT")
-    parser.add_argument("--format", dest="export_format", choices=list(EXPORT_FORMATS),
-                        default=EXPORT_FORMATS[0])
+    parser.add_argument("--format", dest="export_format", choices=[f.value for f in ExportFormat],
+                        default=ExportFormat.CLIP_RETRIEVAL.value)
     parser.add_argument("--rows-per-file", type=int, default=DEFAULT_ROWS_PER_FILE)
     parser.set_defaults(run=run)
 

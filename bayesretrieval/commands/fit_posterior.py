@@ -11,7 +11,7 @@ from bayesretrieval.options import (
     DEFAULT_MODEL,
     DEFAULT_PRETRAINED,
     DEFAULT_SOURCE_BATCH,
-    PRIOR_OBJECTIVES,
+    PriorObjective,
 )
 
 DESCRIPTION = """\
@@ -62,8 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--objective",
-        choices=list(PRIOR_OBJECTIVES),
-        default=PRIOR_OBJECTIVES[0],
+        choices=[o.value for o in PriorObjective],
+        default=PriorObjective.KRONECKER.value,
         help="evidence maximised for lambda",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="pairs encoded per batch")

@@ -16,8 +16,7 @@ if TYPE_CHECKING:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train-clip`` subcommand."""
     sizes = ", ".join(
-        f"{s.value} = {name}, {steps} steps of {batch_size}"
-        for s, (name, steps, batch_size) in TRAIN_RUNS.items()
+        f"{s.value} = {run.model_name}, {run.steps} steps of {run.batch_size}" for s, run in TRAIN_RUNS.items()
     )
     parser = subparsers.add_parser(
         "train-clip",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -20,24 +19,15 @@ import pyarrow.parquet as pq
 
 from bayesretrieval import __version__
 from bayesretrieval.atomic import publish_directory
+from bayesretrieval.options import DEFAULT_ROWS_PER_FILE, ExportFormat
 from bayesretrieval.store import IndexReader
 from bayesretrieval.store.format import SCALAR_COLUMNS
-
-DEFAULT_ROWS_PER_FILE = 1_000_000
 
 EXPORT_MARKER = "bayesretrieval-export.json"
 """Marker file inside an export folder: format, index version, item count, files written."""
 
 EXPORT_MARKER_VERSION = 1
 """Layout version of :data:`EXPORT_MARKER` (its ``marker_version`` key)."""
-
-
-class ExportFormat(str, Enum):
-    """Layouts ``bayesretrieval export`` writes."""
-
-    CLIP_RETRIEVAL = "clip-retrieval"
-    """``img_emb/img_emb_{N}.npy`` (float16, L2-normalised means) row-aligned with
-    ``metadata/metadata_{N}.parquet`` (``image_path``, ``item_id``, uncertainty columns)."""
 
 
 def export_index(

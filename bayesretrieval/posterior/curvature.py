@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bayesretrieval.options import DEFAULT_SOURCE_BATCH
 from bayesretrieval.posterior.kronecker import Modality
-
-DEFAULT_SOURCE_BATCH = 1024
 
 
 def _check_pair(sources: torch.Tensor, targets: torch.Tensor) -> None:

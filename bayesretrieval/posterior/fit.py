@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bayesretrieval.encoders import ClipEncoder, ModelIdentity
+from bayesretrieval.options import DEFAULT_CHUNK_SIZE
 from bayesretrieval.posterior.curvature import DEFAULT_SOURCE_BATCH, ChunkCurvature
 from bayesretrieval.posterior.io import PosteriorPair, _pair_values, save_bayesvlm_directory
 from bayesretrieval.posterior.kronecker import KroneckerPosterior, Modality
@@ -39,8 +40,6 @@ from bayesretrieval.posterior.pairs import PairReader
 from bayesretrieval.posterior.prior import FactorSpectrum, PriorObjective, optimize_prior_precision
 from bayesretrieval.skips import SkipReason
 
-DEFAULT_CHUNK_SIZE = 32_768
-"""BayesVLM's ``C``: the number of InfoNCE classes per chunk."""
 ENCODED_FORMAT_VERSION = 1
 ENCODED_METADATA_KEY = b"bayesretrieval.encoded"
 ENCODED_COLUMNS = ("image_activation", "image_embed", "text_activation", "text_embed")

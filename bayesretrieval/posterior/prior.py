@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
 from typing import Callable
 
 import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 
+from bayesretrieval.options import PriorObjective
 from bayesretrieval.posterior.kronecker import symmetrize
 
 DEFAULT_LOG10_BOUNDS = (-4.0, 10.0)
@@ -106,24 +106,11 @@ def bayesvlm_reference_log_evidence(spectrum: FactorSpectrum, log_lambda: float,
     return _data_fit(spectrum, log_lambda) - (h * logdet_a + d * logdet_b)
 
 
-class PriorObjective(str, Enum):
-    """Objectives for choosing ``lambda`` by type-II maximum likelihood."""
-
-    KRONECKER = "kronecker"
-    """The Laplace evidence of the Kronecker-factored posterior (docs/math.md section 2); default."""
-    BAYESVLM_REFERENCE = "bayesvlm_reference"
-    """BayesVLM's reference code objective; reproduces its published lambdas."""
-
-    @property
-    def log_evidence(self) -> Callable[[FactorSpectrum, float, float], float]:
-        """The function ``(spectrum, log_lambda, n) -> objective value`` (to maximise)."""
-        return _OBJECTIVES[self]
-
-
-_OBJECTIVES = {
+OBJECTIVES: dict[PriorObjective, Callable[[FactorSpectrum, float, float], float]] = {
     PriorObjective.KRONECKER: kronecker_log_evidence,
     PriorObjective.BAYESVLM_REFERENCE: bayesvlm_reference_log_evidence,
 }
+"""The registry behind :attr:`PriorObjective.log_evidence`: each objective's function."""
 
 
 def optimize_prior_precision(
