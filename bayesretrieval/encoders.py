@@ -24,9 +24,6 @@ from bayesretrieval.options import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
 logger = logging.getLogger(__name__)
 
-TINY_MODEL = "bayes-tiny"
-SMALL_MODEL = "bayes-small"
-
 _CONFIGS_REGISTERED = False
 
 

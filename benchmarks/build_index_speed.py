@@ -34,9 +34,10 @@ import record
 import torch
 from PIL import Image
 
-from bayesretrieval.encoders import TINY_MODEL, ClipEncoder
+from bayesretrieval.encoders import ClipEncoder
 from bayesretrieval.indexing import BuildConfig, build_index, decode_image
 from bayesretrieval.indexing.scalars import ScalarComputer
+from bayesretrieval.options import TINY_MODEL
 from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair, load_posterior, posterior_for_model
 
 SHARED_HESSIANS = record.ROOT.parent / "shared" / "bayesvlm-hessians" / "ViT-B-32-laion2B-s34B-b79K"

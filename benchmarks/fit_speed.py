@@ -29,7 +29,8 @@ import record
 import torch
 from PIL import Image
 
-from bayesretrieval.encoders import TINY_MODEL, ClipEncoder
+from bayesretrieval.encoders import ClipEncoder
+from bayesretrieval.options import TINY_MODEL
 from bayesretrieval.posterior.curvature import DEFAULT_SOURCE_BATCH, ChunkCurvature
 from bayesretrieval.posterior.fit import PosteriorFitter
 

@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 from reference import random_spd
 
-from bayesretrieval.encoders import TINY_MODEL, Encoded, ModelIdentity, register_model_configs
+from bayesretrieval.encoders import Encoded, ModelIdentity, register_model_configs
 from bayesretrieval.indexing.scalars import ScalarComputer
+from bayesretrieval.options import TINY_MODEL
 from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair
 from bayesretrieval.skips import SkipReason
 from bayesretrieval.store import ItemArrays, VarianceSpec, VersionInfo, write_version

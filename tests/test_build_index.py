@@ -13,8 +13,9 @@ import torch
 from conftest import make_bad_corpus, random_posterior, save_tiny_checkpoint, write_images
 from PIL import Image
 
-from bayesretrieval.encoders import TINY_MODEL, ClipEncoder
+from bayesretrieval.encoders import ClipEncoder
 from bayesretrieval.indexing import BuildConfig, IndexMismatchError, build_index, decode_image
+from bayesretrieval.options import TINY_MODEL
 from bayesretrieval.similarity import side_statistics
 from bayesretrieval.store import FORMAT_VERSION, SCALAR_COLUMNS, IndexReader
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from conftest import random_posterior, save_tiny_checkpoint, write_images
 
-from bayesretrieval.encoders import TINY_MODEL, ClipEncoder
+from bayesretrieval.encoders import ClipEncoder
 from bayesretrieval.indexing import BuildConfig, build_index
+from bayesretrieval.options import TINY_MODEL
 from bayesretrieval.store import IndexReader
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

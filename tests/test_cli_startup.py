@@ -86,7 +86,7 @@ def test_moved_options_are_the_same_objects():
 
 def test_folded_options_are_the_same_objects():
     """Owners import these from options; the old import paths give the very same objects."""
-    from bayesretrieval import encoders, training
+    from bayesretrieval import training
     from bayesretrieval.indexing import export, pipeline
     from bayesretrieval.posterior import curvature, fit, prior
 
@@ -96,5 +96,3 @@ def test_folded_options_are_the_same_objects():
     assert export.ExportFormat is options.ExportFormat and export.DEFAULT_ROWS_PER_FILE is options.DEFAULT_ROWS_PER_FILE
     assert pipeline.default_workers is options.default_workers
     assert {s: (c.model_name, c.steps, c.batch_size) for s, c in training.TRAIN_CONFIGS.items()} == options.TRAIN_RUNS
-    # encoders still spells the two names itself; once it imports them from options, make this `is`.
-    assert (encoders.TINY_MODEL, encoders.SMALL_MODEL) == (options.TINY_MODEL, options.SMALL_MODEL)

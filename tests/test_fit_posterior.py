@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from bayesretrieval import cli
-from bayesretrieval.encoders import TINY_MODEL, ClipEncoder
+from bayesretrieval.encoders import ClipEncoder
+from bayesretrieval.options import TINY_MODEL
 from bayesretrieval.posterior import load_bayesvlm_posterior, load_posterior
 from bayesretrieval.posterior.curvature import infonce_ggn
 from bayesretrieval.posterior.fit import PosteriorFitter, encode_pairs, fit_posterior

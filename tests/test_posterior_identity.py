@@ -8,9 +8,10 @@ import torch
 from conftest import random_posterior, save_tiny_checkpoint, write_images
 
 from bayesretrieval import BayesCLIP, Searcher
-from bayesretrieval.encoders import TINY_MODEL, ClipEncoder, ModelIdentity
+from bayesretrieval.encoders import ClipEncoder, ModelIdentity
 from bayesretrieval.indexing import BuildConfig, build_index
 from bayesretrieval.indexing.scalars import ScalarComputer
+from bayesretrieval.options import TINY_MODEL
 from bayesretrieval.posterior import PosteriorMismatchError, posterior_for_model, save_bayesvlm_directory
 from bayesretrieval.store import IndexReader, ItemArrays, VarianceSpec, VersionInfo, write_version
 from bayesretrieval.store.format import SKIPPED_SCHEMA

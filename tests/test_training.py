@@ -10,7 +10,8 @@ import torch
 from bayesretrieval import training
 from bayesretrieval.cache import CACHE_ENV
 from bayesretrieval.commands import train_clip as train_clip_command
-from bayesretrieval.encoders import TINY_MODEL, ClipEncoder, register_model_configs
+from bayesretrieval.encoders import ClipEncoder, register_model_configs
+from bayesretrieval.options import TINY_MODEL
 from bayesretrieval.training import (
     ModelSize,
     TrainConfig,

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from bayesretrieval.commands import make_world as make_world_command
-from bayesretrieval.encoders import TINY_MODEL, register_model_configs
+from bayesretrieval.encoders import register_model_configs
+from bayesretrieval.options import TINY_MODEL
 from bayesretrieval.world import images_to_tensor, make_world, read_world, recall_at_ks, write_world
 from bayesretrieval.world.io import read_world_table
 

@@ -26,8 +26,15 @@ precomputed embeddings (id or path, embedding, optional variance_diag/variance_l
 
 Re-running updates the index: only new and changed files (size, mtime) are encoded,
 deleted ones are dropped, ids stay. A killed build resumes from its shards in
-INDEX_DIR/work. Readers always see a complete version. A model, posterior or format
-mismatch with the existing index is an error unless --rebuild.
+INDEX_DIR/work. Readers always see a complete version. --model, --pretrained,
+--posterior and --variance default to what the existing index records (else to the
+defaults below). A model, posterior or format mismatch with the existing index is an
+error unless --rebuild. A damaged or incomplete current version (see `bayesretrieval
+verify`) is repaired: intact stored rows are reused, the rest is encoded again.
+
+A posterior must have been fitted for the weights it is used with; one without an
+identity (BayesVLM's formats) is accepted for ViT-B-32/laion2b_s34b_b79k only, unless
+--force-posterior. A SOURCE folder without images is an error unless --allow-empty.
 
 --posterior bayesvlm fetches BayesVLM's published factors for ViT-B-32/laion2b_s34b_b79k
 (sha256-verified, cached); offline, pass the folder holding them instead."""
@@ -43,25 +50,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("source", type=Path, metavar="SOURCE", help="image folder, or embeddings .parquet")
     parser.add_argument("index_dir", type=Path, metavar="INDEX_DIR", help="index directory (created or updated)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip architecture")
-    parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED,
-                        help="open_clip tag or checkpoint path; 'none' for random weights")
-    parser.add_argument("--posterior", default=BAYESVLM,
+    parser.add_argument("--model", help=f"open_clip architecture (default: the index's, else {DEFAULT_MODEL})")
+    parser.add_argument("--pretrained", help="open_clip tag or checkpoint path; 'none' for random weights "
+                                             f"(default: the index's, else {DEFAULT_PRETRAINED})")
+    parser.add_argument("--posterior",
                         help="posterior path (project format, BayesVLM directory or BayesVLM-Base "
-                             "safetensors) or 'bayesvlm' for the published factors")
+                             f"safetensors) or '{BAYESVLM}' for the published factors "
+                             f"(default: the index's, else {BAYESVLM})")
+    parser.add_argument("--force-posterior", action="store_true",
+                        help="use a posterior fitted for other weights, or one without an identity (warns)")
     parser.add_argument("--pseudo-data-count", "-n", type=float, nargs="+", help="override n (one, or image text)")
     parser.add_argument("--prior-precision", "--lambda", type=float, nargs="+",
                         help="override lambda (one, or image text)")
     parser.add_argument("--faiss", dest="faiss_factory",
                         help="FAISS factory string (default: Flat up to 100k items, then IVF)")
-    parser.add_argument("--variance", default="kfac",
-                        help="per-item covariance columns: kfac (none beyond the posterior scalars), diag, lowrank:R")
+    parser.add_argument("--variance", help="per-item covariance columns: kfac (none beyond the posterior "
+                                           "scalars), diag, lowrank:R (default: the index's, else kfac)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="image-decoding processes (0: in-process)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images as too_large")
     parser.add_argument("--device", default="cpu", help="torch device for the encoder")
     parser.add_argument("--rebuild", action="store_true", help="re-encode everything, replacing a mismatched index")
+    parser.add_argument("--allow-empty", action="store_true", help="publish an empty index for a folder without images")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
@@ -76,20 +87,47 @@ def resolve_posterior(spec: str, model_name: str, pretrained: str | None, n, lam
     return load_posterior(Path(spec), n, lam)
 
 
+def fill_recorded_settings(args: argparse.Namespace) -> None:
+    """Fill ``--model``, ``--pretrained``, ``--posterior`` and ``--variance`` left out from the index, else defaults.
+
+    Re-running ``build-index SRC INDEX`` thus updates the index with what built it (the
+    posterior stored in its current version), with no download and no mismatch.
+    """
+    from bayesretrieval.indexing.existing import published_version
+    from bayesretrieval.store import format as fmt
+
+    recorded = {}
+    if not args.rebuild:
+        try:
+            published = published_version(args.index_dir)
+        except ValueError:
+            published = None  # another format version: the build reports it
+        if published is not None:
+            folder, manifest, _ = published
+            recorded = {"model": manifest.model["model_name"], "pretrained": manifest.model.get("pretrained") or "none",
+                        "posterior": str(folder / fmt.POSTERIOR_DIR), "variance": manifest.variance}
+    defaults = {"model": DEFAULT_MODEL, "pretrained": DEFAULT_PRETRAINED, "posterior": BAYESVLM, "variance": "kfac"}
+    for name, default in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, recorded.get(name, default))
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``build-index``."""
     from bayesretrieval.encoders import ClipEncoder, ModelIdentity, file_sha256
     from bayesretrieval.indexing import BuildConfig, IndexBusyError
     from bayesretrieval.indexing.embeddings_input import build_index_from_embeddings
 
-    pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
     n = image_text_values(args.pseudo_data_count, "--pseudo-data-count")
     lam = image_text_values(args.prior_precision, "--prior-precision")
     if not args.source.exists():
         raise CommandError(f"source not found: {args.source}")
+    fill_recorded_settings(args)
+    pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
     posterior = resolve_posterior(args.posterior, args.model, pretrained, n, lam)
     config = BuildConfig(batch_size=args.batch_size, workers=args.workers, faiss_factory=args.faiss_factory,
-                         variance=args.variance, rebuild=args.rebuild, max_pixels=args.max_pixels)
+                         variance=args.variance, rebuild=args.rebuild, max_pixels=args.max_pixels,
+                         force_posterior=args.force_posterior, allow_empty=args.allow_empty)
     try:
         if args.source.is_file():
             sha = file_sha256(pretrained) if pretrained and Path(pretrained).is_file() else None

@@ -4,7 +4,7 @@ from bayesretrieval.indexing.decode import ImageSkipped, decode_image
 from bayesretrieval.indexing.embeddings_input import build_index_from_embeddings
 from bayesretrieval.indexing.existing import IndexBusyError, IndexMismatchError
 from bayesretrieval.indexing.export import ExportFormat, export_index
-from bayesretrieval.indexing.pipeline import BuildConfig, BuildProgress, BuildReport, build_index
+from bayesretrieval.indexing.pipeline import BuildConfig, BuildProgress, BuildReport, EmptySourceError, build_index
 from bayesretrieval.indexing.sources import IMAGE_EXTENSIONS, SourceFile, walk_images
 from bayesretrieval.skips import SkipReason
 
@@ -13,6 +13,7 @@ __all__ = [
     "BuildConfig",
     "BuildProgress",
     "BuildReport",
+    "EmptySourceError",
     "ExportFormat",
     "ImageSkipped",
     "IndexBusyError",

@@ -44,7 +44,7 @@ def items_from_results(table: pa.Table, item_ids: np.ndarray, embed_dim: int, va
 
 def items_from_previous(previous: PreviousItems, positions: np.ndarray) -> ItemArrays:
     """The rows of the previous version at ``positions`` ``(k,)`` (its array order)."""
-    reader = previous.reader
+    reader = previous.stored
     positions = np.asarray(positions, np.int64)
     take = lambda a: None if a is None else np.asarray(a[positions])  # noqa: E731
     return ItemArrays(

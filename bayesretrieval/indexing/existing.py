@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 from pathlib import Path
@@ -14,8 +13,9 @@ from bayesretrieval.encoders import ModelIdentity
 from bayesretrieval.indexing.plan import PreviousItems
 from bayesretrieval.posterior import PosteriorPair
 from bayesretrieval.posterior.identity import describe_model
-from bayesretrieval.store import IndexReader, VarianceSpec
+from bayesretrieval.store import IndexDamagedError, IndexReader, VarianceSpec
 from bayesretrieval.store import format as fmt
+from bayesretrieval.store.reader import current_version, damaged_files, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -56,27 +56,67 @@ def previous_items(
     source_kind: str,
     rebuild: bool,
 ) -> PreviousItems:
-    """Open the published index, if any, and check it was made the same way.
+    """Open the published version, if any, check it was made the same way, and check its files.
 
-    On a rebuild the check is skipped, and the previous ids are still reused per path
-    when the old index can be read at all.
+    Every file is checked against the manifest's sha256. A damaged or incomplete version
+    is repaired by the build: what its intact files hold is reused
+    (:meth:`PreviousItems.salvage`) and the rest is encoded again. On a rebuild the
+    compatibility check is skipped, and the previous ids are still reused per path when
+    the old index can be read at all.
 
     Raises:
         IndexMismatchError: naming both sides, unless ``rebuild``.
     """
-    manifest_file = Path(index_dir) / fmt.MANIFEST_FILE
-    if not manifest_file.is_file():
-        return PreviousItems.empty()
     try:
-        reader = IndexReader.open(index_dir)
-    except (ValueError, OSError, KeyError, json.JSONDecodeError) as err:
+        published = published_version(Path(index_dir))
+    except ValueError as err:
         if rebuild:
             logger.info("rebuilding %s from scratch: existing index unreadable (%s)", index_dir, err)
             return PreviousItems.empty()
         raise IndexMismatchError(f"{index_dir}: {err}; pass --rebuild to replace it") from None
+    if published is None:
+        return PreviousItems.empty()
+    version_dir, manifest, problem = published
     if not rebuild:
-        check_compatible(reader.manifest, model, posterior, variance, source_kind)
-    return PreviousItems.from_reader(reader)
+        check_compatible(manifest, model, posterior, variance, source_kind)
+    damaged = damaged_files(version_dir, manifest)
+    if problem:
+        damaged = {**damaged, str(Path(index_dir) / fmt.MANIFEST_FILE): problem}
+    if not damaged:
+        return PreviousItems.from_reader(IndexReader(version_dir))
+    logger.warning("index version %s is damaged (%s); repairing it from its intact files", version_dir,
+                   ", ".join(f"{name}: {why}" for name, why in damaged.items()))
+    return PreviousItems.salvage(version_dir, manifest, damaged)
+
+
+def published_version(index_dir: Path) -> tuple[Path, fmt.Manifest, str | None] | None:
+    """The version folder ``manifest.json`` names, its manifest, and what was wrong on the way.
+
+    When ``manifest.json`` is damaged or names a folder that is gone or damaged, the
+    newest version folder whose own manifest is readable (each version folder holds a
+    copy) stands in, and the problem says why (the version must be published again).
+
+    Returns:
+        ``(folder, manifest, problem)`` (``problem`` ``None`` when all is well), or ``None``
+        when there is no index (no ``manifest.json``) or no version survives.
+
+    Raises:
+        ValueError: for an index of another format version.
+    """
+    if not (index_dir / fmt.MANIFEST_FILE).exists():
+        return None
+    try:
+        folder = index_dir / fmt.VERSIONS_DIR / current_version(index_dir)
+        return folder, read_manifest(folder / fmt.MANIFEST_FILE), None
+    except (FileNotFoundError, IndexDamagedError) as err:
+        problem = str(err)
+    for folder in sorted((index_dir / fmt.VERSIONS_DIR).glob("v*"), reverse=True):
+        try:
+            return folder, read_manifest(folder / fmt.MANIFEST_FILE), problem
+        except (FileNotFoundError, IndexDamagedError):
+            continue
+    logger.warning("no readable version under %s: building the index from scratch", index_dir)
+    return None
 
 
 def check_compatible(

@@ -28,6 +28,10 @@ from bayesretrieval.store.format import FORMAT_VERSION
 from bayesretrieval.store.writer import empty_faiss_index
 
 
+class EmptySourceError(ValueError):
+    """The source folder holds no files to index."""
+
+
 @dataclass
 class BuildConfig:
     """Knobs of a build.
@@ -42,6 +46,9 @@ class BuildConfig:
         shard_batches: batches per durable shard (the work a crash can lose).
         force_posterior: use a posterior fitted for other weights, or one that does not
             say which (see :func:`~bayesretrieval.posterior.posterior_for_model`).
+        allow_empty: publish an empty index when the source holds no images (by default
+            that is an error: usually a wrong or unmounted folder, which would otherwise
+            empty an existing index).
     """
 
     batch_size: int = 64
@@ -52,6 +59,7 @@ class BuildConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     shard_batches: int = 8
     force_posterior: bool = False
+    allow_empty: bool = False
 
     def __post_init__(self):
         self.variance = VarianceSpec.parse(self.variance)
@@ -136,6 +144,7 @@ def build_index(
     Raises:
         IndexMismatchError: the existing index was made differently (unless ``rebuild``).
         IndexBusyError: another build holds the lock.
+        EmptySourceError: ``image_dir`` holds no files to index (unless ``allow_empty``).
         PosteriorMismatchError: the posterior was fitted for other weights (unless forced).
         ValueError: the posterior does not fit the encoder.
     """
@@ -147,6 +156,9 @@ def build_index(
     if config.faiss_factory:
         empty_faiss_index(config.faiss_factory, encoder.embed_dim)
     files, problems = walk_images(image_dir)
+    if not files and not config.allow_empty:
+        raise EmptySourceError(f"no image files under {image_dir}; pass --allow-empty (allow_empty=True) to "
+                               "publish an empty index")
     with index_lock(index_dir):
         previous = previous_items(index_dir, encoder.identity, posterior, config.variance, "images", config.rebuild)
         plan = plan_build(files, previous, reuse_items=not config.rebuild)
@@ -154,7 +166,7 @@ def build_index(
         work = WorkFolder(index_dir, _work_settings(encoder, posterior, config))
         if not config.rebuild and _unchanged(previous, plan, walk_skips, config):
             work.clear()  # left by a build killed between publishing and cleaning up
-            manifest = previous.reader.manifest
+            manifest = previous.manifest
             return BuildReport(manifest, False, 0, 0, len(plan.keep_positions), 0,
                                _count_reasons(previous.skipped), time.perf_counter() - started)
         computer = ScalarComputer(posterior, config.variance)
@@ -166,7 +178,7 @@ def build_index(
         _encode_into_shards(image_dir, remaining, encoder, computer, work, schema, config,
                             on_progress, len(plan.todo), resumed)
         items, encode_skips = _new_rows(_ShardResults.read(work, schema), plan, computer.embed_dim, config.variance)
-        kept = items_from_previous(previous, plan.keep_positions) if previous.reader else None
+        kept = items_from_previous(previous, plan.keep_positions) if len(plan.keep_positions) else None
         skip_rows = walk_skips + plan.kept_skips + encode_skips
         info = VersionInfo("images", str(image_dir.resolve()), encoder.identity.to_dict(), config.variance,
                            config.faiss_factory or _previous_factory(previous), plan.next_item_id)
@@ -178,9 +190,9 @@ def build_index(
 
 
 def _unchanged(previous: PreviousItems, plan: BuildPlan, walk_skips: list, config: BuildConfig) -> bool:
-    if previous.reader is None or plan.todo or plan.removed:
+    if previous.manifest is None or previous.damaged or plan.todo or plan.removed:
         return False
-    if config.faiss_factory and config.faiss_factory != previous.reader.manifest.faiss_factory:
+    if config.faiss_factory and config.faiss_factory != previous.manifest.faiss_factory:
         return False
     now = {(r["path"], r["reason"]) for r in walk_skips + plan.kept_skips}
     return now == {(r["path"], r["reason"]) for r in previous.skipped}
@@ -188,9 +200,9 @@ def _unchanged(previous: PreviousItems, plan: BuildPlan, walk_skips: list, confi
 
 def _previous_factory(previous: PreviousItems) -> str | None:
     """Keep a factory chosen by the user across updates; a size-based default is re-chosen."""
-    if previous.reader is None:
+    if previous.manifest is None:
         return None
-    manifest = previous.reader.manifest
+    manifest = previous.manifest
     chosen = manifest.faiss_factory != default_faiss_factory(manifest.item_count)
     return manifest.faiss_factory if chosen else None
 

@@ -3,42 +3,53 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from bayesretrieval.indexing.decode import RETRIED_REASONS
 from bayesretrieval.indexing.sources import SourceFile
-from bayesretrieval.store import IndexReader, ItemMetadata
+from bayesretrieval.store import IndexReader, ItemMetadata, Manifest
+from bayesretrieval.store import format as fmt
 
 ITEM_META_COLUMNS = ["item_id", "path", "file_size", "mtime_ns", "width", "height"]
 
 
 @dataclass
 class PreviousItems(ItemMetadata):
-    """What an existing index knows about its files, row-aligned with its (id-sorted) arrays.
+    """What an existing index knows about its files, row-aligned with its (id-sorted) rows.
 
     Attributes:
         skipped: the version's ``skipped.parquet`` rows as dicts.
         next_item_id: the next unused id.
-        reader: the open index the rows come from (``None`` when there is none).
+        manifest: the version's manifest (``None`` when there is no index).
+        stored: the stored rows (``means``, ``scalars``, ``variance_diag``,
+            ``variance_lowrank``, row-aligned): the open :class:`IndexReader`, or the rows
+            salvaged from a damaged version; ``None`` when no row can be reused.
+        damaged: files of the version found missing or damaged, with why (the version
+            must be republished even when nothing else changed).
 
     The file columns are those of :class:`~bayesretrieval.store.ItemMetadata`.
     """
 
     skipped: list = field(default_factory=list)
     next_item_id: int = 0
-    reader: IndexReader | None = None
+    manifest: Manifest | None = None
+    stored: object | None = None
+    damaged: dict = field(default_factory=dict)
 
     @classmethod
-    def empty(cls) -> "PreviousItems":
-        """No previous index."""
+    def empty(cls, next_item_id: int = 0) -> "PreviousItems":
+        """No previous items (ids start at ``next_item_id``)."""
         zeros = np.zeros(0, np.int64)
-        return cls(zeros, [], zeros, zeros, zeros.astype(np.int32), zeros.astype(np.int32))
+        return cls(zeros, [], zeros, zeros, zeros.astype(np.int32), zeros.astype(np.int32),
+                   next_item_id=int(next_item_id))
 
     @classmethod
     def from_reader(cls, reader: IndexReader) -> "PreviousItems":
-        """Read the metadata columns of an open index."""
+        """Read the metadata columns of an intact, open version."""
         table = reader.read_items(columns=ITEM_META_COLUMNS)
         column = lambda name, dtype: _filled(table.column(name), dtype)  # noqa: E731
         return cls(
@@ -50,8 +61,40 @@ class PreviousItems(ItemMetadata):
             height=column("height", np.int32),
             skipped=reader.read_skipped().to_pylist(),
             next_item_id=int(reader.manifest.next_item_id),
-            reader=reader,
+            manifest=reader.manifest,
+            stored=reader,
         )
+
+    @classmethod
+    def salvage(cls, version_dir: Path, manifest: Manifest, damaged: dict) -> "PreviousItems":
+        """What can be read from the intact files of a damaged version.
+
+        ``items.parquet`` holds every column of every item, so while it is intact every
+        unchanged file keeps its row; otherwise the ids of the paths are kept (from
+        ``item_ids.npy`` and the path files when those are intact) and every file is
+        encoded again.
+        """
+        from bayesretrieval.indexing.assemble import items_from_results
+
+        intact = lambda *names: not any(n in damaged for n in names)  # noqa: E731
+        skipped = (pq.read_table(version_dir / fmt.SKIPPED_FILE).to_pylist() if intact(fmt.SKIPPED_FILE) else [])
+        if intact(fmt.ITEMS_FILE):
+            table = pq.read_table(version_dir / fmt.ITEMS_FILE)
+            rows = items_from_results(table, table.column("item_id").to_numpy(), manifest.embed_dim,
+                                      manifest.variance_spec)
+            return cls(rows.item_ids, rows.paths, rows.file_size, rows.mtime_ns, rows.width, rows.height,
+                       skipped, manifest.next_item_id, manifest, rows, damaged)
+        previous = cls.empty(manifest.next_item_id)
+        if intact(fmt.ITEM_IDS_FILE, fmt.PATH_OFFSETS_FILE, fmt.PATHS_FILE):
+            ids = np.load(version_dir / fmt.ITEM_IDS_FILE)
+            offsets = np.load(version_dir / fmt.PATH_OFFSETS_FILE)
+            data = (version_dir / fmt.PATHS_FILE).read_bytes()
+            unknown = np.full(len(ids), -1)  # no file stamps: every file is encoded again, under its old id
+            previous = cls(ids, [data[a:b].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:])],
+                           unknown, unknown, unknown.astype(np.int32), unknown.astype(np.int32))
+        previous.skipped, previous.next_item_id = skipped, int(manifest.next_item_id)
+        previous.manifest, previous.damaged = manifest, damaged
+        return previous
 
 
 def _filled(column: pa.ChunkedArray, dtype) -> np.ndarray:

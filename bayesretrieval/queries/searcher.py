@@ -9,8 +9,9 @@ Usage::
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 
 from bayesretrieval.encoders import ClipEncoder, Encoded
-from bayesretrieval.posterior import Modality, posterior_for_model
+from bayesretrieval.posterior import Modality, PosteriorPair, posterior_for_model
 from bayesretrieval.queries.calibration import ProbitCalibration, load_calibration, save_calibration
 from bayesretrieval.queries.candidates import DEFAULT_MAX_CANDIDATES, CandidateSearch, SearchOutcome
 from bayesretrieval.queries.filters import ItemFilter, id_selector
@@ -28,6 +29,7 @@ from bayesretrieval.queries.scorers import ScoreName, make_scorer
 from bayesretrieval.queries.uncertainty import ModelCovariances, PairMoments, QuerySide
 from bayesretrieval.similarity import DEFAULT_ESTIMATOR, CosineEstimator
 from bayesretrieval.store import CovarianceForm, IndexReader
+from bayesretrieval.store.format import MANIFEST_FILE
 
 RESULT_COLUMNS = ("query", "query_index", "rank", "item_id", "path", "score", "cosine_mean", "cosine_std",
                   "logit_mean", "logit_std", "probability", "exact")
@@ -51,8 +53,30 @@ class Queries:
     modality: Modality
 
 
+@dataclass
+class Snapshot:
+    """One published version as a searcher uses it: its reader, posterior and search engines.
+
+    A search takes the searcher's snapshot once and uses it throughout, so a concurrent
+    :meth:`Searcher.refresh` never mixes two versions in one result.
+
+    Attributes:
+        reader: the open (leased) version.
+        posterior: its posterior.
+        engines: candidate searches per query modality, built on first use.
+    """
+
+    reader: IndexReader
+    posterior: PosteriorPair
+    engines: dict = field(default_factory=dict)
+
+
 class Searcher:
     """Search one index directory with a CLIP encoder and the index's posterior.
+
+    A searcher sees one published version, a consistent snapshot, however many builds
+    publish meanwhile (its version stays on disk while it is open). :meth:`refresh`, or
+    ``auto_refresh=True``, moves it to the newest version between searches.
 
     Args:
         reader: the opened index.
@@ -61,21 +85,38 @@ class Searcher:
         estimator: the cosine estimator (default ``second_order``).
         form: item covariance form; default: the richest the index holds.
         logit_scale: ``s``; default the encoder's (100 without an encoder).
+        auto_refresh: before each search, check ``manifest.json`` (one ``stat``) and
+            :meth:`refresh` when a build has published since.
     """
 
     def __init__(self, reader: IndexReader, encoder: ClipEncoder | None = None, index_dir: str | Path | None = None,
                  estimator: CosineEstimator | str = DEFAULT_ESTIMATOR, form: CovarianceForm | str | None = None,
-                 logit_scale: float | None = None):
-        self.reader, self.encoder = reader, encoder
+                 logit_scale: float | None = None, auto_refresh: bool = False):
+        self.encoder = encoder
         self.index_dir = Path(index_dir) if index_dir is not None else reader.version_dir.parent.parent
         self.estimator = CosineEstimator(estimator)
         self.form = CovarianceForm(form) if form is not None else reader.manifest.variance_spec.form
         reader.extremes(self.form)  # raises for a form whose variance columns the index lacks
         self.logit_scale = float(logit_scale if logit_scale is not None
                                  else (encoder.logit_scale if encoder else 100.0))
-        self.posterior = reader.posterior
-        self.posterior_fingerprint = reader.manifest.posterior.get("fingerprint")
-        self._engines: dict[Modality, CandidateSearch] = {}
+        self.auto_refresh = auto_refresh
+        self._manifest_stamp = _manifest_stamp(self.index_dir)
+        self._snapshot = Snapshot(reader, reader.posterior)
+
+    @property
+    def reader(self) -> IndexReader:
+        """The version this searcher currently searches."""
+        return self._snapshot.reader
+
+    @property
+    def posterior(self) -> PosteriorPair:
+        """The posterior of the current version."""
+        return self._snapshot.posterior
+
+    @property
+    def posterior_fingerprint(self) -> str | None:
+        """The manifest's fingerprint of the current version's posterior."""
+        return self.reader.manifest.posterior.get("fingerprint")
 
     @classmethod
     def open(cls, index_dir: str | Path, encoder: ClipEncoder | None = None, device: str = "cpu",
@@ -96,7 +137,8 @@ class Searcher:
                 threads; 1 is fastest for search-only processes there. ``None`` leaves
                 torch's setting alone (it is process-global: the library never changes
                 it on its own).
-            **options: ``estimator``, ``form``, ``logit_scale`` (see :class:`Searcher`).
+            **options: ``estimator``, ``form``, ``logit_scale``, ``auto_refresh`` (see
+                :class:`Searcher`).
 
         Raises:
             FileNotFoundError: if there is no index at ``index_dir``.
@@ -109,44 +151,86 @@ class Searcher:
                 raise ValueError(f"torch_threads must be at least 1, got {torch_threads}")
             torch.set_num_threads(int(torch_threads))
         reader = IndexReader.open(index_dir, mmap=not in_memory)
-        identity = reader.model
-        if encoder is None:
-            encoder = ClipEncoder.from_pretrained(identity.model_name, identity.pretrained, device=device)
-        if not encoder.identity.matches(identity):
-            raise ValueError(f"index {index_dir} was built with model {identity.to_dict()}, "
-                             f"the encoder is {encoder.identity.to_dict()}")
-        posterior = reader.posterior
-        expected = reader.manifest.posterior.get("fingerprint")
-        if posterior.fingerprint != expected:
-            raise ValueError(f"index {index_dir}: stored posterior fingerprint {posterior.fingerprint[:12]} "
-                             f"differs from the manifest's {str(expected)[:12]}")
-        posterior.check_encoder(encoder)
-        if posterior.model is not None:
-            posterior_for_model(posterior, encoder.identity)
+        try:
+            if encoder is None:
+                identity = reader.model
+                encoder = ClipEncoder.from_pretrained(identity.model_name, identity.pretrained, device=device)
+            _check_version(reader, encoder)
+        except BaseException:
+            reader.close()
+            raise
         return cls(reader, encoder, index_dir, **options)
 
-    def engine(self, modality: Modality | str) -> CandidateSearch:
-        """The candidate search for queries of ``modality`` (built once)."""
-        modality = Modality(modality)
-        if modality not in self._engines:
-            covs = ModelCovariances.from_posterior(self.posterior, modality, self.estimator)
-            self._engines[modality] = CandidateSearch(self.reader, covs, self.form, self.estimator)
-        return self._engines[modality]
+    def refresh(self) -> bool:
+        """Move to the newest published version of the index directory.
 
-    def encode(self, queries, modality: Modality | str | None = None) -> Queries:
+        Searches already running finish on the version they started with; its lease is
+        released once no search uses it. On any error the searcher keeps its version.
+
+        Returns:
+            Whether the version changed.
+
+        Raises:
+            ValueError: if the new version was built with another model, or lacks the
+                covariance form this searcher uses.
+        """
+        self._manifest_stamp = _manifest_stamp(self.index_dir)
+        reader = IndexReader.open(self.index_dir, mmap=self.reader.mmap)
+        if reader.manifest.version == self.reader.manifest.version:
+            reader.close()
+            return False
+        try:
+            if self.encoder is not None:
+                _check_version(reader, self.encoder)
+            reader.extremes(self.form)
+            snapshot = Snapshot(reader, reader.posterior)
+        except BaseException:
+            reader.close()
+            raise
+        self._snapshot = snapshot
+        return True
+
+    def close(self) -> None:
+        """Release the current version's lease (the searcher must not be used afterwards)."""
+        self.reader.close()
+
+    def __enter__(self) -> "Searcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _current(self) -> Snapshot:
+        """The snapshot a search uses, refreshed first when ``auto_refresh`` and a build has published."""
+        if self.auto_refresh and _manifest_stamp(self.index_dir) != self._manifest_stamp:
+            self.refresh()
+        return self._snapshot
+
+    def engine(self, modality: Modality | str, snapshot: Snapshot | None = None) -> CandidateSearch:
+        """The candidate search for queries of ``modality`` on ``snapshot`` (default: current; built once)."""
+        snapshot = snapshot or self._snapshot
+        modality = Modality(modality)
+        if modality not in snapshot.engines:
+            covs = ModelCovariances.from_posterior(snapshot.posterior, modality, self.estimator)
+            snapshot.engines[modality] = CandidateSearch(snapshot.reader, covs, self.form, self.estimator)
+        return snapshot.engines[modality]
+
+    def encode(self, queries, modality: Modality | str | None = None, snapshot: Snapshot | None = None) -> Queries:
         """Encode texts or images, or take precomputed embeddings, as queries.
 
         Images are PIL images or a preprocessed ``(nq, 3, H, W)`` tensor; precomputed ones are
-        :class:`~bayesretrieval.encoders.Encoded` (``modality`` says which tower).
+        :class:`~bayesretrieval.encoders.Encoded` (``modality`` says which tower). The query
+        scales come from ``snapshot``'s posterior (default: the current version's).
 
         Raises:
             ValueError: for no queries, an empty text, or queries that need a model when
                 the searcher has none.
         """
+        snapshot = snapshot or self._snapshot
         if isinstance(queries, Encoded):
             modality = Modality(modality or Modality.TEXT)
             labels = [f"#{i}" for i in range(len(queries.embeds))]
-            return self._from_encoded(queries, modality, labels)
+            return self._from_encoded(queries, modality, labels, snapshot)
         if isinstance(queries, (str, Image.Image)):
             queries = [queries]
         if not isinstance(queries, torch.Tensor):
@@ -157,21 +241,22 @@ class Searcher:
             raise ValueError("this searcher has no encoder; pass precomputed Encoded queries")
         if isinstance(queries, torch.Tensor):
             labels = [f"image #{i}" for i in range(len(queries))]
-            return self._from_encoded(self.encoder.encode_images(queries), Modality.IMAGE, labels)
+            return self._from_encoded(self.encoder.encode_images(queries), Modality.IMAGE, labels, snapshot)
         if all(isinstance(q, str) for q in queries):
             empty = [i for i, q in enumerate(queries) if not q.strip()]
             if empty:
                 raise ValueError(f"query {empty[0]} is empty; every query needs some text")
-            return self._from_encoded(self.encoder.encode_texts(queries), Modality.TEXT, queries)
+            return self._from_encoded(self.encoder.encode_texts(queries), Modality.TEXT, queries, snapshot)
         pixels = torch.stack([self.encoder.preprocess(image) for image in queries])
         labels = [getattr(image, "filename", "") or f"image #{i}" for i, image in enumerate(queries)]
-        return self._from_encoded(self.encoder.encode_images(pixels), Modality.IMAGE, labels)
+        return self._from_encoded(self.encoder.encode_images(pixels), Modality.IMAGE, labels, snapshot)
 
-    def _from_encoded(self, encoded: Encoded, modality: Modality, labels: list) -> Queries:
-        posterior = self.posterior.image if modality is Modality.IMAGE else self.posterior.text
-        if encoded.embeds.ndim != 2 or encoded.embeds.shape[1] != self.reader.embed_dim:
+    @staticmethod
+    def _from_encoded(encoded: Encoded, modality: Modality, labels: list, snapshot: Snapshot) -> Queries:
+        posterior = snapshot.posterior.image if modality is Modality.IMAGE else snapshot.posterior.text
+        if encoded.embeds.ndim != 2 or encoded.embeds.shape[1] != snapshot.reader.embed_dim:
             raise ValueError(f"query embeddings have shape {tuple(encoded.embeds.shape)}, "
-                             f"index has dim {self.reader.embed_dim}")
+                             f"index has dim {snapshot.reader.embed_dim}")
         if len(encoded.embeds) == 0:
             raise ValueError("no queries given")
         return Queries(labels, encoded.embeds.to(torch.float64), posterior.activation_scale(encoded.activations),
@@ -215,17 +300,18 @@ class Searcher:
         if threshold is not None and not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
         start = time.perf_counter()
-        encoded = self.encode(queries, modality)
+        snapshot = self._current()
+        encoded = self.encode(queries, modality, snapshot)
         wants_probability = threshold is not None or getattr(score, "value", score) == ScoreName.PROBABILITY.value
-        calibration = self.calibration(encoded.modality, required=wants_probability)
+        calibration = self.calibration(encoded.modality, required=wants_probability, snapshot=snapshot)
         scorer = make_scorer(score, kappa, calibration)
         if threshold is not None and calibration is None:
             raise ValueError("threshold needs a calibration; run `bayesretrieval calibrate` on the index first")
-        engine = self.engine(encoded.modality)
+        engine = self.engine(encoded.modality, snapshot)
         query = QuerySide.build(encoded.means, encoded.scales, engine.covs)
-        selector, k_eff = None, min(int(k), len(self.reader))
+        selector, k_eff = None, min(int(k), len(snapshot.reader))
         if where is not None and not where.is_empty:
-            allowed = where.select(self.reader)
+            allowed = where.select(snapshot.reader)
             selector, k_eff = id_selector(allowed), min(int(k), len(allowed))
         if k_eff == 0:
             nothing = SearchOutcome.empty(len(encoded.labels), 0)  # no eligible item: trivially exact
@@ -234,11 +320,12 @@ class Searcher:
         prepared = time.perf_counter()
         outcome = engine.search(query, scorer, k_eff, selector, nprobe, candidates, max_candidates)
         searched = time.perf_counter()
-        frame = self._table(encoded, outcome, calibration, threshold)
+        frame = self._table(encoded, outcome, calibration, threshold, snapshot.reader)
         seconds = {"queries": prepared - start, **outcome.seconds, "table": time.perf_counter() - searched}
         return _with_attrs(frame, score, outcome, self.estimator, seconds)
 
-    def _table(self, encoded: Queries, outcome: SearchOutcome, calibration, threshold) -> pd.DataFrame:
+    def _table(self, encoded: Queries, outcome: SearchOutcome, calibration, threshold,
+               reader: IndexReader) -> pd.DataFrame:
         """The result rows, built column-wise."""
         qi, rank = np.nonzero(outcome.item_ids >= 0)
         pick = lambda a: a[qi, rank]  # noqa: E731
@@ -248,7 +335,7 @@ class Searcher:
         ids = pick(outcome.item_ids)
         frame = pd.DataFrame({
             "query": np.asarray(encoded.labels, dtype=object)[qi], "query_index": qi, "rank": rank + 1,
-            "item_id": ids, "path": self.reader.paths(ids), "score": pick(outcome.scores),
+            "item_id": ids, "path": reader.paths(ids), "score": pick(outcome.scores),
             "cosine_mean": mean, "cosine_std": std, "logit_mean": self.logit_scale * mean,
             "logit_std": self.logit_scale * std, "probability": probability, "exact": outcome.exact[qi],
         })  # in RESULT_COLUMNS order: selecting them again costs a third of the table's time
@@ -256,23 +343,26 @@ class Searcher:
             frame = frame[frame.probability >= threshold].reset_index(drop=True)
         return frame
 
-    def calibration(self, modality: Modality | str = Modality.TEXT, required: bool = False) -> ProbitCalibration | None:
+    def calibration(self, modality: Modality | str = Modality.TEXT, required: bool = False,
+                    snapshot: Snapshot | None = None) -> ProbitCalibration | None:
         """The stored probit link for queries of ``modality``, or ``None``.
+
+        The link must have been fitted for ``snapshot``'s posterior (default: the current version's).
 
         Raises:
             ValueError: when ``required`` and the stored link was fitted for another
                 posterior, estimator or covariance form.
         """
         try:
-            return load_calibration(self.index_dir, Modality(modality).value, self._calibration_tags())
+            return load_calibration(self.index_dir, Modality(modality).value, self._calibration_tags(snapshot))
         except ValueError:
             if required:
                 raise
             return None
 
-    def _calibration_tags(self) -> dict:
-        return {"posterior_fingerprint": self.posterior_fingerprint, "estimator": self.estimator.value,
-                "form": self.form.value}
+    def _calibration_tags(self, snapshot: Snapshot | None = None) -> dict:
+        fingerprint = (snapshot or self._snapshot).reader.manifest.posterior.get("fingerprint")
+        return {"posterior_fingerprint": fingerprint, "estimator": self.estimator.value, "form": self.form.value}
 
     def pair_moments(self, queries, item_ids: Sequence[int], modality: Modality | str | None = None) -> PairMoments:
         """Moments of given (query, item) pairs: ``queries[i]`` with ``item_ids[i]``.
@@ -289,12 +379,13 @@ class Searcher:
         if isinstance(queries, (list, tuple)) and queries and all(isinstance(q, str) for q in queries):
             queries, rows = np.unique(np.asarray(queries, dtype=object).astype(str), return_inverse=True)
             queries = queries.tolist()
-        encoded = self.encode(queries, modality)
+        snapshot = self._current()
+        encoded = self.encode(queries, modality, snapshot)
         ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
         rows = np.arange(len(encoded.labels)) if rows is None else rows.reshape(-1)
         if len(ids) != len(rows):
             raise ValueError(f"{len(rows)} queries but {len(ids)} item ids")
-        engine = self.engine(encoded.modality)
+        engine = self.engine(encoded.modality, snapshot)
         query = QuerySide.build(encoded.means, encoded.scales, engine.covs)
         return engine.pair_moments(query, rows, ids)
 
@@ -334,3 +425,28 @@ def _with_attrs(frame: pd.DataFrame, score, outcome: SearchOutcome, estimator, s
                        certified=bool(np.all(outcome.certified)), estimator=estimator.value,
                        candidates=outcome.candidates.tolist(), needed=outcome.needed.tolist(), seconds=seconds)
     return frame
+
+
+def _check_version(reader: IndexReader, encoder: ClipEncoder) -> None:
+    """Raise ``ValueError`` unless ``reader``'s version was built with ``encoder`` and its posterior is intact."""
+    identity = reader.model
+    if not encoder.identity.matches(identity):
+        raise ValueError(f"index {reader.version_dir} was built with model {identity.to_dict()}, "
+                         f"the encoder is {encoder.identity.to_dict()}")
+    posterior = reader.posterior
+    expected = reader.manifest.posterior.get("fingerprint")
+    if posterior.fingerprint != expected:
+        raise ValueError(f"index {reader.version_dir}: stored posterior fingerprint {posterior.fingerprint[:12]} "
+                         f"differs from the manifest's {str(expected)[:12]}")
+    posterior.check_encoder(encoder)
+    if posterior.model is not None:
+        posterior_for_model(posterior, encoder.identity)
+
+
+def _manifest_stamp(index_dir: Path) -> tuple | None:
+    """What changes when a build replaces ``manifest.json`` (inode, size, mtime), or ``None``."""
+    try:
+        info = os.stat(Path(index_dir) / MANIFEST_FILE)
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns

@@ -100,6 +100,7 @@ class IndexReader:
     Attributes:
         manifest: the version's :class:`Manifest`.
         version_dir: the folder read.
+        mmap: whether the arrays are memory-mapped.
         item_ids: ``(N,)`` int64, sorted (row order of every array below).
         means: ``(N, D)`` float32 unnormalised means.
         scalars: ``(N, 6)`` float64, columns :data:`SCALAR_COLUMNS`.
@@ -108,7 +109,7 @@ class IndexReader:
     """
 
     def __init__(self, version_dir: str | Path, mmap: bool = True):
-        self.version_dir = Path(version_dir)
+        self.version_dir, self.mmap = Path(version_dir), mmap
         manifest_file = self.version_dir / fmt.MANIFEST_FILE
         if not manifest_file.is_file():
             raise FileNotFoundError(f"not an index version folder (no {fmt.MANIFEST_FILE}): {self.version_dir}")
