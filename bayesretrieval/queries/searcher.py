@@ -288,7 +288,8 @@ class Searcher:
             (every query's certificate held relative to what FAISS can return; differs
             from ``exact`` for IVF with fewer probes than lists), ``candidates`` (per
             query, the FAISS candidates its last round used), ``needed`` (per query, the
-            fewest that certify it), ``estimator`` and ``seconds``: where the time went
+            fewest that certify it), ``version`` (the index version that answered),
+            ``estimator`` and ``seconds``: where the time went
             (``queries``: encoding, query-side products and filter selection; ``faiss``;
             ``rerank``; ``table``).
 
@@ -316,13 +317,14 @@ class Searcher:
         if k_eff == 0:
             nothing = SearchOutcome.empty(len(encoded.labels), 0)  # no eligible item: trivially exact
             nothing.certified[:] = nothing.exact[:] = True
-            return _with_attrs(pd.DataFrame(columns=list(RESULT_COLUMNS)), score, nothing, self.estimator, {})
+            return _with_attrs(pd.DataFrame(columns=list(RESULT_COLUMNS)), score, nothing, self.estimator, {},
+                               snapshot.reader.manifest.version)
         prepared = time.perf_counter()
         outcome = engine.search(query, scorer, k_eff, selector, nprobe, candidates, max_candidates)
         searched = time.perf_counter()
         frame = self._table(encoded, outcome, calibration, threshold, snapshot.reader)
         seconds = {"queries": prepared - start, **outcome.seconds, "table": time.perf_counter() - searched}
-        return _with_attrs(frame, score, outcome, self.estimator, seconds)
+        return _with_attrs(frame, score, outcome, self.estimator, seconds, snapshot.reader.manifest.version)
 
     def _table(self, encoded: Queries, outcome: SearchOutcome, calibration, threshold,
                reader: IndexReader) -> pd.DataFrame:
@@ -420,8 +422,8 @@ def _is_images(queries) -> bool:
     return isinstance(queries, (list, tuple)) and bool(queries) and not isinstance(queries[0], str)
 
 
-def _with_attrs(frame: pd.DataFrame, score, outcome: SearchOutcome, estimator, seconds) -> pd.DataFrame:
-    frame.attrs.update(score=ScoreName(score).value, exact=bool(np.all(outcome.exact)),
+def _with_attrs(frame: pd.DataFrame, score, outcome: SearchOutcome, estimator, seconds, version) -> pd.DataFrame:
+    frame.attrs.update(score=ScoreName(score).value, version=version, exact=bool(np.all(outcome.exact)),
                        certified=bool(np.all(outcome.certified)), estimator=estimator.value,
                        candidates=outcome.candidates.tolist(), needed=outcome.needed.tolist(), seconds=seconds)
     return frame
