@@ -6,13 +6,15 @@ Layout (``FORMAT_VERSION = 2``; other versions are refused with a hint to rebuil
       manifest.json            points at the current version (replaced atomically)
       versions/<vNNNNNN>/      one immutable, self-contained version per publication
       work/                    resumable build state (shards); absent after a clean finish
+      readers/                 one lease file per open reader, naming the version it pins
       .lock                    advisory lock held by a running build
 
 ``manifest.json`` is the current version's own ``manifest.json`` (so its ``version`` key
 names the folder). It is replaced with write-temp + fsync + ``os.replace`` after the
 version folder is complete and fsync'd, so a reader always sees a complete version.
-After publishing, all versions except the current and the previous are deleted: a
-reader that opened the previous version keeps working until the next publication.
+After publishing, every version that is neither current nor pinned by a live reader's
+lease is deleted (:mod:`bayesretrieval.store.leases`): a reader keeps its version for
+as long as it is open, however many builds publish meanwhile.
 
 A version folder holds:
 
@@ -25,7 +27,8 @@ A version folder holds:
   (``kfac``, ``diag`` or ``lowrank:R``: which per-item covariance columns are stored),
   ``traces`` (``trace_image`` = tr Sigma_I, ``trace_text`` = tr Sigma_T), ``extremes`` (the
   search certificate's collection extremes per covariance form, see
-  :mod:`bayesretrieval.store.extremes`) and ``files`` (sha256 per file).
+  :mod:`bayesretrieval.store.extremes`), ``files`` (sha256 per file, checked by
+  ``bayesretrieval verify``) and ``file_sizes`` (bytes per file, checked on every open).
 - ``items.parquet``: one row per item, sorted by ``item_id``: ``item_id`` int64 (explicit,
   stable per path across rebuilds), ``path`` (POSIX, relative to the indexed folder; for
   precomputed input the given path or the id as text), ``file_size``, ``mtime_ns``,

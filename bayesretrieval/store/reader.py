@@ -88,8 +88,10 @@ class ItemRows:
 class IndexReader:
     """A consistent, read-only view of one published version of an index directory.
 
-    The version is fixed when the reader opens; a concurrent build publishes a new
-    version next to it and keeps this one (as ``previous``) until the build after that.
+    The version is fixed when the reader opens. Opened with :meth:`open`, the reader
+    holds a lease on it, so concurrent builds publish new versions next to it and keep
+    this one until the reader is closed. Opening checks every file's presence and size
+    and the array headers; a damaged file raises :class:`IndexDamagedError` naming it.
 
     Args:
         version_dir: a folder under ``INDEX_DIR/versions/``.
