@@ -133,23 +133,33 @@ def _quadratic(bb: torch.Tensor, ab: torch.Tensor, aa: torch.Tensor, t: torch.Te
 
 
 def _moments_probcosine(x, y, pair, const):
-    """Smith et al. ProbCosine (docs/math.md section 3) with the covariances given."""
+    """Smith et al. ProbCosine (docs/math.md section 3) with the covariances given.
+
+    Returns ``(mean, var_query, var_item, var_joint)``: the terms ``q_y mu_x^T Sigma_y mu_x``,
+    ``q_x mu_y^T Sigma_x mu_y`` and ``q_x q_y tr(Sigma_x Sigma_y)``, each over ``r_x^2 r_y^2``.
+    """
     rx2 = x.expected_norm_sq(const.trace_x)[:, None]
     ry2 = y.expected_norm_sq(const.trace_y)[None, :]
     qx, qy = x.scale[:, None], y.scale[None, :]
-    dot_var = qx * y.other_quad[None, :] + qy * x.other_quad[:, None] + qx * qy * const.trace_xy
-    return pair.dot / torch.sqrt(rx2 * ry2), dot_var / (rx2 * ry2)
+    normaliser = rx2 * ry2
+    var_item = qx * y.other_quad[None, :] / normaliser
+    var_query = qy * x.other_quad[:, None] / normaliser
+    return pair.dot / torch.sqrt(normaliser), var_query, var_item, qx * qy * const.trace_xy / normaliser
 
 
 def _moments_delta(x, y, pair, const):
-    """First-order delta method: ``grad_x = (yhat - c xhat)/|mu_x|`` and its mirror."""
+    """First-order delta method: ``grad_x = (yhat - c xhat)/|mu_x|`` and its mirror.
+
+    Returns ``(mean, var_query, var_item, var_joint)``; the joint part is 0 (first order
+    has no term with both sides' noise).
+    """
     nx2, ny2 = x.norm_sq[:, None], y.norm_sq[None, :]
     cosine = pair.dot / torch.sqrt(nx2 * ny2)
-    var_x = _quadratic(y.other_quad[None, :] / ny2, pair.cross_x / torch.sqrt(nx2 * ny2),
-                       x.own_quad[:, None] / nx2, cosine) * x.scale[:, None] / nx2
-    var_y = _quadratic(x.other_quad[:, None] / nx2, pair.cross_y / torch.sqrt(nx2 * ny2),
-                       y.own_quad[None, :] / ny2, cosine) * y.scale[None, :] / ny2
-    return cosine, var_x + var_y
+    var_item = _quadratic(y.other_quad[None, :] / ny2, pair.cross_x / torch.sqrt(nx2 * ny2),
+                          x.own_quad[:, None] / nx2, cosine) * x.scale[:, None] / nx2
+    var_query = _quadratic(x.other_quad[:, None] / nx2, pair.cross_y / torch.sqrt(nx2 * ny2),
+                           y.own_quad[None, :] / ny2, cosine) * y.scale[None, :] / ny2
+    return cosine, var_query, var_item, torch.zeros_like(var_item)
 
 
 def _moments_second_order(x, y, pair, const):
@@ -163,19 +173,25 @@ def _moments_second_order(x, y, pair, const):
 
     The last term is the variance of the squared norms' fluctuation, which dominates for
     near-parallel pairs where the gradient vanishes (docs/math.md section 7).
+
+    Returns ``(mean, var_query, var_item, var_joint)``: the terms with only ``S_y``
+    (``g_y' S_y g_y`` and ``S_y``'s curvature), only ``S_x``, and ``tr(S_x S_y) / (r_x^2 r_y^2)``.
     """
     rx2 = x.expected_norm_sq(const.trace_x)[:, None]
     ry2 = y.expected_norm_sq(const.trace_y)[None, :]
     qx, qy = x.scale[:, None], y.scale[None, :]
-    mean = pair.dot / torch.sqrt(rx2 * ry2)
+    normaliser = rx2 * ry2
+    mean = pair.dot / torch.sqrt(normaliser)
+    half_mean_sq = 0.5 * mean**2
     linear_x = qx * _quadratic(y.other_quad[None, :], pair.cross_x, x.own_quad[:, None], pair.dot / rx2)
     linear_y = qy * _quadratic(x.other_quad[:, None], pair.cross_y, y.own_quad[None, :], pair.dot / ry2)
-    bilinear = qx * qy * const.trace_xy
-    curvature = 0.5 * mean**2 * (qx**2 * const.trace_xx / rx2**2 + qy**2 * const.trace_yy / ry2**2)
-    return mean, (linear_x + linear_y + bilinear) / (rx2 * ry2) + curvature
+    var_item = linear_x / normaliser + half_mean_sq * (qx**2 * const.trace_xx / rx2**2)
+    var_query = linear_y / normaliser + half_mean_sq * (qy**2 * const.trace_yy / ry2**2)
+    return mean, var_query, var_item, qx * qy * const.trace_xy / normaliser
 
 
 MomentFunction = Callable[[SideStatistics, SideStatistics, PairTerms, CovarianceConstants], tuple]
+"""``(x, y, pair, constants) -> (mean, var_query, var_item, var_joint)``, each ``(N, M)``."""
 
 _ESTIMATORS: dict[CosineEstimator, MomentFunction] = {
     CosineEstimator.PUBLISHED: _moments_probcosine,
@@ -185,9 +201,54 @@ _ESTIMATORS: dict[CosineEstimator, MomentFunction] = {
 }
 
 
+@dataclass
+class CosineMoments:
+    """Mean and variance of the cosine, with the variance split by where the noise comes from.
+
+    Side ``x`` is the item (the image side of a search), side ``y`` the query. Every
+    estimator's variance is a sum of terms with only the item's noise, only the query's,
+    and both (docs/math.md section 7); each part is that sum of terms, not clamped (it may
+    be a rounding error below 0), while ``var`` is their sum clamped at 0. Each is a float64
+    tensor of one shape.
+
+    Attributes:
+        mean: ``E[cos]``.
+        var: ``Var[cos] = max(var_query + var_item + var_joint, 0)``.
+        var_query: the terms with only the query's (side ``y``'s) noise.
+        var_item: the terms with only the item's (side ``x``'s) noise.
+        var_joint: the terms with both (``q_x q_y tr(Sigma_x Sigma_y) / (r_x^2 r_y^2)``; 0 for ``delta``).
+    """
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    var_query: torch.Tensor
+    var_item: torch.Tensor
+    var_joint: torch.Tensor
+
+
 def uses_diagonal_covariance(estimator: CosineEstimator | str) -> bool:
     """Whether the estimator replaces every ``Sigma`` by its diagonal (``published``)."""
     return CosineEstimator(estimator) is CosineEstimator.PUBLISHED
+
+
+def cosine_moment_parts_from_statistics(
+    x: SideStatistics,
+    y: SideStatistics,
+    pair: PairTerms,
+    constants: CovarianceConstants,
+    estimator: CosineEstimator | str = DEFAULT_ESTIMATOR,
+) -> CosineMoments:
+    """Mean, variance and the variance's query / item / joint parts of ``cos(x_i, y_j)`` from stored scalars.
+
+    The caller is responsible for computing statistics with diagonal covariances when
+    ``uses_diagonal_covariance(estimator)``.
+
+    Returns:
+        The moments, each shape ``(N, M)``, float64; ``var`` is the parts' sum clamped at 0.
+    """
+    mean, var_query, var_item, var_joint = _ESTIMATORS[CosineEstimator(estimator)](x, y, pair, constants)
+    var = (var_query + var_item + var_joint).clamp_min(0.0)
+    return CosineMoments(mean, var, var_query, var_item, var_joint)
 
 
 def cosine_moments_from_statistics(
@@ -199,14 +260,38 @@ def cosine_moments_from_statistics(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance of ``cos(x_i, y_j)`` for all pairs from stored scalars.
 
-    The caller is responsible for computing statistics with diagonal covariances when
-    ``uses_diagonal_covariance(estimator)``.
+    :func:`cosine_moment_parts_from_statistics` without the parts.
 
     Returns:
         ``(mean, var)``, each shape ``(N, M)``, float64; ``var`` is clamped at 0.
     """
-    mean, var = _ESTIMATORS[CosineEstimator(estimator)](x, y, pair, constants)
-    return mean, var.clamp_min(0.0)
+    moments = cosine_moment_parts_from_statistics(x, y, pair, constants, estimator)
+    return moments.mean, moments.var
+
+
+def cosine_moment_parts(
+    means_x: torch.Tensor,
+    scales_x: torch.Tensor,
+    cov_x: torch.Tensor,
+    means_y: torch.Tensor,
+    scales_y: torch.Tensor,
+    cov_y: torch.Tensor,
+    estimator: CosineEstimator | str = DEFAULT_ESTIMATOR,
+) -> CosineMoments:
+    """:func:`cosine_moments` with the variance's parts: ``var_item`` (side x), ``var_query`` (side y), ``var_joint``.
+
+    Takes :func:`cosine_moments`'s arguments.
+
+    Returns:
+        The moments, each ``(N, M)``, float64.
+    """
+    if uses_diagonal_covariance(estimator):
+        cov_x, cov_y = torch.diag(torch.diagonal(cov_x)), torch.diag(torch.diagonal(cov_y))
+    x = side_statistics(means_x, scales_x, cov_x, cov_y)
+    y = side_statistics(means_y, scales_y, cov_y, cov_x)
+    pair = pair_terms(means_x, means_y, cov_x, cov_y)
+    constants = CovarianceConstants.from_covariances(cov_x, cov_y)
+    return cosine_moment_parts_from_statistics(x, y, pair, constants, estimator)
 
 
 def cosine_moments(
@@ -230,15 +315,10 @@ def cosine_moments(
         estimator: a :class:`CosineEstimator` or its name.
 
     Returns:
-        ``(mean, var)``, each ``(N, M)``, float64.
+        ``(mean, var)``, each ``(N, M)``, float64 (:func:`cosine_moment_parts` also splits ``var``).
     """
-    if uses_diagonal_covariance(estimator):
-        cov_x, cov_y = torch.diag(torch.diagonal(cov_x)), torch.diag(torch.diagonal(cov_y))
-    x = side_statistics(means_x, scales_x, cov_x, cov_y)
-    y = side_statistics(means_y, scales_y, cov_y, cov_x)
-    pair = pair_terms(means_x, means_y, cov_x, cov_y)
-    constants = CovarianceConstants.from_covariances(cov_x, cov_y)
-    return cosine_moments_from_statistics(x, y, pair, constants, estimator)
+    moments = cosine_moment_parts(means_x, scales_x, cov_x, means_y, scales_y, cov_y, estimator)
+    return moments.mean, moments.var
 
 
 def probabilistic_logits(

@@ -41,6 +41,9 @@ RERANK_MARGIN = 1
 ``k``-th score tight enough that, for ``expected``, no later candidate usually survives
 the bound and the second stage scores nothing."""
 
+_MOMENT_NAMES = ("mean", "var", "map_cosine", "var_query", "var_item", "var_joint")
+"""The :class:`PairMoments` a :class:`SearchOutcome` keeps for its top ``k``."""
+
 
 @dataclass
 class SearchOutcome:
@@ -52,6 +55,9 @@ class SearchOutcome:
         mean: ``(nq, k)`` ``E[cos]``.
         var: ``(nq, k)`` ``Var[cos]``.
         map_cosine: ``(nq, k)`` cosine of the means.
+        var_query: ``(nq, k)`` the part of ``var`` due to the query's noise alone (docs/math.md section 7).
+        var_item: ``(nq, k)`` the part due to the item's noise alone.
+        var_joint: ``(nq, k)`` the joint part, ``var`` less the two (before clamping).
         certified: ``(nq,)`` whether the certificate held (no unreturned item can enter).
         exact: ``(nq,)`` certified and FAISS's ranking exhaustive: equal to a brute-force rerank.
         candidates: ``(nq,)`` FAISS candidates the last round asked for.
@@ -66,6 +72,9 @@ class SearchOutcome:
     mean: np.ndarray
     var: np.ndarray
     map_cosine: np.ndarray
+    var_query: np.ndarray
+    var_item: np.ndarray
+    var_joint: np.ndarray
     certified: np.ndarray
     exact: np.ndarray
     candidates: np.ndarray
@@ -74,10 +83,11 @@ class SearchOutcome:
 
     @classmethod
     def empty(cls, nq: int, k: int) -> "SearchOutcome":
-        """No results yet for ``nq`` queries: ids ``-1``, scores ``-inf``, nothing certified."""
-        nan = np.full((nq, k), np.nan)
-        return cls(np.full((nq, k), -1, np.int64), np.full((nq, k), -np.inf), nan.copy(), nan.copy(), nan.copy(),
-                   np.zeros(nq, bool), np.zeros(nq, bool), np.zeros(nq, np.int64), np.zeros(nq, np.int64))
+        """No results yet for ``nq`` queries: ids ``-1``, scores ``-inf``, moments NaN, nothing certified."""
+        moments = {name: np.full((nq, k), np.nan) for name in _MOMENT_NAMES}
+        return cls(item_ids=np.full((nq, k), -1, np.int64), scores=np.full((nq, k), -np.inf), **moments,
+                   certified=np.zeros(nq, bool), exact=np.zeros(nq, bool), candidates=np.zeros(nq, np.int64),
+                   needed=np.zeros(nq, np.int64))
 
 
 @dataclass
@@ -305,7 +315,7 @@ def _store(out: SearchOutcome, rows: np.ndarray, pairs: ScoredPairs, positions: 
     """Write the pairs at ``positions`` ``(len(rows), k)`` into the outcome's ``rows``."""
     out.item_ids[rows] = _at(pairs.item_ids, positions, -1)
     out.scores[rows] = _at(pairs.scores, positions, -np.inf)
-    for name in ("mean", "var", "map_cosine"):
+    for name in _MOMENT_NAMES:
         getattr(out, name)[rows] = _at(getattr(pairs.moments, name).numpy(), positions, np.nan)
 
 

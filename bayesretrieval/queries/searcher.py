@@ -32,7 +32,7 @@ from bayesretrieval.store import CovarianceForm, IndexReader
 from bayesretrieval.store.format import MANIFEST_FILE
 
 RESULT_COLUMNS = ("query", "query_index", "rank", "item_id", "path", "score", "cosine_mean", "cosine_std",
-                  "logit_mean", "logit_std", "probability", "exact")
+                  "cosine_std_query", "cosine_std_item", "logit_mean", "logit_std", "probability", "exact")
 """Columns of :meth:`Searcher.search`'s DataFrame (``probability`` is NaN without a calibration)."""
 
 
@@ -283,7 +283,11 @@ class Searcher:
             max_candidates: give up certifying beyond this many candidates.
 
         Returns:
-            One row per (query, rank), columns :data:`RESULT_COLUMNS`; ``attrs`` holds
+            One row per (query, rank), columns :data:`RESULT_COLUMNS`. ``cosine_std`` splits
+            by where the noise comes from (docs/math.md section 7): ``cosine_std_query`` is
+            the std the query's noise alone contributes, ``cosine_std_item`` the item's, and
+            the joint part is the remainder ``cosine_std^2 - cosine_std_query^2 -
+            cosine_std_item^2`` (``>= 0`` up to rounding, 0 for ``delta``). ``attrs`` holds
             ``score``, ``exact`` (every query equals a brute-force rerank), ``certified``
             (every query's certificate held relative to what FAISS can return; differs
             from ``exact`` for IVF with fewer probes than lists), ``candidates`` (per
@@ -332,13 +336,15 @@ class Searcher:
         qi, rank = np.nonzero(outcome.item_ids >= 0)
         pick = lambda a: a[qi, rank]  # noqa: E731
         mean, std = pick(outcome.mean), np.sqrt(pick(outcome.var))
+        std_query, std_item = (np.sqrt(np.maximum(pick(part), 0.0)) for part in (outcome.var_query, outcome.var_item))
         probability = (calibration.probability(mean, pick(outcome.var)) if calibration is not None
                        else np.full(mean.shape, np.nan))
         ids = pick(outcome.item_ids)
         frame = pd.DataFrame({
             "query": np.asarray(encoded.labels, dtype=object)[qi], "query_index": qi, "rank": rank + 1,
             "item_id": ids, "path": reader.paths(ids), "score": pick(outcome.scores),
-            "cosine_mean": mean, "cosine_std": std, "logit_mean": self.logit_scale * mean,
+            "cosine_mean": mean, "cosine_std": std, "cosine_std_query": std_query, "cosine_std_item": std_item,
+            "logit_mean": self.logit_scale * mean,
             "logit_std": self.logit_scale * std, "probability": probability, "exact": outcome.exact[qi],
         })  # in RESULT_COLUMNS order: selecting them again costs a third of the table's time
         if threshold is not None:

@@ -1,6 +1,6 @@
 """Cosine moments of (query, item) pairs for each covariance form an index holds.
 
-Every form feeds :func:`bayesretrieval.similarity.cosine_moments_from_statistics` (the one
+Every form feeds :func:`bayesretrieval.similarity.cosine_moment_parts_from_statistics` (the one
 place the estimators live) through a *per-pair layout*: ``P`` (query, item) pairs, the
 item side's statistics with shape ``(1, P)`` and the query side's ``(P,)``, so the
 estimators' ``x[:, None]`` / ``y[None, :]`` broadcasting meets pair by pair and the
@@ -30,7 +30,7 @@ from bayesretrieval.similarity import (
     CovarianceConstants,
     PairTerms,
     SideStatistics,
-    cosine_moments_from_statistics,
+    cosine_moment_parts_from_statistics,
     uses_diagonal_covariance,
 )
 from bayesretrieval.store import CovarianceForm, ItemRows, ItemScalars
@@ -130,13 +130,22 @@ class PairMoments:
 
     Attributes:
         mean: ``E[cos]``.
-        var: ``Var[cos]``.
+        var: ``Var[cos] = max(var_query + var_item + var_joint, 0)``.
         map_cosine: cosine of the means ``mu_x . mu_y / (|mu_x| |mu_y|)``.
+        var_query: the variance's terms with only the query's noise (docs/math.md section 7).
+        var_item: the terms with only the item's noise (its per-item covariance for ``diag`` / ``lowrank``).
+        var_joint: the terms with both (0 for ``delta``).
+
+    The parts are not clamped (a rounding error may put one just below 0); they are
+    ``None`` only where moments were built from a mean and variance alone.
     """
 
     mean: torch.Tensor
     var: torch.Tensor
     map_cosine: torch.Tensor
+    var_query: torch.Tensor | None = None
+    var_item: torch.Tensor | None = None
+    var_joint: torch.Tensor | None = None
 
 
 def pair_moments(
@@ -187,9 +196,9 @@ def pair_moments(
         y.other_quad = item_cov.quad(y_means, y_means)
         pair, constants = PairTerms(dot, item_cov.quad(means, y_means), cross_y), item_cov.constants(covs)
     x = SideStatistics(*(t[None, :] for t in (x.scale, x.norm_sq, x.own_quad, x.other_quad)))
-    mean, var = cosine_moments_from_statistics(x, y, pair, constants, estimator)
-    map_cosine = dot / torch.sqrt(scalars.norm_sq * y.norm_sq)
-    return PairMoments(mean.reshape(-1), var.reshape(-1), map_cosine)
+    moments = cosine_moment_parts_from_statistics(x, y, pair, constants, estimator)
+    flat = {name: values.reshape(-1) for name, values in vars(moments).items()}
+    return PairMoments(map_cosine=dot / torch.sqrt(scalars.norm_sq * y.norm_sq), **flat)
 
 
 def _probe_products(means: torch.Tensor, probes: torch.Tensor, query_rows: np.ndarray) -> torch.Tensor:
