@@ -27,10 +27,14 @@ Search an index built by `bayesretrieval build-index` with one or more text quer
   map          plain cosine of the mean embeddings (deterministic CLIP)
 
 Results are reranked exactly from the stored means; the `exact` column says whether a
-query's top-k is certified equal to a brute-force rerank of the whole collection."""
+query's top-k is certified equal to a brute-force rerank of the whole collection. The
+cosine's std splits by where the noise comes from (docs/math.md section 7): `std q/i`
+is the std due to the query's noise alone / the item's alone (JSON and CSV:
+cosine_std_query, cosine_std_item); the rest of the variance is joint."""
 
 OUTPUT_FORMATS = ("table", "json", "csv")
-TABLE_COLUMNS = ["query", "rank", "score", "cosine_mean", "cosine_std", "probability", "path", "exact"]
+TABLE_COLUMNS = ["query", "rank", "score", "cosine_mean", "cosine_std", "cosine_std_query", "cosine_std_item",
+                 "probability", "path", "exact"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -160,9 +164,10 @@ def format_results(results: pd.DataFrame, output_format: str) -> str:
         return "no results"
     view = results[TABLE_COLUMNS].copy()
     view["cosine"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(view.cosine_mean, view.cosine_std)]
+    view["std q/i"] = [f"{q:.3f}/{i:.3f}" for q, i in zip(view.cosine_std_query, view.cosine_std_item)]
     view["score"] = view.score.map(lambda v: f"{v:.4f}")
     view["probability"] = view.probability.map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
-    columns = ["query", "rank", "score", "cosine", "probability", "path", "exact"]
+    columns = ["query", "rank", "score", "cosine", "std q/i", "probability", "path", "exact"]
     if view.probability.eq("").all():
         columns.remove("probability")
     return view[columns].to_string(index=False)

@@ -68,7 +68,8 @@ def render_html(results: pd.DataFrame, image_root: str | Path | None = None, thu
 
     Args:
         results: the search results (columns ``query``, ``query_index``, ``rank``, ``path``,
-            ``score``, ``cosine_mean``, ``cosine_std``, ``probability``).
+            ``score``, ``cosine_mean``, ``cosine_std``, ``probability``; ``cosine_std_query``
+            and ``cosine_std_item``, when present, are shown under the std).
         image_root: folder the paths are relative to (thumbnails are embedded; missing
             files show a placeholder).
         thumbnail_px: thumbnail side in pixels.
@@ -87,7 +88,8 @@ def render_html(results: pd.DataFrame, image_root: str | Path | None = None, thu
            f"<style>{_STYLE.replace('THUMB', str(thumbnail_px))}</style></head><body>",
            f"<h1>{html.escape(title)}</h1>",
            f"<p class='note'>Ranked by <b>{html.escape(str(score_name))}</b>. Bars: expected cosine on a shared axis "
-           f"[{low:.3f}, {high:.3f}]; thick whisker one std, thin whisker two. Shaded rows are the most uncertain "
+           f"[{low:.3f}, {high:.3f}]; thick whisker one std, thin whisker two. Under each std, the std due to the "
+           "query's noise alone and to the item's alone (the rest is joint). Shaded rows are the most uncertain "
            "quarter.</p>"]
     for query_index, group in results.groupby("query_index", sort=True):
         out.append(f"<h2>{html.escape(str(group['query'].iloc[0]))}</h2><table>")
@@ -109,5 +111,13 @@ def _row(row, image_root, thumbnail_px, low, high, is_unsure) -> str:
     tag = " <span class='tag'>unsure</span>" if is_unsure else ""
     return (f"<tr class='{'unsure' if is_unsure else ''}'><td class='num'>{row.rank}</td><td>{image}</td>"
             f"<td>{html.escape(row.path)}{tag}</td><td class='num'>{row.score:.4f}</td>"
-            f"<td class='num'>{row.cosine_mean:.3f} &plusmn; {row.cosine_std:.3f}</td>"
+            f"<td class='num'>{row.cosine_mean:.3f} &plusmn; {row.cosine_std:.3f}{_split(row)}</td>"
             f"<td>{_bar(row.cosine_mean, row.cosine_std, low, high)}</td><td class='num'>{probability}</td></tr>")
+
+
+def _split(row) -> str:
+    """``query ± a / item ± b`` under the std, or nothing when the row lacks the split."""
+    query, item = getattr(row, "cosine_std_query", None), getattr(row, "cosine_std_item", None)
+    if query is None or item is None or pd.isna(query) or pd.isna(item):
+        return ""
+    return f"<br><span class='note'>query &plusmn; {query:.3f} / item &plusmn; {item:.3f}</span>"
