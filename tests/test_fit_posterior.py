@@ -137,6 +137,9 @@ def test_encoded_parquet_round_trip_gives_the_same_posterior(pair_folder, encode
     encode_pairs(encoder, pair_folder, separate)
     third = PosteriorFitter(chunk_size=8, prior_precision=(3.0, 4.0)).fit_encoded(separate)
     assert third.posterior_.fingerprint == direct.posterior_.fingerprint
+    reference = direct.posterior_.reference  # every pair (22 of them) is in the sample, from either path
+    assert reference == again.posterior_.reference and reference["pairs"] == direct.num_pairs_ + direct.num_dropped_
+    assert all(len(reference[m]) == 101 and np.all(np.diff(reference[m]) >= 0) for m in ("image", "text"))
 
 
 def test_given_n_and_lambda_are_used(pair_folder, encoder):
@@ -162,6 +165,7 @@ def test_save_writes_both_formats(pair_folder, encoder, tmp_path):
     fitter = PosteriorFitter(chunk_size=11, pseudo_data_count=3.0, prior_precision=5.0).fit(encoder, pair_folder)
     fitter.save(tmp_path / "posterior", tmp_path / "bayesvlm")
     assert load_posterior(tmp_path / "posterior").fingerprint == fitter.posterior_.fingerprint
+    assert load_posterior(tmp_path / "posterior").reference == fitter.posterior_.reference is not None
     bayesvlm = load_bayesvlm_posterior(tmp_path / "bayesvlm")
     for mine, theirs in zip(fitter.posterior_, bayesvlm):
         assert (theirs.pseudo_data_count, theirs.prior_precision) == (3.0, 5.0)

@@ -200,6 +200,9 @@ def run(args: argparse.Namespace) -> int:
         image_root = args.image_root or Path(searcher.reader.manifest.source_root)
         args.html.write_text(render_html(results, image_root, title=f"search: {args.index_dir}"), encoding="utf-8")
         print(f"wrote {args.html}", file=sys.stderr)
+    for warning in results.attrs.get("query_warning", []):
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     if not results.attrs.get("exact", True):
         print("note: some results are approximate (certificate not reached or approximate FAISS index)",
               file=sys.stderr)

@@ -24,7 +24,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -43,6 +43,8 @@ from bayesretrieval.skips import SkipReason
 ENCODED_FORMAT_VERSION = 1
 ENCODED_METADATA_KEY = b"bayesretrieval.encoded"
 ENCODED_COLUMNS = ("image_activation", "image_embed", "text_activation", "text_embed")
+REFERENCE_PAIRS = 4096
+"""Fitting pairs kept (uniformly, seeded) to describe the posterior's typical relative variance."""
 
 
 @dataclass
@@ -70,6 +72,50 @@ class EncodedPairs:
         """Return rows ``[:index]`` and ``[index:]``."""
         head, tail = zip(*((t[:index], t[index:]) for t in self.tensors()))
         return EncodedPairs(*head), EncodedPairs(*tail)
+
+    def take(self, rows: torch.Tensor) -> "EncodedPairs":
+        """Return the rows at ``rows``."""
+        return EncodedPairs(*(t[rows] for t in self.tensors()))
+
+
+class ReferenceSample:
+    """A uniform sample of at most ``size`` pairs from a stream of unknown length.
+
+    Each pair gets a seeded random key and the ``size`` smallest keys are kept, so the
+    sample does not depend on how the stream is cut into parts.
+
+    Args:
+        size: pairs kept.
+        seed: seed of the keys.
+    """
+
+    def __init__(self, size: int = REFERENCE_PAIRS, seed: int = 0):
+        self.size = size
+        self._generator = torch.Generator().manual_seed(seed)
+        self._keys = torch.empty(0)
+        self._pairs: EncodedPairs | None = None
+
+    def watch(self, stream: Iterable[EncodedPairs]) -> Iterator[EncodedPairs]:
+        """Pass ``stream`` through, sampling it on the way."""
+        for part in stream:
+            keys = torch.cat([self._keys, torch.rand(len(part), generator=self._generator)])
+            pairs = part if self._pairs is None else EncodedPairs.concat([self._pairs, part])
+            if len(keys) > self.size:
+                kept = torch.topk(keys, self.size, largest=False).indices
+                keys, pairs = keys[kept], pairs.take(kept)
+            self._keys, self._pairs = keys, pairs
+            yield part
+
+    def percentiles(self, posteriors: Sequence[KroneckerPosterior]) -> dict | None:
+        """Per modality, the 0th-100th percentiles of the sample's relative variance (``None`` if empty)."""
+        if self._pairs is None or len(self._pairs) == 0:
+            return None
+        sides = {Modality.IMAGE: (self._pairs.image_embeds, self._pairs.image_activations),
+                 Modality.TEXT: (self._pairs.text_embeds, self._pairs.text_activations)}
+        levels = torch.linspace(0, 1, 101, dtype=torch.float64)
+        reference = {p.modality.value: torch.quantile(p.relative_variance(*sides[p.modality]), levels).tolist()
+                     for p in posteriors}
+        return {**reference, "pairs": len(self._pairs)}
 
 
 @dataclass(frozen=True)
@@ -292,7 +338,8 @@ class PosteriorFitter:
     def _fit_stream(self, stream: Iterable[EncodedPairs], metadata: EncodedMetadata, what: Callable[[], str]) -> None:
         counts, lambdas, objective = self._validate()
         curvature = ChunkCurvature(metadata.logit_scale, self.chunk_size, self.source_batch)
-        self.num_dropped_ = _add_chunks(stream, curvature)
+        sample = ReferenceSample()
+        self.num_dropped_ = _add_chunks(sample.watch(stream), curvature)
         self._check_enough(curvature.num_pairs + self.num_dropped_, what())
         posteriors = []
         for modality, n, lam in zip(Modality, counts, lambdas):
@@ -305,7 +352,8 @@ class PosteriorFitter:
         self.num_pairs_ = curvature.num_pairs
         self.prior_precision_ = tuple(p.prior_precision for p in posteriors)
         source = f"fitted:{metadata.source};N={curvature.num_pairs};C={self.chunk_size}"
-        self.posterior_ = PosteriorPair(*posteriors, source=source, model=metadata.model)
+        self.posterior_ = PosteriorPair(*posteriors, source=source, model=metadata.model,
+                                        reference=sample.percentiles(posteriors))
 
     def save(self, directory: str | Path, bayesvlm_directory: str | Path | None = None) -> Path:
         """Write the posterior in the project format, and optionally BayesVLM's layout.

@@ -42,12 +42,17 @@ class PosteriorPair:
         text: posterior over the text projection.
         source: a short description (``"bayesvlm:<dir>"``, ``"fitted"``, ...).
         model: identity of the model the posterior was fitted for, if known.
+        reference: per modality (``"image"``, ``"text"``), the 0th to 100th percentiles of
+            :meth:`KroneckerPosterior.relative_variance` over a sample of the pairs the
+            posterior was fitted on (``None`` when unknown, e.g. BayesVLM's factors): what
+            "unusually uncertain" means for an input of that modality.
     """
 
     image: KroneckerPosterior
     text: KroneckerPosterior
     source: str = "unknown"
     model: ModelIdentity | None = None
+    reference: dict | None = None
 
     def __iter__(self):
         return iter((self.image, self.text))
@@ -92,7 +97,7 @@ class PosteriorPair:
             tensors[f"{prefix}.output_cov"] = posterior.output_cov.contiguous()
             for name, factor in (posterior.factors or {}).items():
                 tensors[f"{prefix}.factor_{name}"] = factor.contiguous()
-        metadata = {"format_version": FORMAT_VERSION, **self.identity()}
+        metadata = {"format_version": FORMAT_VERSION, **self.identity(), "reference": self.reference}
 
         def write(staging: Path) -> None:
             save_file(tensors, str(staging / PROJECT_TENSORS))
@@ -114,7 +119,7 @@ class PosteriorPair:
         tensors = load_file(str(directory / PROJECT_TENSORS))
         image, text = (_posterior_from_tensors(tensors, metadata, m) for m in Modality)
         model = ModelIdentity.from_dict(metadata["model"]) if metadata.get("model") else None
-        pair = cls(image, text, metadata.get("source", "unknown"), model)
+        pair = cls(image, text, metadata.get("source", "unknown"), model, metadata.get("reference"))
         if pair.fingerprint != metadata["fingerprint"]:
             raise ValueError(f"{directory}: posterior content does not match its fingerprint")
         return pair

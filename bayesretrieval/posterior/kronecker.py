@@ -165,6 +165,18 @@ class KroneckerPosterior:
             )
         return ((a @ self.a_inv) * a).sum(1)
 
+    def relative_variance(self, embeds: ArrayLike, activations: ArrayLike) -> torch.Tensor:
+        """``q tr(Sigma_B) / |mu|^2`` per row, ``(N,)`` float64: the embedding's total variance over its squared norm.
+
+        Scale-free, so it compares inputs of any norm (docs/math.md section 4).
+        """
+        return self.relative_variance_from_scale(self.activation_scale(activations), embeds)
+
+    def relative_variance_from_scale(self, scales: ArrayLike, embeds: ArrayLike) -> torch.Tensor:
+        """:meth:`relative_variance` from already computed ``q`` ``(N,)``."""
+        means = _as_float64(embeds, self.a_inv.device)
+        return _as_float64(scales, self.a_inv.device) * torch.trace(self.output_cov) / (means * means).sum(1)
+
     def embedding_variance(self, activations: ArrayLike) -> torch.Tensor:
         """Diagonal variance of the unnormalised embeddings, shape ``(N, D)``.
 

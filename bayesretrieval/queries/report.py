@@ -28,6 +28,7 @@ td.num { font-variant-numeric: tabular-nums; text-align: right; }
 .unsure { background: #fff4e0; }
 .tag { font-size: 0.75em; color: #b35c00; }
 .note { color: #666; font-size: 0.9em; }
+.warning { color: #8a4b00; background: #fff4e0; padding: 4px 8px; }
 """
 
 BAR_WIDTH, BAR_HEIGHT = 240, 18
@@ -91,8 +92,12 @@ def render_html(results: pd.DataFrame, image_root: str | Path | None = None, thu
            f"[{low:.3f}, {high:.3f}]; thick whisker one std, thin whisker two. Under each std, the std due to the "
            "query's noise alone and to the item's alone (the rest is joint). Shaded rows are the most uncertain "
            "quarter.</p>"]
+    warnings = results.attrs.get("query_warning") or []
     for query_index, group in results.groupby("query_index", sort=True):
-        out.append(f"<h2>{html.escape(str(group['query'].iloc[0]))}</h2><table>")
+        out.append(f"<h2>{html.escape(str(group['query'].iloc[0]))}</h2>")
+        if query_index < len(warnings) and warnings[query_index]:
+            out.append(f"<p class='warning'>{html.escape(warnings[query_index])}</p>")
+        out.append("<table>")
         out.append("<tr><th>#</th><th></th><th>path</th><th>score</th><th>expected cosine</th><th></th>"
                    "<th>p(match)</th></tr>")
         for row in group.sort_values("rank").itertuples(index=False):

@@ -31,6 +31,9 @@ from bayesretrieval.similarity import DEFAULT_ESTIMATOR, CosineEstimator
 from bayesretrieval.store import CovarianceForm, IndexReader
 from bayesretrieval.store.format import MANIFEST_FILE
 
+DEFAULT_WARNING_PERCENTILE = 99.0
+"""Queries more uncertain than this percentile of the posterior's fitting inputs get a warning."""
+
 RESULT_COLUMNS = ("query", "query_index", "rank", "item_id", "path", "score", "cosine_mean", "cosine_std",
                   "cosine_std_query", "cosine_std_item", "logit_mean", "logit_std", "probability", "exact")
 """Columns of :meth:`Searcher.search`'s DataFrame (``probability`` is NaN without a calibration)."""
@@ -87,11 +90,15 @@ class Searcher:
         logit_scale: ``s``; default the encoder's (100 without an encoder).
         auto_refresh: before each search, check ``manifest.json`` (one ``stat``) and
             :meth:`refresh` when a build has published since.
+        query_warning_percentile: warn about a query whose embedding's relative variance
+            is above this percentile of the posterior's fitting inputs of its modality
+            (:func:`query_uncertainty`).
     """
 
     def __init__(self, reader: IndexReader, encoder: ClipEncoder | None = None, index_dir: str | Path | None = None,
                  estimator: CosineEstimator | str = DEFAULT_ESTIMATOR, form: CovarianceForm | str | None = None,
-                 logit_scale: float | None = None, auto_refresh: bool = False):
+                 logit_scale: float | None = None, auto_refresh: bool = False,
+                 query_warning_percentile: float = DEFAULT_WARNING_PERCENTILE):
         self.encoder = encoder
         self.index_dir = Path(index_dir) if index_dir is not None else reader.version_dir.parent.parent
         self.estimator = CosineEstimator(estimator)
@@ -100,6 +107,9 @@ class Searcher:
         self.logit_scale = float(logit_scale if logit_scale is not None
                                  else (encoder.logit_scale if encoder else 100.0))
         self.auto_refresh = auto_refresh
+        if not 0 < query_warning_percentile <= 100:
+            raise ValueError(f"query_warning_percentile must be in (0, 100], got {query_warning_percentile}")
+        self.query_warning_percentile = float(query_warning_percentile)
         self._manifest_stamp = _manifest_stamp(self.index_dir)
         self._snapshot = Snapshot(reader, reader.posterior)
 
@@ -293,7 +303,8 @@ class Searcher:
             from ``exact`` for IVF with fewer probes than lists), ``candidates`` (per
             query, the FAISS candidates its last round used), ``needed`` (per query, the
             fewest that certify it), ``version`` (the index version that answered),
-            ``estimator`` and ``seconds``: where the time went
+            ``query_percentile`` and ``query_warning`` (per query, see
+            :func:`query_uncertainty`), ``estimator`` and ``seconds``: where the time went
             (``queries``: encoding, query-side products and filter selection; ``faiss``;
             ``rerank``; ``table``).
 
@@ -307,6 +318,7 @@ class Searcher:
         start = time.perf_counter()
         snapshot = self._current()
         encoded = self.encode(queries, modality, snapshot)
+        warnings = query_uncertainty(encoded, snapshot.posterior, self.query_warning_percentile)
         wants_probability = threshold is not None or getattr(score, "value", score) == ScoreName.PROBABILITY.value
         calibration = self.calibration(encoded.modality, required=wants_probability, snapshot=snapshot)
         scorer = make_scorer(score, kappa, calibration)
@@ -322,13 +334,13 @@ class Searcher:
             nothing = SearchOutcome.empty(len(encoded.labels), 0)  # no eligible item: trivially exact
             nothing.certified[:] = nothing.exact[:] = True
             return _with_attrs(pd.DataFrame(columns=list(RESULT_COLUMNS)), score, nothing, self.estimator, {},
-                               snapshot.reader.manifest.version)
+                               snapshot.reader.manifest.version, warnings)
         prepared = time.perf_counter()
         outcome = engine.search(query, scorer, k_eff, selector, nprobe, candidates, max_candidates)
         searched = time.perf_counter()
         frame = self._table(encoded, outcome, calibration, threshold, snapshot.reader)
         seconds = {"queries": prepared - start, **outcome.seconds, "table": time.perf_counter() - searched}
-        return _with_attrs(frame, score, outcome, self.estimator, seconds, snapshot.reader.manifest.version)
+        return _with_attrs(frame, score, outcome, self.estimator, seconds, snapshot.reader.manifest.version, warnings)
 
     def _table(self, encoded: Queries, outcome: SearchOutcome, calibration, threshold,
                reader: IndexReader) -> pd.DataFrame:
@@ -397,6 +409,12 @@ class Searcher:
         query = QuerySide.build(encoded.means, encoded.scales, engine.covs)
         return engine.pair_moments(query, rows, ids)
 
+    def audit(self, k: int | None = 50) -> pd.DataFrame:
+        """The ``k`` items the posterior is least sure of, most uncertain first (:func:`.audit.audit_index`)."""
+        from bayesretrieval.queries.audit import audit_index
+
+        return audit_index(self._current().reader, k, self.form)
+
     def calibrate(self, queries, item_ids: Sequence[int], labels, modality: Modality | str | None = None,
                   save: bool = True) -> ProbitCalibration:
         """Fit the probit link on labelled pairs and (by default) store it in the index directory.
@@ -428,7 +446,38 @@ def _is_images(queries) -> bool:
     return isinstance(queries, (list, tuple)) and bool(queries) and not isinstance(queries[0], str)
 
 
-def _with_attrs(frame: pd.DataFrame, score, outcome: SearchOutcome, estimator, seconds, version) -> pd.DataFrame:
+def query_uncertainty(queries: Queries, posterior: PosteriorPair,
+                      percentile: float = DEFAULT_WARNING_PERCENTILE) -> dict:
+    """How unusual each query's uncertainty is, against the posterior's fitting inputs.
+
+    A query's relative variance ``q tr(Sigma) / |mu|^2`` is placed among the percentiles
+    of the same quantity over the pairs the posterior was fitted on
+    (:attr:`PosteriorPair.reference`); above ``percentile`` the query gets a warning: the
+    model has seen few inputs like it (an unseen word, an unusual image), so its scores
+    deserve less trust.
+
+    Returns:
+        ``query_percentile``: per query, its percentile (NaN without a reference), and
+        ``query_warning``: per query, a sentence or ``None``.
+    """
+    side = posterior.image if queries.modality is Modality.IMAGE else posterior.text
+    reference = (posterior.reference or {}).get(queries.modality.value)
+    if reference is None:
+        return {"query_percentile": [float("nan")] * len(queries.labels), "query_warning": [None] * len(queries.labels)}
+    relative = side.relative_variance_from_scale(queries.scales, queries.means).numpy()
+    found = np.interp(relative, np.asarray(reference), np.linspace(0, 100, len(reference)))
+    limit = float(np.interp(percentile, np.linspace(0, 100, len(reference)), reference))
+    what = "captions" if queries.modality is Modality.TEXT else "images"
+    warnings = [None if value <= limit else
+                f"query {label!r} is more uncertain than {pct:.1f}% of the {what} the posterior was fitted on "
+                f"(relative variance {value:.3g}, the {percentile:g}th percentile is {limit:.3g}): trust its "
+                "scores less" for label, value, pct in zip(queries.labels, relative, found)]
+    return {"query_percentile": found.tolist(), "query_warning": warnings}
+
+
+def _with_attrs(frame: pd.DataFrame, score, outcome: SearchOutcome, estimator, seconds, version,
+                warnings: dict) -> pd.DataFrame:
+    frame.attrs.update(**warnings)
     frame.attrs.update(score=ScoreName(score).value, version=version, exact=bool(np.all(outcome.exact)),
                        certified=bool(np.all(outcome.certified)), estimator=estimator.value,
                        candidates=outcome.candidates.tolist(), needed=outcome.needed.tolist(), seconds=seconds)
