@@ -14,6 +14,7 @@ from bayesretrieval.evaluation import (
     Signal,
     TopResults,
     auroc_standard_error,
+    available_signals,
     binned_recall,
     failure_auroc,
     fit_temperature,
@@ -119,7 +120,8 @@ def _top(n=2000, seed=6):
     rng = np.random.default_rng(seed)
     mean = np.sort(rng.uniform(0.2, 0.9, (n, 2)), axis=1)[:, ::-1].copy()
     var = rng.uniform(1e-4, 4e-3, (n, 2))
-    return TopResults(mean, var, mean + 0.01, rng.random((n, 2)) < 0.5, rng.random(n), rng.normal(size=n))
+    extras = rng.random((5, n))  # item scale, item / query Mahalanobis and kNN distances
+    return TopResults(mean, var, mean + 0.01, rng.random((n, 2)) < 0.5, rng.random(n), rng.normal(size=n), *extras)
 
 
 def test_flip_probability_matches_monte_carlo():
@@ -145,6 +147,21 @@ def test_every_signal_is_registered_and_oriented():
     assert Signal.SOFTMAX.is_baseline and not Signal.STD.is_baseline
     expected = np.sqrt(top.var[:, 0]) / (top.mean[:, 0] - top.mean[:, 1])
     np.testing.assert_allclose(signal_values(Signal.STD_OVER_GAP, top, fitted), expected)
+    lcb = top.mean - np.sqrt(top.var)
+    np.testing.assert_allclose(signal_values(Signal.LCB_FLIP, top, fitted), lcb[:, 1] - lcb[:, 0])
+    np.testing.assert_array_equal(signal_values(Signal.ITEM_KNN, top, fitted), top.item_knn)
+    assert Signal.ITEM_MAHALANOBIS.is_baseline and not Signal.ITEM_SCALE.is_baseline
+
+
+def test_signals_without_their_input_are_skipped():
+    top = _top(n=4)
+    bare = TopResults(top.mean, top.var, top.map_cosine, top.relevant, top.query_variance, top.log_normaliser)
+    assert Signal.ITEM_SCALE not in available_signals(bare) and Signal.STD in available_signals(bare)
+    assert available_signals(top) == list(Signal)
+    assert bare.take([0, 2]).item_knn is None and top.take([0, 2]).item_knn.shape == (2,)
+    fitted = Fitted(ProbitCalibration.from_dict({"threshold": 0.5, "noise_std": 0.1}), 0.7, 10.0)
+    with pytest.raises(ValueError, match="needs TopResults.item_knn"):
+        signal_values(Signal.ITEM_KNN, bare, fitted)
 
 
 def test_auroc_standard_error_covers_the_spread_of_resampled_aurocs():

@@ -15,7 +15,7 @@ import numpy as np
 from bayesretrieval import metrics
 from bayesretrieval.evaluation.baselines import fit_temperature
 from bayesretrieval.evaluation.selective import auroc_standard_error, binned_recall, failure_auroc, risk_coverage
-from bayesretrieval.evaluation.signals import Fitted, Signal, TopResults, signal_values
+from bayesretrieval.evaluation.signals import Fitted, TopResults, available_signals, signal_values
 from bayesretrieval.evaluation.sweep import SweepRecords
 from bayesretrieval.queries.calibration import LogisticCalibration, ProbitCalibration
 
@@ -106,7 +106,7 @@ def evaluate(records: SweepRecords, fit: np.ndarray, logit_scale: float, bins: i
     fitted = Fitted(probit, temperature, logit_scale)
     failed = ~held_top.relevant[:, 0]
     signals, curves = {}, {"risk_coverage": {}, "reliability": {}}
-    for signal in Signal:
+    for signal in available_signals(top):
         u = signal_values(signal, held_top, fitted)
         rc = risk_coverage(u, failed)
         auroc = _auroc(u, failed)
@@ -128,7 +128,7 @@ def evaluate(records: SweepRecords, fit: np.ndarray, logit_scale: float, bins: i
         part_failed = ~part.relevant[:, 0]
         by_group[name] = {"held_out": int(part_failed.size), "top1_recall": float(1 - part_failed.mean()),
                           "failure_auroc": {s.value: _auroc(signal_values(s, part, fitted), part_failed)
-                                            for s in Signal}}
+                                            for s in available_signals(top)}}
     summary = {
         "queries": {"total": int(fit.size), "held_in": int(fit.sum()), "held_out": int(held.sum())},
         "retrieval": retrieval,

@@ -3,7 +3,10 @@
 Each signal maps a query's top results (and what was fitted on held-in queries) to one
 number, higher meaning "less sure the top-1 result is relevant". The Bayesian signals
 use the cosine moments ``m, v`` of the top-1 and runner-up results (docs/math.md sections 3
-and 5); the baselines use only the cosines of the mean embeddings.
+and 5) or the posterior's per-item scale ``q``; the baselines use only the cosines of the
+mean embeddings or, optionally, distances of the pre-projection activations to the fitting
+set (:mod:`~bayesretrieval.evaluation.ood`). A signal whose input a benchmark did not
+record is skipped (:func:`available_signals`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ class TopResults:
         relevant: ``(n, 2)`` bool.
         query_variance: ``(n,)`` the query embedding's relative variance ``q_t tr(Sigma_T) / |mu_t|^2``.
         log_normaliser: ``(n,)`` the gallery softmax log-normaliser at the fitted temperature.
+        item_scale: optional ``(n,)`` the posterior's ``q = a^T A^-1 a`` of the top-1 item.
+        item_mahalanobis: optional ``(n,)`` centred Mahalanobis distance of the top-1 item's activation.
+        item_knn: optional ``(n,)`` its kNN distance to the fitting activations.
+        query_mahalanobis: optional ``(n,)`` the same for the query's text activation.
+        query_knn: optional ``(n,)`` likewise.
     """
 
     mean: np.ndarray
@@ -40,10 +48,16 @@ class TopResults:
     relevant: np.ndarray
     query_variance: np.ndarray
     log_normaliser: np.ndarray
+    item_scale: np.ndarray | None = None
+    item_mahalanobis: np.ndarray | None = None
+    item_knn: np.ndarray | None = None
+    query_mahalanobis: np.ndarray | None = None
+    query_knn: np.ndarray | None = None
 
     def take(self, rows) -> "TopResults":
         """The queries ``rows`` (a boolean mask or indices)."""
-        return TopResults(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
+        return TopResults(*(None if getattr(self, f) is None else np.asarray(getattr(self, f))[rows]
+                            for f in self.__dataclass_fields__))
 
 
 @dataclass
@@ -74,17 +88,49 @@ class Signal(str, Enum):
     """``1 - Phi((m_1 - tau) / sqrt(v_1 + noise_std^2))``: the calibrated chance the top-1 is no match."""
     QUERY_VARIANCE = "query_variance"
     """``q_t tr(Sigma_T) / |mu_t|^2``: the query's own relative variance (ignores the gallery)."""
+    ITEM_SCALE = "item_scale"
+    """``q = a^T A^-1 a`` of the top-1 item: the posterior's image-side uncertainty (ignores the query)."""
+    LCB_FLIP = "lcb_flip"
+    """``(m_2 - sqrt(v_2)) - (m_1 - sqrt(v_1))``: positive when ``lcb`` (kappa 1) would put the runner-up first."""
+    EXPECTED_COSINE = "expected_cosine"
+    """``-m_1``: the negated posterior mean cosine of the top-1 result (Bayesian, but no variance)."""
     COSINE = "cosine"
     """Baseline: ``-c_1``, the negated cosine of the means of the top-1 result."""
     MARGIN = "margin"
     """Baseline: ``-(c_1 - c_2)``, the negated cosine margin of the top-1 over the runner-up."""
     SOFTMAX = "softmax"
     """Baseline: ``-p_1``, the negated temperature-scaled softmax probability of the top-1 result."""
+    ITEM_MAHALANOBIS = "item_mahalanobis"
+    """Baseline: centred Mahalanobis distance of the top-1 item's activation to the fitting images'."""
+    ITEM_KNN = "item_knn"
+    """Baseline: cosine distance of the top-1 item's activation to its k-th nearest fitting image."""
+    QUERY_MAHALANOBIS = "query_mahalanobis"
+    """Baseline: centred Mahalanobis distance of the query's activation to the fitting captions'."""
+    QUERY_KNN = "query_knn"
+    """Baseline: cosine distance of the query's activation to its k-th nearest fitting caption."""
 
     @property
     def is_baseline(self) -> bool:
-        """Whether the signal uses only the mean embeddings."""
-        return self in (Signal.COSINE, Signal.MARGIN, Signal.SOFTMAX)
+        """Whether the signal uses no posterior (only mean embeddings or activations)."""
+        return self in _BASELINES
+
+
+_BASELINES = frozenset({Signal.COSINE, Signal.MARGIN, Signal.SOFTMAX, Signal.ITEM_MAHALANOBIS, Signal.ITEM_KNN,
+                        Signal.QUERY_MAHALANOBIS, Signal.QUERY_KNN})
+
+_INPUTS: dict[Signal, str] = {Signal.ITEM_SCALE: "item_scale", Signal.ITEM_MAHALANOBIS: "item_mahalanobis",
+                              Signal.ITEM_KNN: "item_knn", Signal.QUERY_MAHALANOBIS: "query_mahalanobis",
+                              Signal.QUERY_KNN: "query_knn"}
+"""The optional :class:`TopResults` field each signal needs."""
+
+
+def available_signals(top: TopResults) -> list[Signal]:
+    """The signals whose inputs ``top`` holds, in declaration order."""
+    return [s for s in Signal if s not in _INPUTS or getattr(top, _INPUTS[s]) is not None]
+
+
+def _lcb(top: TopResults, column: int) -> np.ndarray:
+    return top.mean[:, column] - np.sqrt(top.var[:, column])
 
 
 def _gap(top: TopResults) -> np.ndarray:
@@ -97,14 +143,28 @@ _SIGNALS: dict[Signal, Callable[[TopResults, Fitted], np.ndarray]] = {
     Signal.FLIP_PROBABILITY: lambda t, f: special.ndtr(-_gap(t) / np.sqrt(t.var[:, 0] + t.var[:, 1] + TINY)),
     Signal.MISMATCH_PROBABILITY: lambda t, f: 1.0 - f.probit.probability(t.mean[:, 0], t.var[:, 0]),
     Signal.QUERY_VARIANCE: lambda t, f: t.query_variance,
+    Signal.ITEM_SCALE: lambda t, f: t.item_scale,
+    Signal.LCB_FLIP: lambda t, f: _lcb(t, 1) - _lcb(t, 0),
+    Signal.EXPECTED_COSINE: lambda t, f: -t.mean[:, 0],
     Signal.COSINE: lambda t, f: -t.map_cosine[:, 0],
     Signal.MARGIN: lambda t, f: -(t.map_cosine[:, 0] - t.map_cosine[:, 1]),
     Signal.SOFTMAX: lambda t, f: -softmax_confidence(t.map_cosine[:, 0], t.log_normaliser, f.logit_scale,
                                                      f.temperature),
+    Signal.ITEM_MAHALANOBIS: lambda t, f: t.item_mahalanobis,
+    Signal.ITEM_KNN: lambda t, f: t.item_knn,
+    Signal.QUERY_MAHALANOBIS: lambda t, f: t.query_mahalanobis,
+    Signal.QUERY_KNN: lambda t, f: t.query_knn,
 }
 
 
 def signal_values(signal: Signal | str, top: TopResults, fitted: Fitted) -> np.ndarray:
-    """The uncertainty ``(n,)`` of every query's top-1 result under ``signal``."""
-    values = _SIGNALS[Signal(signal)](top, fitted)
+    """The uncertainty ``(n,)`` of every query's top-1 result under ``signal``.
+
+    Raises:
+        ValueError: if ``top`` lacks the signal's optional input.
+    """
+    signal = Signal(signal)
+    if signal not in available_signals(top):
+        raise ValueError(f"signal {signal.value!r} needs TopResults.{_INPUTS[signal]}, which is None")
+    values = _SIGNALS[signal](top, fitted)
     return np.asarray(values, dtype=np.float64).reshape(-1)
