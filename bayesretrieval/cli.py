@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "bayesretrieval.commands.search",
     "bayesretrieval.commands.calibrate",
     "bayesretrieval.commands.verify",
+    "bayesretrieval.commands.audit",
 )
 
 

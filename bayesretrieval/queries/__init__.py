@@ -11,9 +11,11 @@ Layers, each usable alone:
 - :mod:`~bayesretrieval.queries.filters`: subsets through FAISS ID selectors;
 - :mod:`~bayesretrieval.queries.calibration`: the probit link and its storage;
 - :mod:`~bayesretrieval.queries.searcher`: :class:`Searcher`, the whole engine;
-- :mod:`~bayesretrieval.queries.report`: the HTML results page.
+- :mod:`~bayesretrieval.queries.report`: the HTML results page;
+- :mod:`~bayesretrieval.queries.audit`: the items the posterior is least sure of, no query needed.
 """
 
+from bayesretrieval.queries.audit import audit_index
 from bayesretrieval.queries.calibration import LogisticCalibration, ProbitCalibration
 from bayesretrieval.queries.candidates import CandidateSearch, SearchOutcome
 from bayesretrieval.queries.filters import ItemFilter
@@ -29,5 +31,6 @@ __all__ = [
     "ScoreName",
     "SearchOutcome",
     "Searcher",
+    "audit_index",
     "make_scorer",
 ]
