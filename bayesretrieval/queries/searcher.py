@@ -415,12 +415,6 @@ class Searcher:
 
         return audit_index(self._current().reader, k, self.form)
 
-    def audit(self, k: int | None = 50) -> pd.DataFrame:
-        """The ``k`` items the posterior is least sure of, most uncertain first (:func:`.audit.audit_index`)."""
-        from bayesretrieval.queries.audit import audit_index
-
-        return audit_index(self._current().reader, k, self.form)
-
     def calibrate(self, queries, item_ids: Sequence[int], labels, modality: Modality | str | None = None,
                   save: bool = True) -> ProbitCalibration:
         """Fit the probit link on labelled pairs and (by default) store it in the index directory.
