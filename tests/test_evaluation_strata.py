@@ -100,3 +100,17 @@ def test_small_strata_are_reported_without_figures():
         stratified_auroc(values, [], failed, strata)
     with pytest.raises(ValueError, match="signal 'base' has 3 values"):
         stratified_auroc({**values, "base": np.zeros(3)}, ["base"], failed, strata)
+
+
+def test_failure_kinds_first_match_wins_and_shares_add_up():
+    from bayesretrieval.evaluation.failures import failure_kinds, unseen_word_queries
+
+    unseen = unseen_word_queries(["a red star", "a red circle", "Circle, red!"], ["a red circle", "a blue square"])
+    assert unseen.tolist() == [True, False, False]
+    failed = np.array([1, 1, 1, 1, 1, 0], bool)
+    out = failure_kinds(failed, [1, 0, 0, 0, 0, 1], [1, 1, 0, 0, 0, 1], [0, 1, 1, 0, 0, 0])
+    counts = {k: v["count"] for k, v in out["kinds"].items()}
+    assert counts == {"unseen_query_word": 1, "top1_shifted": 1, "relevant_only_shifted": 1, "in_distribution": 2}
+    assert out["knowable_share"] == pytest.approx(0.6) and out["flags"]["top1_shifted"] == 2
+    assert sum(v["share"] for v in out["kinds"].values()) == pytest.approx(1.0)
+    assert not out["kinds"]["in_distribution"]["knowable"]
