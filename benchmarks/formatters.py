@@ -132,15 +132,77 @@ def world_recall(result: Record) -> Blocks:
     return blocks
 
 
+def _interval(entry: dict, key: str = "auroc", ci: str = "ci", signed: bool = False) -> str:
+    """``0.612 [0.571, 0.655]`` (signed: ``+0.012 [-0.020, +0.041]``)."""
+    spec = "+.3f" if signed else ".3f"
+    low, high = entry[ci]
+    return f"{entry[key]:{spec}} [{low:{spec}}, {high:{spec}}]"
+
+
+def stratum_table(partition: dict, signals: list[str]) -> str:
+    """One row per stratum (and the pooled weighted mean): n, failures, each signal's AUROC with interval."""
+    rows = []
+    for name, entry in [*partition["strata"].items(), ("pooled (weighted mean)", partition["pooled"])]:
+        row = {"stratum": name, "n": entry["queries"], "failures": entry["failures"]}
+        for signal in signals:
+            values = (entry.get("signals") or {}).get(signal)
+            row[signal] = "too few" if values is None else _interval(values)
+        row["best baseline"] = entry.get("best_baseline")
+        rows.append(row)
+    return table(rows)
+
+
+def verdict_table(partition: dict, signals: list[str]) -> str:
+    """Per stratum: each Bayesian signal minus the stratum's best baseline, with interval; * marks useful."""
+    rows = []
+    for name, entry in [*partition["strata"].items(), ("pooled (weighted mean)", partition["pooled"])]:
+        if not entry.get("signals"):
+            continue
+        row = {"stratum": name, "best baseline": entry["best_baseline"]}
+        for signal in signals:
+            v = entry["signals"][signal]
+            row[signal] = _interval(v, "minus_best_baseline", "minus_best_baseline_ci", True) + (
+                " *" if v["useful"] else "")
+        rows.append(row)
+    return table(rows)
+
+
+HEADLINE_SIGNALS = ("std", "query_variance", "item_scale", "cosine", "softmax", "item_knn")
+"""The signals of the compact per-stratum table (the JSON has all of them)."""
+
+
+def stratified_blocks(stratified: dict) -> Blocks:
+    """Per-stratum AUROC tables (both label views), the verdicts against the best baseline, failure kinds."""
+    signals = stratified["signals"]
+    bayesian = [name for name, s in signals.items() if not s["baseline"]]
+    blocks = []
+    for view, partitions in stratified["views"].items():
+        for part, result in partitions.items():
+            label = {"query": "query strata", "top1": "top-1 result clean or shifted, by family"}[part]
+            blocks += [f"Failure AUROC, {view} labels, {label} (held-out queries, 95% bootstrap intervals):",
+                       stratum_table(result, list(signals))]
+            if view == "visible":
+                blocks += [f"Bayesian signal minus the best baseline, {view} labels, {label} "
+                           "(* = interval above zero: useful):", verdict_table(result, bayesian)]
+    failures = stratified["failures"]
+    blocks += [f"Held-out failures by kind ({failures['failures']}; knowable share "
+               f"{failures['knowable_share']:.1%}):",
+               table([{"kind": kind, **value} for kind, value in failures["kinds"].items()])]
+    return blocks
+
+
 def evaluation(summary: dict) -> Blocks:
     """Retrieval, failure detection and calibration tables of one estimator's evaluation summary."""
     retrieval = [{"score": name, **value} for name, value in summary["retrieval"].items()]
-    signals = [{"signal": name, "baseline": s["baseline"], "failure AUROC": s["failure_auroc"],
-                "stderr": s["failure_auroc_stderr"], "AURC": s["aurc"],
-                "Spearman bin vs R@1": s["binned_recall@1"]["spearman"], "R^2": s["binned_recall@1"]["r2"]}
-               for name, s in summary["signals"].items()]
     links = [{"link": name, **summary["calibration"][name]} for name in ("probit", "logistic_map")]
-    return [table(retrieval), table(signals), "Calibration of the top pairs, held-out queries:", table(links)]
+    if "stratified" in summary:
+        detection = stratified_blocks(summary["stratified"])
+    else:
+        detection = [table([{"signal": name, "baseline": s["baseline"], "failure AUROC": s["failure_auroc"],
+                             "stderr": s["failure_auroc_stderr"], "AURC": s["aurc"],
+                             "Spearman bin vs R@1": s["binned_recall@1"]["spearman"],
+                             "R^2": s["binned_recall@1"]["r2"]} for name, s in summary["signals"].items()])]
+    return [table(retrieval), *detection, "Calibration of the top pairs, held-out queries:", table(links)]
 
 
 def calibration_benchmark(result: Record) -> Blocks:
@@ -150,6 +212,23 @@ def calibration_benchmark(result: Record) -> Blocks:
     for name, summary in figures["estimators"].items():
         blocks += [f"**{name}**", *evaluation(summary)]
     return blocks
+
+
+def calibration_summary(result: Record, estimator: str = "second_order") -> str:
+    """The README's calibration table: per stratum, the headline signals' AUROC and the useful ones."""
+    stratified = result["figures"]["estimators"][estimator]["stratified"]
+    blocks = []
+    for part in ("query", "top1"):
+        partition = stratified["views"]["visible"][part]
+        blocks.append(stratum_table(partition, list(HEADLINE_SIGNALS)))
+    useful = {stratum: names for part in stratified["views"]["visible"].values()
+              for stratum, names in part["useful"].items() if names}
+    failures = stratified["failures"]
+    lines = ["Useful Bayesian signals (beat the stratum's best baseline, interval above zero): "
+             + ("; ".join(f"{s}: {', '.join(n)}" for s, n in useful.items()) or "none") + ".",
+             f"Held-out failures: {failures['failures']}, knowable {failures['knowable_share']:.0%} ("
+             + ", ".join(f"{k} {v['share']:.0%}" for k, v in failures["kinds"].items()) + ")."]
+    return "\n\n".join([*blocks, *lines])
 
 
 FORMATTERS: dict[str, Callable[[Record], Blocks]] = {

@@ -5,27 +5,36 @@ the world-trained CLIP (``--size benchmark``: ``bayes-small``) on its pairs; wri
 gallery of clean in-distribution images plus a shifted world for every shift family and
 severity; index the gallery with ``build_index``; draw text queries from the attributes
 of gallery scenes (half full descriptions, half partial ones naming 1-3 attributes of
-one object), labelled by the world's relevance function. Then, for the default cosine
-estimator and for BayesVLM's ``published`` one, score every query against the whole
-gallery through the search engine and report:
+one object). A pair is relevant when the image still *shows* what the query names
+(``visible_relevance_matrix``: a blur-5 blob is no "diamond", a contrast-5 image no
+"red ..."); the scene-only labels are a second, reported view. Then, for the default
+cosine estimator and for BayesVLM's ``published`` one, score every query against the
+whole gallery through the search engine and report:
 
 - retrieval: Recall@1/5/10, precision@10 and mAP for ``map``, ``expected``, ``lcb`` and
   ``ucb`` (kappa 0.5, 1, 2), on all queries;
-- uncertainty vs error on held-out queries: Recall@1 in 10 equal-count bins of each
-  uncertainty signal (Spearman and R^2 of bin index vs Recall@1), AUROC of the signal
-  for "top-1 result not relevant", risk-coverage AURC; signals are the query's own
-  variance, the top-1 std, std over the gap to the runner-up, the flip probability, the
-  calibrated mismatch probability, and the baselines (cosine, margin, softmax);
+- does an uncertainty tell when the top-1 result (under ``expected``) is wrong, on the
+  held-out queries: the failure AUROC of every signal *within* each stratum (queries:
+  full descriptions and partial ones by number of attributes; top-1 results: clean or
+  shifted, by family), pooled only as the n-weighted mean of within-stratum AUROCs,
+  with bootstrap 95% intervals over queries (``evaluation.strata``). The Bayesian
+  signals (top-1 std, std over gap, flip probability, mismatch probability, query
+  variance, the top-1 item's ``q``, ``lcb`` flip, ``E[cos]``) are each compared with the
+  best baseline of the stratum (top-1 cosine, margin, temperature-scaled softmax,
+  centred Mahalanobis and kNN distances of the top-1 item's and the query's
+  pre-projection activation to the fitting set); one is *useful* only where the
+  interval of its difference excludes zero;
+- the held-out failures by kind: knowable (unseen query word, shifted top-1, only
+  shifted relevant images) or in-distribution confusions (``evaluation.failures``);
 - calibration on held-out queries: ECE (15 bins), Brier and NLL of the probit match
   probability of the top-10 pairs, against a logistic link on the plain cosine.
 
 Queries are split at random into a held-in half (fits the probit link, the logistic
 link and the softmax temperature) and a held-out half (every uncertainty number).
-Writes ``benchmarks/results/retrieval_calibration.json`` and three PNGs per estimator
-into ``--plots``; prints tables.
+Writes ``benchmarks/results/retrieval_calibration.json``; prints the stratum tables.
 
-    .venv/bin/python benchmarks/retrieval_calibration.py            # ~4 min on 2 cores, plus training
-                                                                    # bayes-small once (~10 min idle)
+    .venv/bin/python benchmarks/retrieval_calibration.py            # ~1 min on 2 cores once the worlds,
+                                                                    # posterior and index are cached
     .venv/bin/python benchmarks/retrieval_calibration.py --size test --n-clean 200 --n-shift 10 --queries 300
 """
 
@@ -33,36 +42,62 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import formatters
 import numpy as np
 import pandas as pd
 import record
+import torch
 from tqdm import tqdm
 
 from bayesretrieval.encoders import ClipEncoder
-from bayesretrieval.evaluation import evaluate, failure_auroc, query_relative_variance, split_queries, sweep
-from bayesretrieval.evaluation.plots import plot_evaluation
+from bayesretrieval.evaluation import (
+    Fitted,
+    KnnDistance,
+    MahalanobisDistance,
+    Signal,
+    TopResults,
+    available_signals,
+    evaluate,
+    failure_auroc,
+    query_relative_variance,
+    signal_values,
+    split_queries,
+    stratified_auroc,
+    sweep,
+)
+from bayesretrieval.evaluation.failures import failure_kinds, unseen_word_queries
 from bayesretrieval.indexing.pipeline import BuildConfig, build_index
 from bayesretrieval.posterior import PairReader, PosteriorFitter, PosteriorPair
 from bayesretrieval.queries import Searcher
+from bayesretrieval.queries.calibration import ProbitCalibration
 from bayesretrieval.queries.uncertainty import QuerySide
 from bayesretrieval.similarity import CosineEstimator
 from bayesretrieval.training import ModelSize, get_trained_model, model_name
 from bayesretrieval.world import (
     MAX_SEVERITY,
+    Colour,
+    Shape,
     Shift,
+    Size,
+    Texture,
     full_query,
+    images_to_tensor,
     make_world,
     partial_query,
     query_text,
+    read_world,
     relevance_matrix,
     write_world,
 )
 from bayesretrieval.world.io import IMAGES_DIR, read_world_table
-from bayesretrieval.world.world import scenes_from_table
+from bayesretrieval.world.relevance import visible_relevance_matrix
 
 ATTRIBUTES = ("shape", "colour", "size", "position")
+VOCABULARY = [w for enum in (Shape, Colour, Size, Texture) for member in enum for w in member.value.split()]
+"""Content words of the queries (positions are phrases of common words, always seen)."""
 CLEAN = "clean"
 
 
@@ -78,7 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n-clean", type=int, default=600, help="clean gallery images")
     parser.add_argument("--n-shift", type=int, default=40, help="gallery images per shift family and severity")
     parser.add_argument("--severities", type=int, nargs="+", default=list(range(1, MAX_SEVERITY + 1)))
-    parser.add_argument("--queries", type=int, default=1200, help="text queries (half full, half partial)")
+    parser.add_argument("--queries", type=int, default=2400, help="text queries (half full, half partial)")
     parser.add_argument("--estimators", nargs="+", choices=[e.value for e in CosineEstimator],
                         default=[CosineEstimator.SECOND_ORDER.value, CosineEstimator.PUBLISHED.value])
     parser.add_argument("--split-seed", type=int, default=1, help="seed of the held-in / held-out query split")
@@ -86,7 +121,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="worlds, posterior and index (reused when present)")
     parser.add_argument("--output", type=Path, default=record.default_output("retrieval_calibration"),
                         help="result JSON")
-    parser.add_argument("--plots", type=Path, default=Path("results"), help="PNG folder (default: %(default)s)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates of every interval")
+    parser.add_argument("--knn", type=int, default=10, help="k of the kNN-distance baseline")
     return parser.parse_args(argv)
 
 
@@ -123,37 +159,83 @@ def gallery_worlds(args: argparse.Namespace) -> dict:
     return worlds
 
 
-def write_gallery(root: Path, args: argparse.Namespace) -> pd.DataFrame:
-    """Write the gallery worlds under ``root``; one row per image: ``path`` (relative to root), scene, shift."""
-    tables = []
+def write_gallery(root: Path, args: argparse.Namespace) -> tuple[pd.DataFrame, np.ndarray]:
+    """Write the gallery worlds under ``root``.
+
+    Returns:
+        ``(table, images)``: one row per image with ``path`` (relative to root), ``scene``,
+        ``world``, ``shifted``, ``family`` (the shift family, ``None`` for a clean image or
+        an unchanged image of a content shift) and ``severity``; images ``(N, H, W, 3)`` uint8.
+    """
+    tables, images = [], []
     for name, make in tqdm(gallery_worlds(args).items(), desc="write gallery", unit="world"):
         if not (root / name / "world.json").is_file():
             write_world(make(), root / name, overwrite=True)
+        world = read_world(root / name)
         table, _ = read_world_table(root / name)
+        shifted = table["shifted"].to_numpy(bool)
+        family = None if name == CLEAN else name.rsplit("-", 1)[0]
+        severity = None if name == CLEAN else int(name.rsplit("-", 1)[1])
         tables.append(pd.DataFrame({
-            "path": f"{name}/{IMAGES_DIR}/" + table["path"], "scene": scenes_from_table(table),
-            "world": name, "shifted": table["shifted"].to_numpy(bool)}))
-    return pd.concat(tables, ignore_index=True)
+            "path": f"{name}/{IMAGES_DIR}/" + table["path"], "scene": world.scenes, "world": name,
+            "shifted": shifted, "family": [family if s else None for s in shifted],
+            "severity": [severity if s else None for s in shifted]}))
+        images.append(world.images)
+    return pd.concat(tables, ignore_index=True), np.concatenate(images)
 
 
 def draw_queries(scenes: list, count: int, seed: int) -> tuple[list[str], np.ndarray]:
     """Query texts from random gallery scenes: even positions full, odd positions partial (1-3 attributes).
 
     Returns:
-        ``(texts, is_full)``.
+        ``(texts, attributes)``: ``attributes`` ``(count,)`` is 0 for a full description, else
+        the number of attributes a partial query names.
     """
     rng = np.random.default_rng(seed)
     sources = rng.choice(len(scenes), size=count, replace=True)
-    texts, is_full = [], np.arange(count) % 2 == 0
-    for full, source in zip(is_full, sources):
+    texts, attributes = [], np.zeros(count, dtype=np.int64)
+    for i, source in enumerate(sources):
         scene = scenes[source]
-        if full:
+        if i % 2 == 0:
             query = full_query(scene)
         else:
             kept = rng.choice(ATTRIBUTES, size=rng.integers(1, 4), replace=False)
             query = partial_query(scene, [a for a in ATTRIBUTES if a in kept])
+            attributes[i] = len(kept)
         texts.append(query_text(query))
-    return texts, is_full
+    return texts, attributes
+
+
+def encode_activations(encoder: ClipEncoder, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """Pre-projection image activations ``(N, h)`` of uint8 images at the model's resolution."""
+    cfg = encoder.model.visual.preprocess_cfg
+    return torch.cat([encoder.encode_images(images_to_tensor(part, cfg["mean"], cfg["std"]), batch_size).activations
+                      for part in np.array_split(images, max(1, len(images) // 1024))])
+
+
+def fitting_activations(encoder: ClipEncoder, work: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Image and caption activations of the training world the posterior was fitted on (cached), and its captions."""
+    world = read_world(work / "train-world")
+    cached = work / "fitting_activations.pt"
+    if cached.is_file():
+        saved = torch.load(cached)
+        return saved["image"], saved["text"], world.captions
+    image = encode_activations(encoder, world.images)
+    text = encoder.encode_texts(world.captions).activations
+    torch.save({"image": image, "text": text}, cached)
+    return image, text, world.captions
+
+
+def activation_baselines(encoder: ClipEncoder, work: Path, images: np.ndarray, texts: list[str], k: int) -> dict:
+    """Per item ``(nb,)`` and per query ``(nq,)`` centred Mahalanobis and kNN distances to the fitting set."""
+    fit_image, fit_text, captions = fitting_activations(encoder, work)
+    items = encode_activations(encoder, images)
+    queries = encoder.encode_texts(texts).activations
+    return {"item_activations": items, "captions": captions,
+            "item_mahalanobis": MahalanobisDistance().fit(fit_image).score(items),
+            "item_knn": KnnDistance(k).fit(fit_image).score(items),
+            "query_mahalanobis": MahalanobisDistance().fit(fit_text).score(queries),
+            "query_knn": KnnDistance(k).fit(fit_text).score(queries)}
 
 
 def engine_check(searcher: Searcher, texts: list[str], relevant: np.ndarray, records, count: int = 100) -> dict:
@@ -190,24 +272,94 @@ def shift_analysis(records, fit: np.ndarray, shifted: np.ndarray) -> dict:
                 float(records.pair_relevant[held][~shifted[records.pair_item[held]]].mean())}
 
 
-def run_estimator(index_dir: Path, encoder: ClipEncoder, estimator: str, texts: list[str], relevant: np.ndarray,
-                  fit: np.ndarray, item_ids: np.ndarray, out: Path, groups: dict, shifted: np.ndarray) -> dict:
-    """Sweep, evaluate and plot one estimator; returns its summary."""
+@dataclass
+class Labels:
+    """Everything the stratified analysis needs besides the sweep, item columns in ``item_ids`` order.
+
+    Attributes:
+        visible: ``(nq, nb)`` visible-attribute relevance (the primary labels, swept).
+        scene: ``(nq, nb)`` scene-only relevance.
+        family: ``(nb,)`` object array, shift family per item or ``None``.
+        attributes: ``(nq,)`` 0 for full descriptions, else attributes named.
+        unseen_word: ``(nq,)`` whether the query has a word no fitting caption has.
+        item: per-item ``(nb,)`` arrays ``item_scale``, ``item_mahalanobis``, ``item_knn``.
+        query: per-query ``(nq,)`` arrays ``query_mahalanobis``, ``query_knn``.
+    """
+
+    visible: np.ndarray
+    scene: np.ndarray
+    family: np.ndarray
+    attributes: np.ndarray
+    unseen_word: np.ndarray
+    item: dict
+    query: dict
+
+
+def query_strata(attributes: np.ndarray) -> dict:
+    """``{"full": mask, "partial-1": ..., ...}`` from the attribute counts (0 = full)."""
+    strata = {"full": attributes == 0}
+    strata.update({f"partial-{n}": attributes == n for n in sorted(set(attributes.tolist()) - {0})})
+    return strata
+
+
+def top1_strata(family: np.ndarray) -> dict:
+    """``{"clean": mask, "<family>": ...}`` from the top-1 items' shift families."""
+    strata = {CLEAN: np.array([f is None for f in family])}
+    strata.update({s.value: family == s.value for s in Shift if (family == s.value).any()})
+    return strata
+
+
+def stratified(records, fit: np.ndarray, summary: dict, logit_scale: float, labels: Labels,
+               item_ids: np.ndarray, n_boot: int) -> dict:
+    """Within-stratum failure AUROCs under both label views, and the failures by kind, on held-out queries."""
+    held = ~fit
+    column = np.searchsorted(item_ids, records.pair_item[:, :2])  # (n, 2) gallery columns of the top two
+    t_index = int(np.flatnonzero(records.temperatures == summary["softmax_temperature"])[0])
+    probit = summary["calibration"]["probit"]
+    fitted = Fitted(ProbitCalibration.from_dict({"threshold": probit["threshold"], "noise_std": probit["noise_std"]}),
+                    summary["softmax_temperature"], logit_scale)
+    top1 = column[:, 0]
+    top = TopResults(records.pair_mean[:, :2], records.pair_var[:, :2], records.pair_map[:, :2],
+                     records.pair_relevant[:, :2], records.query_variance, records.log_normaliser[:, t_index],
+                     **{name: values[top1] for name, values in labels.item.items()}, **labels.query).take(held)
+    values = {s.value: signal_values(s, top, fitted) for s in available_signals(top)}
+    baselines = [s.value for s in Signal if s.is_baseline and s.value in values]
+    rows = np.flatnonzero(held)
+    family = labels.family[top1[rows]]
+    views = {"visible": ~top.relevant[:, 0], "scene": ~labels.scene[rows, top1[rows]]}
+    partitions = {"query": query_strata(labels.attributes[rows]), "top1": top1_strata(family)}
+    shifted_item = np.array([f is not None for f in labels.family])
+    relevant_only_shifted = ~(labels.visible[rows] & ~shifted_item).any(axis=1)
+    return {
+        "signals": {name: {"baseline": name in baselines} for name in values},
+        "views": {view: {part: stratified_auroc(values, baselines, failed, strata, n_boot, seed=i)
+                         for i, (part, strata) in enumerate(partitions.items())}
+                  for view, failed in views.items()},
+        "failures": failure_kinds(views["visible"], labels.unseen_word[rows], family != None,  # noqa: E711
+                                  relevant_only_shifted),
+    }
+
+
+def run_estimator(index_dir: Path, encoder: ClipEncoder, estimator: str, texts: list[str], labels: Labels,
+                  fit: np.ndarray, item_ids: np.ndarray, n_boot: int) -> dict:
+    """Sweep and evaluate one estimator; returns its summary."""
     searcher = Searcher.open(index_dir, encoder, estimator=estimator)
     encoded = searcher.encode(texts)
     engine = searcher.engine("text")
     query = QuerySide.build(encoded.means, encoded.scales, engine.covs)
     variance = query_relative_variance(encoded.means, encoded.scales, searcher.posterior.text)
     bar = tqdm(total=len(texts), desc=f"sweep {estimator}", unit="query")
-    records = sweep(engine, query, variance, item_ids, lambda rows: relevant[rows], encoder.logit_scale,
+    records = sweep(engine, query, variance, item_ids, lambda rows: labels.visible[rows], encoder.logit_scale,
                     progress=lambda done: bar.update(done - bar.n))
     bar.close()
-    evaluation = evaluate(records, fit, encoder.logit_scale, groups=groups)
-    evaluation.summary["shift"] = shift_analysis(records, fit, shifted)
-    evaluation.summary["engine_check"] = engine_check(searcher, texts, _by_id(relevant, item_ids), records)
-    evaluation.summary["plots"] = [str(p) for p in plot_evaluation(
-        evaluation, out, f"retrieval_calibration_{estimator}", f"small world, {estimator}")]
-    return evaluation.summary
+    summary = evaluate(records, fit, encoder.logit_scale).summary
+    for pooled in ("signals", "groups", "selected_on_held_in", "oracle_aurc"):  # AUROCs over mixed strata
+        summary.pop(pooled)
+    summary["stratified"] = stratified(records, fit, summary, encoder.logit_scale, labels, item_ids, n_boot)
+    shifted = _by_id(np.array([f is not None for f in labels.family])[None, :], item_ids)[0]
+    summary["shift"] = shift_analysis(records, fit, shifted)
+    summary["engine_check"] = engine_check(searcher, texts, _by_id(labels.visible, item_ids), records)
+    return summary
 
 
 def _by_id(relevant: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
@@ -222,70 +374,50 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
     work = args.work / args.size
-    gallery = write_gallery(work / "gallery", args)
+    gallery, images = write_gallery(work / "gallery", args)
     write_training_world(work, args)
     encoder = ClipEncoder.from_pretrained(model_name(args.size), get_trained_model(args.size, args.seed))
     posterior = fit_posterior_on_world(encoder, work, args)
     report = build_index(work / "gallery", work / "index", encoder, posterior, BuildConfig(workers=0))
     reader = Searcher.open(work / "index", encoder).reader
     item_ids = np.asarray(reader.item_ids, dtype=np.int64)
-    paths = reader.paths(item_ids)
-    scenes = gallery.set_index("path").loc[list(paths)]
-    texts, is_full = draw_queries(list(scenes["scene"]), args.queries, args.seed + 7)
-    relevant = relevance_matrix(texts, list(scenes["scene"]))
+    order = pd.Series(np.arange(len(gallery)), index=gallery["path"]).loc[list(reader.paths(item_ids))].to_numpy()
+    scenes = gallery.iloc[order].reset_index(drop=True)
+    texts, attributes = draw_queries(list(scenes["scene"]), args.queries, args.seed + 7)
+    ood = activation_baselines(encoder, work, images[order], texts, args.knn)
+    family = np.array([f if isinstance(f, str) else None for f in scenes["family"]], dtype=object)
+    severity = [None if f is None else int(v) for f, v in zip(family, scenes["severity"])]
+    labels = Labels(
+        visible=visible_relevance_matrix(texts, list(scenes["scene"]), list(family), severity),
+        scene=relevance_matrix(texts, list(scenes["scene"])), family=family,
+        attributes=attributes, unseen_word=unseen_word_queries(texts, ood["captions"], VOCABULARY),
+        item={"item_scale": posterior.image.activation_scale(ood["item_activations"]).numpy(),
+              "item_mahalanobis": ood["item_mahalanobis"], "item_knn": ood["item_knn"]},
+        query={"query_mahalanobis": ood["query_mahalanobis"], "query_knn": ood["query_knn"]})
     fit = split_queries(len(texts), args.split_seed)
+    full = attributes == 0
     results = {
         "model": model_name(args.size), "logit_scale": encoder.logit_scale,
         "posterior": {"lambda": [posterior.image.prior_precision, posterior.text.prior_precision]},
         "gallery": {"items": len(item_ids), "shifted": int(scenes["shifted"].sum()),
                     "worlds": int(gallery["world"].nunique()), "indexed": report.indexed},
-        "queries": {"total": len(texts), "full": int(is_full.sum()),
-                    "mean_relevant_full": float(relevant[is_full].sum(1).mean()),
-                    "mean_relevant_partial": float(relevant[~is_full].sum(1).mean())},
+        "queries": {"total": len(texts), "full": int(full.sum()),
+                    **{f"partial-{n}": int((attributes == n).sum()) for n in (1, 2, 3)},
+                    "unseen_word": int(labels.unseen_word.sum()),
+                    "mean_relevant_full": float(labels.visible[full].sum(1).mean()),
+                    "mean_relevant_partial": float(labels.visible[~full].sum(1).mean()),
+                    "mean_relevant_full_scene_labels": float(labels.scene[full].sum(1).mean()),
+                    "mean_relevant_partial_scene_labels": float(labels.scene[~full].sum(1).mean())},
         "estimators": {},
     }
     for estimator in args.estimators:
-        results["estimators"][estimator] = run_estimator(work / "index", encoder, estimator, texts, relevant, fit,
-                                                         item_ids, args.plots, {"full": is_full, "partial": ~is_full},
-                                                         _by_id(scenes["shifted"].to_numpy(bool)[None, :], item_ids)[0])
+        results["estimators"][estimator] = run_estimator(work / "index", encoder, estimator, texts, labels, fit,
+                                                         item_ids, args.bootstrap)
     results["seconds"] = time.perf_counter() - started
     path = record.save("retrieval_calibration", __file__, args, results, argv, args.output)
-    print_tables(results)
+    print("\n\n".join(formatters.calibration_benchmark({"figures": results})))
     print(f"wrote {path}")
     return results
-
-
-def print_tables(results: dict) -> None:
-    """Markdown tables of the numbers, one block per estimator."""
-    for estimator, summary in results["estimators"].items():
-        print(f"\n### {estimator} ({results['model']}, {results['gallery']['items']} gallery items, "
-              f"{results['queries']['total']} queries)\n")
-        print("| score | R@1 | R@5 | R@10 | P@10 | mAP |\n|---|---|---|---|---|---|")
-        for label, r in summary["retrieval"].items():
-            print(f"| {label} | {r['recall@1']:.3f} | {r['recall@5']:.3f} | {r['recall@10']:.3f} | "
-                  f"{r['precision@10']:.3f} | {r['map']:.3f} |")
-        print("\n| signal | failure AUROC | AURC | Spearman bin vs R@1 | R^2 |\n|---|---|---|---|---|")
-        for name, s in summary["signals"].items():
-            b = s["binned_recall@1"]
-            print(f"| {name}{' (baseline)' if s['baseline'] else ''} | {s['failure_auroc']:.3f} "
-                  f"± {s['failure_auroc_stderr']:.3f} | {s['aurc']:.3f} | "
-                  f"{b['spearman']:+.3f} | {b['r2']:.3f} |")
-        print("\nfailure AUROC within query kinds: " + "; ".join(
-            f"{kind} (top-1 recall {g['top1_recall']:.2f}): "
-            + ", ".join(f"{k} {v:.2f}" for k, v in g["failure_auroc"].items())
-            for kind, g in summary["groups"].items()))
-        picked = summary["selected_on_held_in"]
-        print("\nselected on held-in queries: " + "; ".join(
-            f"{kind} {p['signal']} (held-out AUROC {p['failure_auroc']:.3f}, AURC {p['aurc']:.3f})"
-            for kind, p in picked.items() if p["signal"] is not None))
-        print(f"\n(oracle AURC {summary['oracle_aurc']:.3f}, "
-              f"held-out top-1 recall {summary['top1_recall_held_out']:.3f})")
-        print("\n| link | ECE | Brier | NLL |\n|---|---|---|---|")
-        for name in ("probit", "logistic_map"):
-            c = summary["calibration"][name]
-            print(f"| {name} | {c['ece']:.4f} | {c['brier']:.4f} | {c['nll']:.4f} |")
-        print(f"\nshifted gallery images among held-out top results: {summary['shift']}")
-        print(f"\nengine check: {summary['engine_check']}")
 
 
 if __name__ == "__main__":

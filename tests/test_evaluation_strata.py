@@ -107,6 +107,8 @@ def test_failure_kinds_first_match_wins_and_shares_add_up():
 
     unseen = unseen_word_queries(["a red star", "a red circle", "Circle, red!"], ["a red circle", "a blue square"])
     assert unseen.tolist() == [True, False, False]
+    content = unseen_word_queries(["a star object", "a red object"], ["a red circle"], content_words=["star", "red"])
+    assert content.tolist() == [True, False]
     failed = np.array([1, 1, 1, 1, 1, 0], bool)
     out = failure_kinds(failed, [1, 0, 0, 0, 0, 1], [1, 1, 0, 0, 0, 1], [0, 1, 1, 0, 0, 0])
     counts = {k: v["count"] for k, v in out["kinds"].items()}

@@ -42,10 +42,19 @@ def words(text: str) -> set[str]:
     return set(re.findall(r"[a-z]+", text.lower()))
 
 
-def unseen_word_queries(texts: Sequence[str], fitting_texts: Iterable[str]) -> np.ndarray:
-    """``(n,)`` bool: whether each text has a word that no fitting text has."""
-    vocabulary = set().union(*map(words, fitting_texts))
-    return np.array([bool(words(t) - vocabulary) for t in texts], dtype=bool)
+def unseen_word_queries(texts: Sequence[str], fitting_texts: Iterable[str],
+                        content_words: Iterable[str] | None = None) -> np.ndarray:
+    """``(n,)`` bool: whether each text has a word that no fitting text has.
+
+    Args:
+        texts: the queries.
+        fitting_texts: the captions the model and posterior were fitted on.
+        content_words: if given, only these words count (so that filler words of the
+            query templates, such as "object", are not taken for novel concepts).
+    """
+    seen = set().union(*map(words, fitting_texts))
+    wanted = None if content_words is None else {w.lower() for w in content_words}
+    return np.array([bool({w for w in words(t) - seen if wanted is None or w in wanted}) for t in texts], dtype=bool)
 
 
 def failure_kinds(failed, unseen_word, top1_shifted, relevant_only_shifted) -> dict:
