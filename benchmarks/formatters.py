@@ -167,8 +167,25 @@ def verdict_table(partition: dict, signals: list[str]) -> str:
     return table(rows)
 
 
-HEADLINE_SIGNALS = ("std", "query_variance", "item_scale", "cosine", "softmax", "item_knn")
-"""The signals of the compact per-stratum table (the JSON has all of them)."""
+HEADLINE_SIGNALS = ("std", "query_variance", "item_scale")
+"""The Bayesian signals of the README's compact per-stratum table (the JSON has all of them)."""
+
+
+def compact_table(partition: dict, signals=HEADLINE_SIGNALS) -> str:
+    """Per stratum: n, failures, the headline Bayesian signals, the best baseline, and std minus it."""
+    rows = []
+    for name, entry in [*partition["strata"].items(), ("pooled (weighted mean)", partition["pooled"])]:
+        row = {"stratum": name, "n": entry["queries"], "failures": entry["failures"]}
+        values = entry.get("signals")
+        for signal in signals:
+            row[signal] = "too few" if values is None else _interval(values[signal])
+        if values is not None:
+            best = entry["best_baseline"]
+            row["best baseline"] = f"{best} {_interval(values[best])}"
+            row["std - best baseline"] = _interval(values["std"], "minus_best_baseline", "minus_best_baseline_ci",
+                                                   True)
+        rows.append(row)
+    return table(rows)
 
 
 def stratified_blocks(stratified: dict) -> Blocks:
@@ -220,7 +237,7 @@ def calibration_summary(result: Record, estimator: str = "second_order") -> str:
     blocks = []
     for part in ("query", "top1"):
         partition = stratified["views"]["visible"][part]
-        blocks.append(stratum_table(partition, list(HEADLINE_SIGNALS)))
+        blocks.append(compact_table(partition))
     useful = {stratum: names for part in stratified["views"]["visible"].values()
               for stratum, names in part["useful"].items() if names}
     failures = stratified["failures"]
@@ -267,8 +284,17 @@ def calibration_headline(result: Record) -> list[tuple[str, str]]:
     """ECE of the probit match probability against the logistic-on-cosine baseline, first estimator."""
     estimator = result["config"]["estimators"][0]
     calibration = result["figures"]["estimators"][estimator]["calibration"]
-    return [(f"match-probability ECE vs logistic on the cosine (`{estimator}`, small world)",
+    rows = [(f"match-probability ECE vs logistic on the cosine (`{estimator}`, small world)",
              f"{calibration['probit']['ece']:.3f} vs {calibration['logistic_map']['ece']:.3f}")]
+    stratified = result["figures"]["estimators"][estimator].get("stratified")
+    if stratified:
+        pooled = stratified["views"]["visible"]["query"]["pooled"]
+        best, std = pooled["best_baseline"], pooled["signals"]["std"]
+        rows.append(("wrong top-1 detection, AUROC within query strata (weighted mean): top-1 std vs best "
+                     "baseline, small world",
+                     f"{_interval(std)} vs {best} {_interval(pooled['signals'][best])}; difference "
+                     f"{_interval(std, 'minus_best_baseline', 'minus_best_baseline_ci', True)}"))
+    return rows
 
 
 def build_headline(result: Record) -> list[tuple[str, str]]:

@@ -33,7 +33,7 @@ Queries are split at random into a held-in half (fits the probit link, the logis
 link and the softmax temperature) and a held-out half (every uncertainty number).
 Writes ``benchmarks/results/retrieval_calibration.json``; prints the stratum tables.
 
-    .venv/bin/python benchmarks/retrieval_calibration.py            # ~1 min on 2 cores once the worlds,
+    .venv/bin/python benchmarks/retrieval_calibration.py            # ~3.5 min on 2 cores once the worlds,
                                                                     # posterior and index are cached
     .venv/bin/python benchmarks/retrieval_calibration.py --size test --n-clean 200 --n-shift 10 --queries 300
 """

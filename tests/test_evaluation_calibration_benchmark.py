@@ -1,0 +1,61 @@
+"""benchmarks/retrieval_calibration.py end to end with the test model: a quick run, its record and its tables."""
+
+import json
+
+import numpy as np
+import pytest
+from benchmark_scripts import benchmark_module
+
+ARGS = ["--size", "test", "--n-clean", "60", "--n-shift", "3", "--queries", "240", "--n-fit", "512",
+        "--estimators", "second_order", "--bootstrap", "100"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("calibration")
+    with benchmark_module("retrieval_calibration") as script:
+        results = script.main([*ARGS, "--work", str(tmp / "work"), "--output", str(tmp / "out.json")])
+        yield script, results, json.loads((tmp / "out.json").read_text())
+
+
+def test_record_holds_the_figures_and_visible_labels_are_stricter(run):
+    _, results, saved = run
+    assert saved["benchmark"] == "retrieval_calibration" and saved["figures"]["model"] == "bayes-tiny"
+    queries = results["queries"]
+    assert queries["full"] == 120 and sum(queries[f"partial-{n}"] for n in (1, 2, 3)) == 120
+    assert queries["mean_relevant_full"] <= queries["mean_relevant_full_scene_labels"]
+    assert queries["mean_relevant_partial"] <= queries["mean_relevant_partial_scene_labels"]
+    summary = results["estimators"]["second_order"]
+    assert "signals" not in summary  # no AUROC over pooled strata
+    assert summary["engine_check"]["agree"] == summary["engine_check"]["queries"]
+
+
+def test_every_figure_is_per_stratum_with_intervals_and_a_verdict(run):
+    _, results, _ = run
+    stratified = results["estimators"]["second_order"]["stratified"]
+    assert {"std", "item_scale", "lcb_flip", "cosine", "margin", "softmax", "item_mahalanobis", "item_knn",
+            "query_mahalanobis", "query_knn"} <= set(stratified["signals"])
+    for view in ("visible", "scene"):
+        query = stratified["views"][view]["query"]
+        assert set(query["strata"]) == {"full", "partial-1", "partial-2", "partial-3"}
+        assert "clean" in stratified["views"][view]["top1"]["strata"]
+        reported = {s: e for s, e in query["strata"].items() if e["signals"]}
+        assert reported, "at least one stratum must have enough failures and successes"
+        weights = np.array([reported[s]["queries"] for s in query["pooled"]["strata"]])
+        for name, pooled in query["pooled"]["signals"].items():
+            per_stratum = [reported[s]["signals"][name]["auroc"] for s in query["pooled"]["strata"]]
+            assert pooled["auroc"] == pytest.approx(np.dot(weights, per_stratum) / weights.sum())
+            assert pooled["ci"][0] <= pooled["auroc"] <= pooled["ci"][1]
+            if not stratified["signals"][name]["baseline"]:
+                assert pooled["useful"] == (pooled["minus_best_baseline_ci"][0] > 0)
+    failures = stratified["failures"]
+    assert sum(k["count"] for k in failures["kinds"].values()) == failures["failures"] > 0
+
+
+def test_tables_render_from_the_record(run):
+    script, _, saved = run
+    text = "\n\n".join(script.formatters.calibration_benchmark(saved))
+    assert "Failure AUROC, visible labels, query strata" in text and "pooled (weighted mean)" in text
+    assert "Held-out failures by kind" in text
+    summary = script.formatters.calibration_summary(saved)
+    assert summary.startswith("| stratum | n | failures | std |") and "knowable" in summary
