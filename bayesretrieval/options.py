@@ -172,3 +172,12 @@ class ExportFormat(str, Enum):
 def default_workers() -> int:
     """Loader processes: one per spare core, at most 8 (0 means decode in the main process)."""
     return min(8, max(1, (os.cpu_count() or 2) - 1))
+
+
+class AuditScore(str, Enum):
+    """What ``bayesretrieval audit`` ranks items by (docs/math.md section 4)."""
+
+    SCALE = "scale"
+    """``q = a^T A^-1 a``: how far the item's activation lies from the data the posterior was fitted on."""
+    UNCERTAINTY = "uncertainty"
+    """``tr S / |mu|^2``: the embedding's total variance over its squared norm."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bayesretrieval.cli import CommandError
+from bayesretrieval.options import AuditScore
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -16,10 +17,11 @@ if TYPE_CHECKING:
 DESCRIPTION = """\
 List the items of an index whose embeddings the posterior is least sure of, most
 uncertain first, from the per-item scalars the index already stores (one pass over
-the collection; no model is loaded). The score is the embedding's total variance
-relative to its squared norm, tr S / |mu|^2 (docs/math.md section 4): how far the
-posterior lets the item's embedding move, so how much to doubt its similarity scores (on
-the small world it is highest for noisy, occluded and JPEG-damaged images).
+the collection; no model is loaded). By default items are ranked by q = a^T A^-1 a, how
+far the item's activation lies from the data the posterior was fitted on (on the small
+world it ranks noisy, occluded, low-contrast and photo-like images first); --by
+uncertainty ranks by the embedding's total variance relative to its squared norm,
+tr S / |mu|^2 (docs/math.md section 4).
 
 Columns: rank (1 = least certain), item_id, path, uncertainty, percentile (percent of
 the collection at or below this score), scale (q = a^T A^-1 a) and cosine_std (the
@@ -41,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-root", type=Path, help="folder the item paths are relative to (for --html; "
                                                         "default: the indexed folder)")
     parser.add_argument("--form", choices=FORMS, help="item covariance form (default: the richest the index holds)")
+    parser.add_argument("--by", choices=[s.value for s in AuditScore],
+                        help="ranking score: scale (q, default when the index stores it) or uncertainty")
     parser.set_defaults(run=run)
 
 
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.index_dir.is_dir():
         raise CommandError(f"index directory not found: {args.index_dir}")
     with IndexReader.open(args.index_dir) as reader:
-        frame = audit_index(reader, args.k, args.form)
+        frame = audit_index(reader, args.k, args.form, args.by)
         source_root = reader.manifest.source_root
     sys.stdout.write(format_audit(frame, args.format).rstrip("\n") + "\n")
     if args.html:

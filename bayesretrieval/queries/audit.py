@@ -1,7 +1,7 @@
 """Collection audit: the items whose embeddings the posterior is least sure of, no query needed.
 
-The score is the item embedding's total variance relative to its squared norm
-(docs/math.md section 4, "Auditing a collection"):
+Items are ranked by their activation scale ``q = a^T A^-1 a`` (default) or by the item
+embedding's total variance relative to its squared norm (docs/math.md section 4):
 
     uncertainty = tr S_i / |mu_i|^2          (kfac: S_i = q_i Sigma_I, so q_i tr Sigma_I / |mu_i|^2)
 
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bayesretrieval.options import AuditScore
 from bayesretrieval.queries.report import _thumbnail
 from bayesretrieval.store import CovarianceForm, IndexReader
 from bayesretrieval.store.format import ItemScalars
@@ -82,19 +83,24 @@ def uncertainty_scores(trace: np.ndarray, quad: np.ndarray, norm_sq: np.ndarray,
     return uncertainty, cosine_std
 
 
-def audit_index(reader: IndexReader, k: int | None = None, form: CovarianceForm | str | None = None) -> pd.DataFrame:
+def audit_index(reader: IndexReader, k: int | None = None, form: CovarianceForm | str | None = None,
+                by: AuditScore | str | None = None) -> pd.DataFrame:
     """The ``k`` items the posterior is least sure of, most uncertain first.
 
     Args:
         reader: the opened index.
         k: rows to return (``None``: every item).
         form: item covariance form (default: the richest the index holds).
+        by: the ranking score. Default :attr:`AuditScore.SCALE` (``q``), which separates
+            out-of-distribution images better than the relative variance on the small
+            world (tests/test_audit.py prints both), unless the index stores no scales
+            (precomputed embeddings), then :attr:`AuditScore.UNCERTAINTY`.
 
     Returns:
         One row per item (columns :data:`AUDIT_COLUMNS`): ``rank`` (1 = least certain),
         ``item_id``, ``path``, ``uncertainty`` (``tr S / |mu|^2``), ``percentile`` (percent
-        of the collection whose uncertainty is at most this item's), ``scale`` (``q``) and
-        ``cosine_std``. ``attrs`` hold ``form``, ``item_count`` and ``version``.
+        of the collection whose ranking score is at most this item's), ``scale`` (``q``)
+        and ``cosine_std``. ``attrs`` hold ``form``, ``by``, ``item_count`` and ``version``.
 
     Raises:
         ValueError: for a non-positive ``k``, an unknown form, or a per-item form whose
@@ -106,7 +112,10 @@ def audit_index(reader: IndexReader, k: int | None = None, form: CovarianceForm 
     scalars = ItemScalars.from_table(reader.scalars)
     trace, quad = item_variance_terms(reader, form)
     uncertainty, cosine_std = uncertainty_scores(trace, quad, scalars.norm_sq, reader.embed_dim)
-    rows, above = top_rows(uncertainty, k)
+    if by is None:
+        by = AuditScore.SCALE if np.any(scalars.scale > 0) else AuditScore.UNCERTAINTY
+    by = AuditScore(by)
+    rows, above = top_rows(scalars.scale if by is AuditScore.SCALE else uncertainty, k)
     count = max(len(uncertainty), 1)
     ids = np.asarray(reader.item_ids[rows], dtype=np.int64)
     frame = pd.DataFrame({
@@ -118,7 +127,7 @@ def audit_index(reader: IndexReader, k: int | None = None, form: CovarianceForm 
         "scale": scalars.scale[rows],
         "cosine_std": cosine_std[rows],
     }, columns=AUDIT_COLUMNS)
-    frame.attrs.update(form=form.value, item_count=len(reader), version=reader.manifest.version)
+    frame.attrs.update(form=form.value, by=by.value, item_count=len(reader), version=reader.manifest.version)
     return frame
 
 

@@ -409,11 +409,11 @@ class Searcher:
         query = QuerySide.build(encoded.means, encoded.scales, engine.covs)
         return engine.pair_moments(query, rows, ids)
 
-    def audit(self, k: int | None = 50) -> pd.DataFrame:
+    def audit(self, k: int | None = 50, by: str | None = None) -> pd.DataFrame:
         """The ``k`` items the posterior is least sure of, most uncertain first (:func:`.audit.audit_index`)."""
         from bayesretrieval.queries.audit import audit_index
 
-        return audit_index(self._current().reader, k, self.form)
+        return audit_index(self._current().reader, k, self.form, by)
 
     def calibrate(self, queries, item_ids: Sequence[int], labels, modality: Modality | str | None = None,
                   save: bool = True) -> ProbitCalibration:
