@@ -116,3 +116,16 @@ def test_numbers(report):
     assert [number(v) for v in (0.919123, 12345.6, 1e-06, 3, None, [0.5, 0.25], float("nan"))] == [
         "0.9191", "12346", "1e-06", "3", "-", "0.5, 0.25", "nan"]
     assert report.formatters.table([{"a": "x|y"}]) == "| a |\n|---|\n| x\\|y |"
+
+
+def test_calibration_strata_block_between_its_markers(report, record, tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# T\n{report.STRATA_START}\nold\n{report.STRATA_END}\n")
+    argv = ["--results", str(results), "--markdown", str(tmp_path / "RESULTS.md"), "--readme", str(readme)]
+    assert report.main(argv) == 0 and "No stratified `retrieval_calibration` record yet." in readme.read_text()
+    (results / "retrieval_calibration.json").write_text((record.RESULTS_DIR / "retrieval_calibration.json").read_text())
+    assert report.main(argv) == 0 and report.main([*argv, "--check"]) == 0
+    text = readme.read_text()
+    assert "| stratum | n | failures | std |" in text and "pooled (weighted mean)" in text and "old" not in text
