@@ -284,8 +284,10 @@ def calibration_headline(result: Record) -> list[tuple[str, str]]:
     """ECE of the probit match probability against the logistic-on-cosine baseline, first estimator."""
     estimator = result["config"]["estimators"][0]
     calibration = result["figures"]["estimators"][estimator]["calibration"]
+    probit, logistic = calibration["probit"], calibration["logistic_map"]
     rows = [(f"match-probability ECE vs logistic on the cosine (`{estimator}`, small world)",
-             f"{calibration['probit']['ece']:.3f} vs {calibration['logistic_map']['ece']:.3f}")]
+             f"{probit['ece']:.3f} vs {logistic['ece']:.3f} (Brier {probit['brier']:.3f} vs {logistic['brier']:.3f}; "
+             f"probit threshold {probit['threshold']:.3f}, noise std {probit['noise_std']:.3f})")]
     stratified = result["figures"]["estimators"][estimator].get("stratified")
     if stratified:
         pooled = stratified["views"]["visible"]["query"]["pooled"]
