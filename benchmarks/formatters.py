@@ -248,12 +248,44 @@ def calibration_summary(result: Record, estimator: str = "second_order") -> str:
     return "\n\n".join([*blocks, *lines])
 
 
+def query_warnings(result: Record) -> Blocks:
+    """Query-warning AUROC for unseen-word queries per slot and kind, vs the better max-cosine baseline.
+
+    Beside it the query-activation Mahalanobis reference, the warning rates (hits) and the false alarms.
+    """
+    figures = result["figures"]
+    rates, percentile = figures["warning_rates"], figures["percentile"]
+    rows = []
+    for name, entry in figures["auroc"].items():
+        signals = entry.get("signals")
+        if not signals:
+            continue
+        best = entry["best_baseline"]
+        rows.append({"slot": name, "unseen queries": entry["failures"],
+                     "query warning": _interval(signals["query_percentile"]),
+                     "best max-cosine baseline": f"{best} {_interval(signals[best])}",
+                     "warning - baseline": _interval(signals["query_percentile"], "minus_best_baseline",
+                                                     "minus_best_baseline_ci", True),
+                     "query Mahalanobis": _interval(signals["query_mahalanobis"]),
+                     f"warned at {percentile:g}th": _interval(rates[name], "rate")})
+    alarms = rates["in_distribution"]
+    kept = {kind: ", ".join(w for w, c in words.items() if c["kept"]) for kind, words in figures["words"].items()}
+    return [f"AUROC for unseen-word vs in-distribution queries ({figures['model']}, "
+            f"{figures['queries']['in_distribution']} in-distribution captions, 95% bootstrap intervals):",
+            table(rows),
+            f"False alarms (in-distribution captions warned at the {percentile:g}th percentile): "
+            f"{_interval(alarms, 'rate')} ({alarms['warned']} of {alarms['queries']}).",
+            "Replacement words (unseen in the fitting captions, as words and as BPE tokens): "
+            + "; ".join(f"{kind}: {words}" for kind, words in kept.items()) + "."]
+
+
 FORMATTERS: dict[str, Callable[[Record], Blocks]] = {
     "cosine_accuracy": cosine_accuracy,
     "search_speed": search_speed,
     "world_recall": world_recall,
     "retrieval_calibration": calibration_benchmark,
     "real_benchmarks": calibration_benchmark,
+    "query_warnings": query_warnings,
 }
 """Formatter per benchmark script (file name without ``.py``); the others use :func:`generic`."""
 

@@ -41,7 +41,8 @@ per kind, with percentile-bootstrap 95% intervals over queries and the paired di
 to the better max-cosine baseline with its interval (``evaluation.strata``); the warning
 rate at ``--percentile`` (default 99, the search default) for the in-distribution queries
 (false alarms) and for each slot and kind (hits), with bootstrap intervals. Writes
-``benchmarks/results/query_warnings.json`` and prints a Markdown table.
+``benchmarks/results/query_warnings.json`` and prints its tables (``formatters.query_warnings``,
+also in ``benchmarks/RESULTS.md`` through ``benchmarks/report.py``).
 
     .venv/bin/python benchmarks/query_warnings.py            # bayes-small; ~1.5 min on 2 cores once the
                                                              # training world, posterior and index are cached
@@ -57,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import formatters
 import numpy as np
 import record
 import retrieval_calibration
@@ -267,36 +269,8 @@ def build_gallery_index(encoder: ClipEncoder, posterior: PosteriorPair, work: Pa
     return {"items": args.n_gallery, "indexed": report.indexed}
 
 
-def markdown(figures: dict) -> str:
-    """The AUROC table (query warning vs the better max-cosine baseline) and the warning rates, as Markdown."""
-    rates = figures["warning_rates"]
-    lines = [f"| slot | unseen queries | AUROC query warning | best max-cosine baseline | AUROC baseline | "
-             f"difference | AUROC Mahalanobis | warned at {figures['percentile']:g}th |",
-             "|---|---|---|---|---|---|---|---|"]
-    false_alarm = rates[IN_DISTRIBUTION]
-    for name, entry in figures["auroc"].items():
-        if not entry.get("signals"):
-            continue
-        signals, best = entry["signals"], entry["best_baseline"]
-        warning, rate = signals["query_percentile"], rates[name]
-        lines.append(
-            f"| {name} | {entry['failures']} | {_ci(warning['auroc'], warning['ci'])} | {best} | "
-            f"{_ci(signals[best]['auroc'], signals[best]['ci'])} | "
-            f"{_ci(warning['minus_best_baseline'], warning['minus_best_baseline_ci'], signed=True)} | "
-            f"{_ci(signals['query_mahalanobis']['auroc'], signals['query_mahalanobis']['ci'])} | "
-            f"{_ci(rate['rate'], rate['ci'])} |")
-    lines.append(f"\nFalse alarms (in-distribution captions warned at the {figures['percentile']:g}th percentile): "
-                 f"{_ci(false_alarm['rate'], false_alarm['ci'])} of {false_alarm['queries']}.")
-    return "\n".join(lines)
-
-
-def _ci(value: float, ci: list, signed: bool = False) -> str:
-    fmt = "{:+.3f}" if signed else "{:.3f}"
-    return f"{fmt.format(value)} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
-
-
 def main(argv: list[str] | None = None) -> dict:
-    """Fit, index, query, score; save the record and print the table."""
+    """Fit, index, query, score; save the record and print the tables."""
     args = parse_args(argv)
     started = time.perf_counter()
     work = args.work / args.size
@@ -330,9 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
         "search_flag_matches_threshold": bool((scores["warned"] == scores["warned_at_percentile"]).all()),
         "seconds": time.perf_counter() - started,
     }
-    figures["table"] = markdown(figures)
     path = record.save("query_warnings", __file__, args, figures, argv, args.output)
-    print(figures["table"])
+    print("\n\n".join(formatters.query_warnings({"figures": figures})))
     print(f"wrote {path}")
     return figures
 
