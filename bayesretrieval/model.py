@@ -18,6 +18,7 @@ from bayesretrieval.similarity import (
     CosineEstimator,
     cosine_moments,
     probit_probabilities,
+    shared_projection_cosine_moments,
 )
 
 
@@ -189,6 +190,18 @@ class BayesCLIP:
         )
         scale = self.logit_scale
         return mean * scale, var * scale**2
+
+    def image_similarity(
+        self, images_a: EmbeddingMoments, images_b: EmbeddingMoments
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of the cosine for all image-image pairs, ``(N_a, N_b)``.
+
+        Both images pass through the one uncertain image projection, so their noises are
+        correlated (docs/math.md section 12): an image compared with itself gets cosine 1
+        with variance 0.
+        """
+        return shared_projection_cosine_moments(images_a.unnormalised, images_a.activations,
+                                                images_b.unnormalised, images_b.activations, self.posterior.image)
 
     def __call__(self, pixel_values: torch.Tensor, input_ids) -> BayesCLIPOutput:
         """Embeddings and logits with uncertainty for images ``(N, 3, H, W)`` and texts."""

@@ -321,6 +321,55 @@ def cosine_moments(
     return moments.mean, moments.var
 
 
+def shared_projection_cosine_moments(
+    means_x: torch.Tensor,
+    activations_x: torch.Tensor,
+    means_y: torch.Tensor,
+    activations_y: torch.Tensor,
+    posterior: KroneckerPosterior,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Second-order mean and variance of ``cos(x_i, y_j)`` for two embeddings of one tower.
+
+    Both embeddings pass through the same uncertain projection ``P``, so their noises are
+    jointly Gaussian with cross-covariance ``c_ij Sigma``, ``c_ij = a_i^T A^-1 a_j``
+    (docs/math.md section 12). An input compared with itself has cosine 1 and variance 0.
+    With ``c = 0`` this is the ``second_order`` estimator.
+
+    Args:
+        means_x: ``(N, D)`` means.
+        activations_x: ``(N, h)`` their pre-projection activations.
+        means_y: ``(M, D)`` means.
+        activations_y: ``(M, h)`` activations.
+        posterior: the tower's posterior (``A^-1`` and ``Sigma = Sigma_B``).
+
+    Returns:
+        ``(mean, var)``, each ``(N, M)``, float64; ``var`` clamped at 0.
+    """
+    sigma = posterior.output_cov.to(torch.float64)
+    a_inv = posterior.a_inv.to(torch.float64)
+    mx, my = _float64(means_x), _float64(means_y)
+    ax, ay = _float64(activations_x), _float64(activations_y)
+    qx, qy = ((ax @ a_inv) * ax).sum(1)[:, None], ((ay @ a_inv) * ay).sum(1)[None, :]
+    c = (ax @ a_inv) @ ay.T
+    trace, trace_sq = float(torch.trace(sigma)), float((sigma * sigma.T).sum())
+    sxx, syy = ((mx @ sigma) * mx).sum(1)[:, None], ((my @ sigma) * my).sum(1)[None, :]
+    sxy = (mx @ sigma) @ my.T
+    rx2, ry2 = (mx * mx).sum(1)[:, None] + qx * trace, (my * my).sum(1)[None, :] + qy * trace
+    rxy = torch.sqrt(rx2 * ry2)
+    dot = mx @ my.T + c * trace  # E[x.y]
+    mean = dot / rxy
+    tx, ty = dot / rx2, dot / ry2  # radial coefficients of g_x = (mu_y - tx mu_x) / rxy and its mirror
+    gxx = _quadratic(syy, sxy, sxx, tx)
+    gyy = _quadratic(sxx, sxy, syy, ty)
+    gxy = sxy - ty * syy - tx * sxx + tx * ty * sxy
+    linear = (qx * gxx + qy * gyy + 2 * c * gxy) / (rx2 * ry2)
+    half = 0.5 / rxy  # the quadratic form's coefficient matrix k, times C = [[qx, c], [c, qy]]
+    k11, k22 = -0.5 * mean / rx2, -0.5 * mean / ry2
+    kc = ((k11 * qx + half * c, k11 * c + half * qy), (half * qx + k22 * c, half * c + k22 * qy))
+    quadratic = 2 * trace_sq * (kc[0][0] ** 2 + 2 * kc[0][1] * kc[1][0] + kc[1][1] ** 2)
+    return mean, (linear + quadratic).clamp_min(0.0)
+
+
 def probabilistic_logits(
     image_embeds,
     image_activations,

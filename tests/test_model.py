@@ -76,3 +76,10 @@ def test_from_pretrained_requires_a_matching_posterior(tmp_path, bayesvlm_dir):
         BayesCLIP.from_pretrained("bayes-tiny", None)
     with pytest.raises(ValueError, match=r"\(768, 512\), bayes-tiny has \(64, 64\)"):
         BayesCLIP.from_pretrained("bayes-tiny", None, posterior=bayesvlm_dir)
+
+
+def test_image_similarity_knows_an_image_is_itself(model):
+    images = model.get_image_features(torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(4)))
+    mean, var = model.image_similarity(images, images)
+    torch.testing.assert_close(torch.diagonal(mean), torch.ones(3, dtype=torch.float64))
+    assert float(torch.diagonal(var).max()) < 1e-12 and bool((var[~torch.eye(3, dtype=bool)] > 0).all())
