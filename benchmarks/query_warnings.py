@@ -31,6 +31,7 @@ tokenizer; a word that fails either check is dropped and the record says so
 Scores, per query (higher = more suspicious): ``query_percentile``, the query-warning
 percentile of its relative variance among the fitting captions' (``attrs
 ["query_percentile"]``, clipped to [0, 100]); ``relative_variance``, the same unclipped;
+``query_scale``, the posterior's ``q = a^T A^-1 a`` alone (what ``audit`` ranks items by);
 the max-cosine baselines ``neg_top1_expected`` (negated top-1 ``E[cos]``, ``score=
 "expected"``) and ``neg_top1_map`` (negated top-1 cosine of the means, ``score="map"``);
 for reference the centred Mahalanobis and kNN distances of the query's pre-projection
@@ -206,6 +207,7 @@ def score_queries(searcher: Searcher, texts: list[str], percentile: float) -> di
     limit = float(np.interp(percentile, np.linspace(0, 100, len(reference)), reference))
     return {"query_percentile": np.asarray(expected.attrs["query_percentile"]),
             "relative_variance": relative,
+            "query_scale": queries.scales.numpy(),
             "neg_top1_expected": -_top1(expected, "cosine_mean", len(texts)),
             "neg_top1_map": -_top1(mapped, "score", len(texts)),
             "warned": np.array([w is not None for w in expected.attrs["query_warning"]]),
@@ -284,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
     searcher = Searcher.open(work / "index", encoder, query_warning_percentile=args.percentile)
     scores = score_queries(searcher, queries["texts"], args.percentile)
     searcher.close()
-    values = {name: scores[name] for name in ("query_percentile", "relative_variance", *BASELINES)}
+    values = {name: scores[name] for name in ("query_percentile", "relative_variance", "query_scale", *BASELINES)}
     values.update(reference_scores(encoder, work, scores.pop("activations"), args.knn))
     unseen = queries["kind"] != IN_DISTRIBUTION
     auroc = stratified_auroc(values, BASELINES, unseen, groups(queries), args.bootstrap, seed=args.seed)
