@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from bayesretrieval import __version__
 
@@ -39,6 +40,24 @@ def image_text_values(values: list[float] | None, name: str) -> float | tuple[fl
     if len(values) > 2:
         raise CommandError(f"{name} takes one value or two (image, text), got {len(values)}")
     return values[0] if len(values) == 1 else tuple(values)
+
+
+def format_frame(frame, output_format: str, header: dict, records: str, table: Callable, empty: str) -> str:
+    """A command's result table as JSON (``{**header, records: [...]}``), CSV, or readable text.
+
+    Args:
+        frame: a pandas DataFrame.
+        output_format: ``json``, ``csv`` or ``table``.
+        header: JSON keys written before the rows.
+        records: the JSON key of the rows.
+        table: renders a non-empty frame as text.
+        empty: the text for an empty frame.
+    """
+    if output_format == "json":
+        return json.dumps({**header, records: json.loads(frame.to_json(orient="records"))}, indent=2)
+    if output_format == "csv":
+        return frame.to_csv(index=False)
+    return empty if frame.empty else table(frame)
 
 
 def build_parser() -> argparse.ArgumentParser:

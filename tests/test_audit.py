@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from benchmark_scripts import benchmark_module
 from conftest import clustered_index
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -23,7 +24,6 @@ from bayesretrieval.cli import main
 from bayesretrieval.encoders import ClipEncoder
 from bayesretrieval.evaluation.selective import failure_auroc
 from bayesretrieval.indexing import BuildConfig, build_index, decode_image
-from bayesretrieval.posterior.fit import fit_posterior
 from bayesretrieval.queries import Searcher, audit_index
 from bayesretrieval.queries.audit import AUDIT_COLUMNS, top_rows, uncertainty_scores
 from bayesretrieval.store import IndexReader
@@ -70,12 +70,8 @@ def world(tmp_path_factory):
     """The small-world index with shifted families and photo-like images; ``(index, meta, encoder, posterior)``."""
     root = tmp_path_factory.mktemp("audit-world")
     encoder = ClipEncoder.from_pretrained(model_name(ModelSize.TEST), get_trained_model(ModelSize.TEST))
-    train = root / "train"
-    write_world(make_world(1024, seed=11, part="train"), train)
-    table, _ = read_world_table(train)
-    pd.DataFrame({"image_path": IMAGES_DIR + "/" + table["path"], "caption": table["caption"]}).to_csv(
-        train / "pairs.csv", index=False)
-    posterior = fit_posterior(encoder, train / "pairs.csv", chunk_size=512)
+    with benchmark_module("posterior_shift_auroc") as script:
+        posterior = script.fit_on_world(encoder, n_fit=1024, seed=11, chunk_size=512).posterior_
     gallery, frames = root / "gallery", []
     worlds = {"clean": make_world(200, seed=12)}
     worlds.update({shift.value: make_world(40, seed=100 + i, shift=shift, severity=5) for i, shift in enumerate(Shift)})

@@ -7,12 +7,11 @@ the other half, next to the usual baseline (a logistic link on the plain cosine)
 """
 
 import numpy as np
-import pandas as pd
 import pytest
+from benchmark_scripts import benchmark_module
 
 from bayesretrieval.encoders import ClipEncoder
 from bayesretrieval.indexing.pipeline import BuildConfig, build_index
-from bayesretrieval.posterior.fit import fit_posterior
 from bayesretrieval.queries import Searcher
 from bayesretrieval.queries.calibration import evaluate_links
 from bayesretrieval.queries.uncertainty import PairMoments
@@ -40,12 +39,8 @@ def world_queries(scenes, count: int, seed: int) -> list[str]:
 def world_index(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     encoder = ClipEncoder.from_pretrained(model_name(ModelSize.TEST), get_trained_model(ModelSize.TEST))
-    train = root / "train"
-    write_world(make_world(2048, seed=11, part="train"), train)
-    table, _ = read_world_table(train)
-    pairs = pd.DataFrame({"image_path": IMAGES_DIR + "/" + table["path"], "caption": table["caption"]})
-    pairs.to_csv(train / "pairs.csv", index=False)
-    posterior = fit_posterior(encoder, train / "pairs.csv", chunk_size=512)
+    with benchmark_module("posterior_shift_auroc") as script:
+        posterior = script.fit_on_world(encoder, n_fit=2048, seed=11, chunk_size=512).posterior_
     gallery = make_world(600, seed=12, part="test")
     write_world(gallery, root / "gallery")
     build_index(root / "gallery", root / "index", encoder, posterior, BuildConfig(workers=0))

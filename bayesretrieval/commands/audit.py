@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bayesretrieval.cli import CommandError
+from bayesretrieval.cli import CommandError, format_frame
 from bayesretrieval.options import AuditScore
 
 if TYPE_CHECKING:
@@ -50,13 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def format_audit(frame: pd.DataFrame, output_format: str) -> str:
     """The audit as a readable table, JSON (``{"form", "item_count", "items": [...]}``) or CSV."""
-    if output_format == "json":
-        return json.dumps({"form": frame.attrs.get("form"), "item_count": frame.attrs.get("item_count"),
-                           "items": json.loads(frame.to_json(orient="records"))}, indent=2)
-    if output_format == "csv":
-        return frame.to_csv(index=False)
-    if frame.empty:
-        return "no items"
+    header = {"form": frame.attrs.get("form"), "item_count": frame.attrs.get("item_count")}
+    return format_frame(frame, output_format, header, "items", _audit_table, "no items")
+
+
+def _audit_table(frame: pd.DataFrame) -> str:
     view = frame.copy()
     for column, digits in (("uncertainty", 4), ("percentile", 1), ("scale", 4), ("cosine_std", 4)):
         view[column] = view[column].map(lambda v, d=digits: f"{v:.{d}f}")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bayesretrieval.cli import CommandError
+from bayesretrieval.cli import CommandError, format_frame
 from bayesretrieval.options import DEFAULT_ESTIMATOR, DEFAULT_MAX_CANDIDATES, CosineEstimator, ScoreName
 
 if TYPE_CHECKING:
@@ -153,15 +153,13 @@ def _check_arguments(args) -> None:
 
 def format_results(results: pd.DataFrame, output_format: str) -> str:
     """The results as a readable table, JSON records or CSV."""
+    header = {"score": results.attrs.get("score"), "exact": results.attrs.get("exact")}
+    return format_frame(results, output_format, header, "results", _results_table, "no results")
+
+
+def _results_table(results: pd.DataFrame) -> str:
     import pandas as pd
 
-    if output_format == "json":
-        return json.dumps({"score": results.attrs.get("score"), "exact": results.attrs.get("exact"),
-                           "results": json.loads(results.to_json(orient="records"))}, indent=2)
-    if output_format == "csv":
-        return results.to_csv(index=False)
-    if results.empty:
-        return "no results"
     view = results[TABLE_COLUMNS].copy()
     view["cosine"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(view.cosine_mean, view.cosine_std)]
     view["std q/i"] = [f"{q:.3f}/{i:.3f}" for q, i in zip(view.cosine_std_query, view.cosine_std_item)]
