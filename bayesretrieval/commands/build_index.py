@@ -27,9 +27,10 @@ precomputed embeddings (id or path, embedding, optional variance_diag/variance_l
 Re-running updates the index: only new and changed files (size, mtime) are encoded,
 deleted ones are dropped, ids stay. A killed build resumes from its shards in
 INDEX_DIR/work. Readers always see a complete version. --model, --pretrained,
---posterior and --variance default to what the existing index records (else to the
-defaults below). A model, posterior or format mismatch with the existing index is an
-error unless --rebuild. A damaged or incomplete current version (see `bayesretrieval
+--posterior, --variance and --[no-]store-activations default to what the existing index
+records (else to the defaults below). A model, posterior, variance, activations or format
+mismatch with the existing index is an error unless --rebuild (adding activations to an
+index without them re-encodes every image). A damaged or incomplete current version (see `bayesretrieval
 verify`) is repaired: intact stored rows are reused, the rest is encoded again.
 
 A posterior must have been fitted for the weights it is used with; one without an
@@ -66,6 +67,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="FAISS factory string (default: Flat up to 100k items, then IVF)")
     parser.add_argument("--variance", help="per-item covariance columns: kfac (none beyond the posterior "
                                            "scalars), diag, lowrank:R (default: the index's, else kfac)")
+    parser.add_argument("--store-activations", action=argparse.BooleanOptionalAction, default=None,
+                        help="store each image's pre-projection activation (activations.npy, h float32 per "
+                             "item: 3 KB for ViT-B-32) so that image queries score near-duplicates right "
+                             "(an indexed image searched for itself gets cosine 1, std 0); "
+                             "default: the index's, else off")
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="image-decoding processes (0: in-process)")
@@ -88,7 +94,9 @@ def resolve_posterior(spec: str, model_name: str, pretrained: str | None, n, lam
 
 
 def fill_recorded_settings(args: argparse.Namespace) -> None:
-    """Fill ``--model``, ``--pretrained``, ``--posterior`` and ``--variance`` left out from the index, else defaults.
+    """Fill ``--model``, ``--pretrained``, ``--posterior``, ``--variance`` and ``--store-activations`` left out.
+
+    Each comes from the existing index, else from the defaults.
 
     Re-running ``build-index SRC INDEX`` thus updates the index with what built it (the
     posterior stored in its current version), with no download and no mismatch.
@@ -105,8 +113,10 @@ def fill_recorded_settings(args: argparse.Namespace) -> None:
         if published is not None:
             folder, manifest, _ = published
             recorded = {"model": manifest.model["model_name"], "pretrained": manifest.model.get("pretrained") or "none",
-                        "posterior": str(folder / fmt.POSTERIOR_DIR), "variance": manifest.variance}
-    defaults = {"model": DEFAULT_MODEL, "pretrained": DEFAULT_PRETRAINED, "posterior": BAYESVLM, "variance": "kfac"}
+                        "posterior": str(folder / fmt.POSTERIOR_DIR), "variance": manifest.variance,
+                        "store_activations": manifest.has_activations}
+    defaults = {"model": DEFAULT_MODEL, "pretrained": DEFAULT_PRETRAINED, "posterior": BAYESVLM, "variance": "kfac",
+                "store_activations": False}
     for name, default in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, recorded.get(name, default))
@@ -127,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     posterior = resolve_posterior(args.posterior, args.model, pretrained, n, lam)
     config = BuildConfig(batch_size=args.batch_size, workers=args.workers, faiss_factory=args.faiss_factory,
                          variance=args.variance, rebuild=args.rebuild, max_pixels=args.max_pixels,
-                         force_posterior=args.force_posterior, allow_empty=args.allow_empty)
+                         force_posterior=args.force_posterior, allow_empty=args.allow_empty,
+                         store_activations=args.store_activations)
     try:
         if args.source.is_file():
             sha = file_sha256(pretrained) if pretrained and Path(pretrained).is_file() else None

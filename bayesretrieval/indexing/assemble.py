@@ -21,8 +21,13 @@ def _ints(table: pa.Table, name: str, dtype) -> np.ndarray:
     return np.asarray(table.column(name).fill_null(-1).to_numpy(zero_copy_only=False), dtype=dtype)
 
 
-def items_from_results(table: pa.Table, item_ids: np.ndarray, embed_dim: int, variance: VarianceSpec) -> ItemArrays:
-    """Item arrays from result rows (shard schema, no skips) and their ids ``(n,)``."""
+def items_from_results(
+    table: pa.Table, item_ids: np.ndarray, embed_dim: int, variance: VarianceSpec, activation_dim: int = 0
+) -> ItemArrays:
+    """Item arrays from result rows (shard schema, no skips) and their ids ``(n,)``.
+
+    ``activation_dim`` ``h > 0`` reads the ``activation`` column too.
+    """
     lowrank = None
     if variance.has_lowrank:
         lowrank = matrix_column(table, "variance_lowrank", variance.rank * embed_dim)
@@ -39,6 +44,7 @@ def items_from_results(table: pa.Table, item_ids: np.ndarray, embed_dim: int, va
         if len(table) else np.zeros((0, len(SCALAR_COLUMNS))),
         variance_diag=matrix_column(table, "variance_diag", embed_dim) if variance.has_diag else None,
         variance_lowrank=lowrank,
+        activations=matrix_column(table, "activation", activation_dim) if activation_dim else None,
     )
 
 
@@ -58,11 +64,12 @@ def items_from_previous(previous: PreviousItems, positions: np.ndarray) -> ItemA
         scalars=np.asarray(reader.scalars[positions], np.float64),
         variance_diag=take(reader.variance_diag),
         variance_lowrank=take(reader.variance_lowrank),
+        activations=take(reader.activations),
     )
 
 
 def concat_items(parts: list[ItemArrays]) -> ItemArrays:
-    """Stack item arrays (variance columns must agree in presence)."""
+    """Stack item arrays (variance columns and activations must agree in presence)."""
     def cat(name):
         arrays = [getattr(p, name) for p in parts]
         return None if arrays[0] is None else np.concatenate(arrays)
@@ -78,6 +85,7 @@ def concat_items(parts: list[ItemArrays]) -> ItemArrays:
         scalars=cat("scalars"),
         variance_diag=cat("variance_diag"),
         variance_lowrank=cat("variance_lowrank"),
+        activations=cat("activations"),
     )
 
 

@@ -11,6 +11,8 @@ The input is a Parquet table with one row per item:
   ``Cov = L^T L + diag(variance_diag)`` (what PCME++, ProbVLM or ProLIP give);
 - optionally the Kronecker scale ``scale`` (q) or the pre-projection ``activation`` (q is
   then ``a^T A^-1 a``); otherwise q = 0 and the item's uncertainty is in the variance columns.
+  With ``store_activations`` (``--store-activations``) the ``activation`` column is stored
+  as the index's ``activations.npy``; a file without it is refused.
 
 Rows with a wrong length or non-finite values are skipped as ``bad_embedding``; repeated
 ids or paths as ``duplicate_id``.
@@ -60,6 +62,7 @@ class EmbeddingTable:
         variance_diag: ``(n, D)`` float32 or ``None``.
         variance_lowrank: ``(n, r, D)`` float32 or ``None``.
         skipped: skip rows (dicts).
+        activations: ``(n, h)`` float32 from the ``activation`` column, or ``None``.
     """
 
     explicit_ids: np.ndarray | None
@@ -70,6 +73,7 @@ class EmbeddingTable:
     variance_diag: np.ndarray | None
     variance_lowrank: np.ndarray | None
     skipped: list
+    activations: np.ndarray | None = None
 
 
 def _find(names: list, role: str) -> str | None:
@@ -109,10 +113,11 @@ def read_embeddings(path: str | Path, posterior: PosteriorPair) -> EmbeddingTabl
         [rows[role][i] for i in keep], np.float64).reshape(len(keep), *shape)
     means = pick("embedding", (dim,))
     scales = np.zeros(len(keep))
+    activations = None if rows["activation"] is None else pick("activation", (-1,)).astype(np.float32)
     if rows["scale"] is not None:
         scales = pick("scale", ())
-    elif rows["activation"] is not None:
-        scales = posterior.image.activation_scale(pick("activation", (-1,))).numpy()
+    elif activations is not None:
+        scales = posterior.image.activation_scale(activations).numpy()
     lowrank = pick("variance_lowrank", (rank, dim)) if rank else None
     diag = pick("variance_diag", (dim,))
     if lowrank is not None and diag is None:
@@ -123,7 +128,7 @@ def read_embeddings(path: str | Path, posterior: PosteriorPair) -> EmbeddingTabl
         np.asarray([ids[i] for i in keep], np.int64) if ids is not None else None,
         [str(paths[i]) for i in keep], means.astype(np.float32), scales, spec,
         None if diag is None else diag.astype(np.float32),
-        None if lowrank is None else lowrank.astype(np.float32), skipped,
+        None if lowrank is None else lowrank.astype(np.float32), skipped, activations,
     )
 
 
@@ -165,7 +170,7 @@ def build_index_from_embeddings(
         index_dir: the index directory.
         posterior: the posterior pair (its ``D`` must match; the text side serves queries).
         model: the open_clip model whose text tower answers queries.
-        config: ``faiss_factory`` and ``rebuild`` apply; the variance columns come from
+        config: ``faiss_factory``, ``rebuild`` and ``store_activations`` apply; the variance columns come from
             the file, so ``config.variance`` must be ``kfac`` or equal to them.
 
     Returns:
@@ -175,15 +180,20 @@ def build_index_from_embeddings(
     started = time.perf_counter()
     posterior = posterior_for_model(posterior, model, config.force_posterior)
     data = read_embeddings(embeddings_file, posterior)
+    if config.store_activations and data.activations is None:
+        raise ValueError(f"--store-activations needs an 'activation' column in {embeddings_file} "
+                         f"({posterior.image.in_features} floats per row, the image tower's pre-projection output)")
     if config.variance.form is not CovarianceForm.KFAC and config.variance != data.variance:
         raise ValueError(f"variance {config.variance} requested, {embeddings_file} has {data.variance}")
     with index_lock(index_dir):
-        previous = previous_items(index_dir, model, posterior, data.variance, "embeddings", config.rebuild)
+        previous = previous_items(index_dir, model, posterior, data.variance, "embeddings", config.rebuild,
+                                  config.store_activations)
         ids, next_id = _assign_ids(data, previous)
         uncertainty = ScalarComputer(posterior).from_scales(torch.from_numpy(data.means), torch.from_numpy(data.scales))
         unknown = np.full(len(ids), -1)
         items = ItemArrays(ids, data.paths, unknown, unknown, unknown.astype(np.int32), unknown.astype(np.int32),
-                           data.means, uncertainty.scalars, data.variance_diag, data.variance_lowrank)
+                           data.means, uncertainty.scalars, data.variance_diag, data.variance_lowrank,
+                           data.activations if config.store_activations else None)
         info = VersionInfo("embeddings", str(Path(embeddings_file).resolve()), model.to_dict(), data.variance,
                            config.faiss_factory, next_id)
         manifest = write_version(index_dir, items, skipped_table(data.skipped), posterior, info)

@@ -115,13 +115,14 @@ def encode_samples(
         encoded = encoder.encode_image_batch(torch.stack([s.pixels for s in good]))
         uncertainty = computer.from_activations(encoded.embeds, encoded.activations)
         means = encoded.embeds.float().cpu().numpy()
-        extras = {"variance_diag": uncertainty.variance_diag, "variance_lowrank": uncertainty.variance_lowrank}
+        extras = {"variance_diag": uncertainty.variance_diag, "variance_lowrank": uncertainty.variance_lowrank,
+                  "activation": encoded.activations.float().cpu().numpy()}
         for i, sample in enumerate(good):
             _append_row(columns, sample, means[i], uncertainty.scalars[i], extras, i)
     zero_scalars = np.zeros(len(SCALAR_COLUMNS))
     zero_extras = {
         name: np.zeros((len(bad), schema.field(name).type.list_size), np.float32)
-        for name in ("variance_diag", "variance_lowrank")
+        for name in ("variance_diag", "variance_lowrank", "activation")
         if name in schema.names
     }
     for i, sample in enumerate(bad):

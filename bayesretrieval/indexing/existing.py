@@ -55,6 +55,7 @@ def previous_items(
     variance: VarianceSpec,
     source_kind: str,
     rebuild: bool,
+    store_activations: bool = False,
 ) -> PreviousItems:
     """Open the published version, if any, check it was made the same way, and check its files.
 
@@ -78,7 +79,7 @@ def previous_items(
         return PreviousItems.empty()
     version_dir, manifest, problem = published
     if not rebuild:
-        check_compatible(manifest, model, posterior, variance, source_kind)
+        check_compatible(manifest, model, posterior, variance, source_kind, store_activations)
     damaged = damaged_files(version_dir, manifest)
     if problem:
         damaged = {**damaged, str(Path(index_dir) / fmt.MANIFEST_FILE): problem}
@@ -120,9 +121,21 @@ def published_version(index_dir: Path) -> tuple[Path, fmt.Manifest, str | None] 
 
 
 def check_compatible(
-    manifest: fmt.Manifest, model: ModelIdentity, posterior: PosteriorPair, variance: VarianceSpec, source_kind: str
+    manifest: fmt.Manifest,
+    model: ModelIdentity,
+    posterior: PosteriorPair,
+    variance: VarianceSpec,
+    source_kind: str,
+    store_activations: bool = False,
 ) -> None:
-    """Raise :class:`IndexMismatchError` if the index differs in anything that changes results."""
+    """Raise :class:`IndexMismatchError` if the index differs in anything that changes results.
+
+    Stored activations count both ways: adding them to an index without them needs every
+    item encoded again (``--rebuild``), and an update that silently dropped them would
+    change what image queries return (docs/math.md section 12). ``build-index`` re-run
+    without ``--[no-]store-activations`` keeps what the index records, so only an explicit
+    change is a mismatch.
+    """
     existing_model = ModelIdentity.from_dict(manifest.model)
     problems = []
     if not existing_model.matches(model):
@@ -135,6 +148,9 @@ def check_compatible(
         )
     if manifest.variance_spec != variance:
         problems.append(f"variance columns: index has {manifest.variance}, command asks for {variance}")
+    if manifest.has_activations != bool(store_activations):
+        problems.append(f"activations: index {'stores' if manifest.has_activations else 'does not store'} them, "
+                        f"command asks {'for' if store_activations else 'without'} them")
     if manifest.source_kind != source_kind:
         problems.append(f"input: index was built from {manifest.source_kind}, command gives {source_kind}")
     if problems:

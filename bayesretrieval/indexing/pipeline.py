@@ -49,6 +49,10 @@ class BuildConfig:
         allow_empty: publish an empty index when the source holds no images (by default
             that is an error: usually a wrong or unmounted folder, which would otherwise
             empty an existing index).
+        store_activations: also store each image's pre-projection activation
+            (``activations.npy``, ``h`` float32 per item: 3 KB for ViT-B-32), which image
+            queries need to score near-duplicates right (docs/math.md section 12). Must
+            match the existing index unless ``rebuild``.
     """
 
     batch_size: int = 64
@@ -60,6 +64,7 @@ class BuildConfig:
     shard_batches: int = 8
     force_posterior: bool = False
     allow_empty: bool = False
+    store_activations: bool = False
 
     def __post_init__(self):
         self.variance = VarianceSpec.parse(self.variance)
@@ -160,7 +165,8 @@ def build_index(
         raise EmptySourceError(f"no image files under {image_dir}; pass --allow-empty (allow_empty=True) to "
                                "publish an empty index")
     with index_lock(index_dir):
-        previous = previous_items(index_dir, encoder.identity, posterior, config.variance, "images", config.rebuild)
+        previous = previous_items(index_dir, encoder.identity, posterior, config.variance, "images", config.rebuild,
+                                  config.store_activations)
         plan = plan_build(files, previous, reuse_items=not config.rebuild)
         walk_skips = [{"path": p.path, "reason": p.reason, "detail": p.detail} for p in problems]
         work = WorkFolder(index_dir, _work_settings(encoder, posterior, config))
@@ -170,14 +176,16 @@ def build_index(
             return BuildReport(manifest, False, 0, 0, len(plan.keep_positions), 0,
                                _count_reasons(previous.skipped), time.perf_counter() - started)
         computer = ScalarComputer(posterior, config.variance)
-        schema = result_schema(computer.embed_dim, config.variance)
+        activation_dim = posterior.image.in_features if config.store_activations else 0
+        schema = result_schema(computer.embed_dim, config.variance, activation_dim)
         work.open()
         finished = _ShardResults.read(work, schema, keys_only=True)
         remaining = [f for f in plan.todo if not finished.has(f)]
         resumed = len(plan.todo) - len(remaining)
         _encode_into_shards(image_dir, remaining, encoder, computer, work, schema, config,
                             on_progress, len(plan.todo), resumed)
-        items, encode_skips = _new_rows(_ShardResults.read(work, schema), plan, computer.embed_dim, config.variance)
+        items, encode_skips = _new_rows(_ShardResults.read(work, schema), plan, computer.embed_dim, config.variance,
+                                        activation_dim)
         kept = items_from_previous(previous, plan.keep_positions) if len(plan.keep_positions) else None
         skip_rows = walk_skips + plan.kept_skips + encode_skips
         info = VersionInfo("images", str(image_dir.resolve()), encoder.identity.to_dict(), config.variance,
@@ -213,6 +221,7 @@ def _work_settings(encoder: ClipEncoder, posterior: PosteriorPair, config: Build
         "model": encoder.identity.to_dict(),
         "posterior": posterior.fingerprint,
         "variance": str(config.variance),
+        "activations": bool(config.store_activations),
         "max_pixels": int(config.max_pixels),
         "preprocess": repr(encoder.preprocess),
     }
@@ -237,11 +246,11 @@ class _ShardResults:
         return hit is not None and (hit[0], hit[1]) == (source.file_size, source.mtime_ns)
 
 
-def _new_rows(results: _ShardResults, plan: BuildPlan, embed_dim: int, variance: VarianceSpec):
+def _new_rows(results: _ShardResults, plan: BuildPlan, embed_dim: int, variance: VarianceSpec, activation_dim: int):
     rows = np.asarray([results.rows[f.path][2] for f in plan.todo], np.int64)
     picked = results.table.take(pa.array(rows, pa.int64()))
     ok = pc.is_null(picked.column("reason")).to_numpy(zero_copy_only=False)
-    items = items_from_results(picked.filter(pa.array(ok)), plan.todo_ids[ok], embed_dim, variance)
+    items = items_from_results(picked.filter(pa.array(ok)), plan.todo_ids[ok], embed_dim, variance, activation_dim)
     skips = picked.filter(pa.array(~ok)).select(["path", "reason", "detail", "file_size", "mtime_ns"])
     return items, skips.to_pylist()
 

@@ -26,7 +26,7 @@ class PreviousItems(ItemMetadata):
         next_item_id: the next unused id.
         manifest: the version's manifest (``None`` when there is no index).
         stored: the stored rows (``means``, ``scalars``, ``variance_diag``,
-            ``variance_lowrank``, row-aligned): the open :class:`IndexReader`, or the rows
+            ``variance_lowrank``, ``activations``, row-aligned): the open :class:`IndexReader`, or the rows
             salvaged from a damaged version; ``None`` when no row can be reused.
         damaged: files of the version found missing or damaged, with why (the version
             must be republished even when nothing else changed).
@@ -81,7 +81,7 @@ class PreviousItems(ItemMetadata):
         if intact(fmt.ITEMS_FILE):
             table = pq.read_table(version_dir / fmt.ITEMS_FILE)
             rows = items_from_results(table, table.column("item_id").to_numpy(), manifest.embed_dim,
-                                      manifest.variance_spec)
+                                      manifest.variance_spec, manifest.activation_dim)
             return cls(rows.item_ids, rows.paths, rows.file_size, rows.mtime_ns, rows.width, rows.height,
                        skipped, manifest.next_item_id, manifest, rows, damaged)
         previous = cls.empty(manifest.next_item_id)

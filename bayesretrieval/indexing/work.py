@@ -23,12 +23,13 @@ SETTINGS_FILE = "settings.json"
 SHARDS_DIR = "shards"
 
 
-def result_schema(embed_dim: int, variance: fmt.VarianceSpec) -> pa.Schema:
+def result_schema(embed_dim: int, variance: fmt.VarianceSpec, activation_dim: int = 0) -> pa.Schema:
     """Schema of a shard: items columns (no id) plus ``reason``/``detail`` for skips.
 
     Rows with a non-null ``reason`` are skipped inputs; their numeric columns are zeros.
+    ``activation_dim`` ``h > 0`` adds the ``activation`` column (``--store-activations``).
     """
-    items = fmt.items_schema(embed_dim, variance)
+    items = fmt.items_schema(embed_dim, variance, activation_dim)
     fields = [f for f in items if f.name != "item_id"]
     return pa.schema(fields + [pa.field("reason", pa.string()), pa.field("detail", pa.string())])
 

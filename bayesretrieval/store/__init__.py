@@ -28,7 +28,9 @@ A version folder holds:
   ``traces`` (``trace_image`` = tr Sigma_I, ``trace_text`` = tr Sigma_T), ``extremes`` (the
   search certificate's collection extremes per covariance form, see
   :mod:`bayesretrieval.store.extremes`), ``files`` (sha256 per file, checked by
-  ``bayesretrieval verify``) and ``file_sizes`` (bytes per file, checked on every open).
+  ``bayesretrieval verify``), ``file_sizes`` (bytes per file, checked on every open) and
+  ``activation_dim`` (``h`` when ``activations.npy`` is stored, else 0; absent, read as 0,
+  in manifests written before it existed).
 - ``items.parquet``: one row per item, sorted by ``item_id``: ``item_id`` int64 (explicit,
   stable per path across rebuilds), ``path`` (POSIX, relative to the indexed folder; for
   precomputed input the given path or the id as text), ``file_size``, ``mtime_ns``,
@@ -47,13 +49,18 @@ A version folder holds:
   ``sqrt(q)`` times the top-R eigenpairs ``sqrt(lambda_j) v_j`` of Sigma_I and
   ``variance_diag`` the diagonal remainder. Precomputed embeddings from another
   probabilistic model carry their own, with ``scale`` 0 unless the input gave ``scale`` or
-  ``activation``. The manifest JSON minus ``files`` is in the
-  Parquet schema metadata under ``bayesretrieval.manifest``.
+  ``activation``. With ``build-index --store-activations`` the last column is
+  ``activation`` (fixed_size_list<float32>[h]): the image tower's pre-projection
+  activation ``a``, whose ``a^T A^-1 a`` is ``scale``; image queries use it for the
+  cross-covariance of two images through the shared projection (docs/math.md section 12).
+  The manifest JSON minus ``files`` is in the Parquet schema metadata under
+  ``bayesretrieval.manifest``.
 - Random-access arrays, same row order (sorted ids), memory-mappable: ``item_ids.npy``
   (int64 (N,)), ``means.npy`` (float32 (N, D)), ``scalars.npy`` (float64 (N, 6), column
   order :data:`SCALAR_COLUMNS`), ``path_offsets.npy`` (int64 (N+1,)) + ``paths.utf8``
-  (concatenated UTF-8 paths), and when present ``variance_diag.npy`` (float32 (N, D)) and
-  ``variance_lowrank.npy`` (float32 (N, r, D)).
+  (concatenated UTF-8 paths), and when present ``variance_diag.npy`` (float32 (N, D)),
+  ``variance_lowrank.npy`` (float32 (N, r, D)) and ``activations.npy`` (float32 (N, h),
+  ``h * 4`` bytes per item: 3 KB for ViT-B-32; only with ``--store-activations``).
 - ``index.faiss``: ``faiss.index_factory(D, "IDMap2," + faiss_factory, METRIC_INNER_PRODUCT)``
   over ``x = fl32(mu / s)``, ``s = sqrt(|mu|^2 + q tr Sigma_I)``, with ids = ``item_id``,
   so FAISS's raw top-k is the ranking by expected cosine to an expected-norm-scaled query.

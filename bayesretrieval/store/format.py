@@ -6,7 +6,7 @@ See :mod:`bayesretrieval.store` for the full description of the layout.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from enum import Enum
 
 import numpy as np
@@ -26,6 +26,7 @@ PATH_OFFSETS_FILE = "path_offsets.npy"
 PATHS_FILE = "paths.utf8"
 VARIANCE_DIAG_FILE = "variance_diag.npy"
 VARIANCE_LOWRANK_FILE = "variance_lowrank.npy"
+ACTIVATIONS_FILE = "activations.npy"
 FAISS_FILE = "index.faiss"
 POSTERIOR_DIR = "posterior"
 SKIPPED_FILE = "skipped.parquet"
@@ -172,6 +173,9 @@ class Manifest:
         files: sha256 per file of the version folder (relative POSIX paths).
         file_sizes: size in bytes per file of the version folder (checked on every open;
             empty in manifests written before sizes were recorded).
+        activation_dim: ``h`` when the version stores each item's pre-projection activation
+            (``activations.npy``, ``build-index --store-activations``), else 0 (and 0 in
+            manifests written before activations could be stored).
     """
 
     format_version: int
@@ -193,6 +197,7 @@ class Manifest:
     extremes: dict
     files: dict = field(default_factory=dict)
     file_sizes: dict = field(default_factory=dict)
+    activation_dim: int = 0
 
     def to_dict(self) -> dict:
         """Return a JSON-ready dict."""
@@ -216,7 +221,8 @@ class Manifest:
                 "rebuild the index with `bayesretrieval build-index SRC INDEX --rebuild`"
             )
         names = cls.__dataclass_fields__
-        missing = sorted(set(names) - set(data) - {"files", "file_sizes"})
+        optional = {name for name, f in names.items() if f.default is not MISSING or f.default_factory is not MISSING}
+        missing = sorted(set(names) - set(data) - optional)
         if missing:
             raise ValueError(f"manifest lacks fields {missing}")
         return cls(**{k: v for k, v in data.items() if k in names})
@@ -226,9 +232,17 @@ class Manifest:
         """The parsed :attr:`variance`."""
         return VarianceSpec.parse(self.variance)
 
+    @property
+    def has_activations(self) -> bool:
+        """Whether the version stores the items' pre-projection activations."""
+        return self.activation_dim > 0
 
-def items_schema(embed_dim: int, variance: VarianceSpec) -> pa.Schema:
-    """The Arrow schema of ``items.parquet`` for dimension ``D`` and variance columns."""
+
+def items_schema(embed_dim: int, variance: VarianceSpec, activation_dim: int = 0) -> pa.Schema:
+    """The Arrow schema of ``items.parquet`` for dimension ``D``, variance columns and activations.
+
+    ``activation_dim`` ``h > 0`` adds the ``activation`` column (fixed_size_list<float32>[h]).
+    """
     fields = [
         pa.field("item_id", pa.int64(), nullable=False),
         pa.field("path", pa.string(), nullable=False),
@@ -243,6 +257,8 @@ def items_schema(embed_dim: int, variance: VarianceSpec) -> pa.Schema:
         fields.append(pa.field("variance_diag", pa.list_(pa.float32(), embed_dim)))
     if variance.has_lowrank:
         fields.append(pa.field("variance_lowrank", pa.list_(pa.float32(), variance.rank * embed_dim)))
+    if activation_dim:
+        fields.append(pa.field("activation", pa.list_(pa.float32(), activation_dim)))
     return pa.schema(fields)
 
 

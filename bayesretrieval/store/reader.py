@@ -76,6 +76,8 @@ class ItemRows:
         scalars: the per-item scalars, each ``(n,)``.
         variance_diag: ``(n, D)`` float32 or ``None``.
         variance_lowrank: ``(n, r, D)`` float32 or ``None``.
+        activations: ``(n, h)`` float32 pre-projection activations, or ``None`` (not asked
+            for, or not stored).
     """
 
     item_ids: np.ndarray
@@ -83,6 +85,7 @@ class ItemRows:
     scalars: ItemScalars
     variance_diag: np.ndarray | None = None
     variance_lowrank: np.ndarray | None = None
+    activations: np.ndarray | None = None
 
 
 class IndexReader:
@@ -108,6 +111,8 @@ class IndexReader:
         scalars: ``(N, 6)`` float64, columns :data:`SCALAR_COLUMNS`.
         variance_diag: ``(N, D)`` float32 or ``None``.
         variance_lowrank: ``(N, r, D)`` float32 or ``None``.
+        activations: ``(N, h)`` float32 pre-projection activations (``activations.npy``), or
+            ``None`` when the version does not store them.
     """
 
     def __init__(self, version_dir: str | Path, mmap: bool = True):
@@ -131,6 +136,8 @@ class IndexReader:
         self.variance_diag = self._array(fmt.VARIANCE_DIAG_FILE, mode, (count, dim)) if spec.has_diag else None
         self.variance_lowrank = (self._array(fmt.VARIANCE_LOWRANK_FILE, mode, (count, spec.rank, dim))
                                  if spec.has_lowrank else None)
+        hidden = self.manifest.activation_dim
+        self.activations = self._array(fmt.ACTIVATIONS_FILE, mode, (count, hidden)) if hidden else None
         self._check_parquet_rows(fmt.ITEMS_FILE, count)
         self._check_parquet_rows(fmt.SKIPPED_FILE, self.manifest.skipped_count)
 
@@ -279,12 +286,14 @@ class IndexReader:
         """Row positions of ``item_ids`` ``(k,)`` in the arrays, ``-1`` where absent."""
         return self.id_lookup.positions(item_ids)
 
-    def fetch(self, item_ids, form: CovarianceForm | str | None = None) -> ItemRows:
+    def fetch(self, item_ids, form: CovarianceForm | str | None = None, activations: bool = False) -> ItemRows:
         """The stored rows of ``item_ids`` (any shape, flattened), one lookup per id.
 
         Args:
             item_ids: the ids.
             form: read only the covariance columns this form uses (``None``: all stored).
+            activations: also read the stored activations (``None`` in the rows when the
+                version has none).
 
         Raises:
             ValueError: naming the ids that are not in the index (``-1`` included).
@@ -295,7 +304,8 @@ class IndexReader:
         take = lambda array, used: None if array is None or not used else np.asarray(array[rows])  # noqa: E731
         return ItemRows(ids, take(self.means, True), ItemScalars.from_table(take(self.scalars, True)),
                         take(self.variance_diag, form is not CovarianceForm.KFAC),
-                        take(self.variance_lowrank, form is CovarianceForm.LOWRANK))
+                        take(self.variance_lowrank, form is CovarianceForm.LOWRANK),
+                        take(self.activations, activations))
 
     def fetch_scalars(self, item_ids) -> ItemScalars:
         """The per-item scalars of ``item_ids`` (any shape, flattened), without reading their means.

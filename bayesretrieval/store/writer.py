@@ -61,6 +61,8 @@ class ItemArrays(ItemMetadata):
         scalars: ``(N, 6)`` float64 in :data:`~bayesretrieval.store.format.SCALAR_COLUMNS` order.
         variance_diag: ``(N, D)`` float32 or ``None``.
         variance_lowrank: ``(N, r, D)`` float32 or ``None``.
+        activations: ``(N, h)`` float32 pre-projection activations of the image tower (the
+            ``a`` of ``scale = a^T A^-1 a``), or ``None`` when the version does not store them.
 
     The file columns come first, as in :class:`ItemMetadata`.
     """
@@ -69,6 +71,7 @@ class ItemArrays(ItemMetadata):
     scalars: np.ndarray
     variance_diag: np.ndarray | None = None
     variance_lowrank: np.ndarray | None = None
+    activations: np.ndarray | None = None
 
     def take(self, order: np.ndarray) -> "ItemArrays":
         """Rows in ``order`` (positions), as a new :class:`ItemArrays`."""
@@ -76,7 +79,7 @@ class ItemArrays(ItemMetadata):
         return ItemArrays(
             self.item_ids[order], [self.paths[i] for i in order], self.file_size[order],
             self.mtime_ns[order], self.width[order], self.height[order], self.means[order],
-            self.scalars[order], pick(self.variance_diag), pick(self.variance_lowrank),
+            self.scalars[order], pick(self.variance_diag), pick(self.variance_lowrank), pick(self.activations),
         )
 
 
@@ -188,6 +191,9 @@ def _check_items(items: ItemArrays, posterior: PosteriorPair, info: VersionInfo)
             f"variance_lowrank has shape {items.variance_lowrank.shape[1:]} per item, "
             f"expected ({info.variance.rank}, {d})"
         )
+    h = posterior.image.in_features
+    if items.activations is not None and items.activations.shape != (n, h):
+        raise ValueError(f"activations have shape {items.activations.shape}, expected ({n}, {h})")
 
 
 def _write_staging(staging, name, items, skipped, posterior, info) -> Manifest:
@@ -212,6 +218,7 @@ def _write_staging(staging, name, items, skipped, posterior, info) -> Manifest:
         variance=str(info.variance),
         traces={"trace_image": trace_image, "trace_text": float(posterior.text.output_cov.trace())},
         extremes=extremes_by_form(items.scalars, trace_image, items.variance_diag, items.variance_lowrank),
+        activation_dim=0 if items.activations is None else int(items.activations.shape[1]),
     )
     _write_items_parquet(staging / fmt.ITEMS_FILE, items, manifest)
     np.save(staging / fmt.ITEM_IDS_FILE, items.item_ids.astype(np.int64))
@@ -226,6 +233,8 @@ def _write_staging(staging, name, items, skipped, posterior, info) -> Manifest:
         np.save(staging / fmt.VARIANCE_DIAG_FILE, items.variance_diag.astype(np.float32))
     if items.variance_lowrank is not None:
         np.save(staging / fmt.VARIANCE_LOWRANK_FILE, items.variance_lowrank.astype(np.float32))
+    if items.activations is not None:
+        np.save(staging / fmt.ACTIVATIONS_FILE, items.activations.astype(np.float32))
     faiss.write_index(build_faiss_index(faiss_vectors(items.means, norms), items.item_ids, factory),
                       str(staging / fmt.FAISS_FILE))
     posterior.save(staging / fmt.POSTERIOR_DIR)
@@ -249,7 +258,7 @@ def _fixed_list(matrix: np.ndarray) -> pa.Array:
 
 
 def _write_items_parquet(path: Path, items: ItemArrays, manifest: Manifest) -> None:
-    schema = fmt.items_schema(manifest.embed_dim, manifest.variance_spec)
+    schema = fmt.items_schema(manifest.embed_dim, manifest.variance_spec, manifest.activation_dim)
     schema = schema.with_metadata({fmt.PARQUET_METADATA_KEY: manifest.to_json().encode()})
     with pq.ParquetWriter(path, schema, write_page_checksum=True) as writer:
         for start in range(0, max(len(items), 1), ROW_GROUP_ROWS):
@@ -268,6 +277,8 @@ def _write_items_parquet(path: Path, items: ItemArrays, manifest: Manifest) -> N
                 columns.append(_fixed_list(items.variance_diag[rows]))
             if items.variance_lowrank is not None:
                 columns.append(_fixed_list(items.variance_lowrank[rows]))
+            if items.activations is not None:
+                columns.append(_fixed_list(items.activations[rows]))
             writer.write_table(pa.Table.from_arrays(columns, schema=schema))
 
 
