@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "bayesretrieval.commands.calibrate",
     "bayesretrieval.commands.verify",
     "bayesretrieval.commands.audit",
+    "bayesretrieval.commands.serve",
 )
 
 

@@ -181,3 +181,15 @@ class AuditScore(str, Enum):
     """``q = a^T A^-1 a``: how far the item's activation lies from the data the posterior was fitted on."""
     UNCERTAINTY = "uncertainty"
     """``tr S / |mu|^2``: the embedding's total variance over its squared norm."""
+
+
+DEFAULT_SERVE_HOST = "127.0.0.1"
+DEFAULT_SERVE_PORT = 8000
+SERVE_TOKEN_ENV = "BAYESRETRIEVAL_TOKEN"
+"""Environment variable ``bayesretrieval serve`` reads its API token from (``--token-file`` wins)."""
+MIN_TOKEN_CHARS = 16
+MAX_QUERY_CHARS = 1_000
+MAX_QUERIES_PER_REQUEST = 64
+MAX_RESULTS_PER_QUERY = 1_000
+MAX_UPLOAD_BYTES = 20 * 2**20
+"""Largest image upload ``bayesretrieval serve`` accepts (decoded pixels: :data:`DEFAULT_MAX_PIXELS`)."""

@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
           f"skipped {report.skipped or 'none'}, {report.seconds:.1f} s")
     print("[5/5] searching")
     _search(out / "index", args.k)
-    print(f"done in {time.perf_counter() - start:.0f} s; try: bayesretrieval search {out / 'index'} 'a red circle'")
+    print(f"done in {time.perf_counter() - start:.0f} s; try: bayesretrieval search {out / 'index'} 'a red circle'"
+          f"\n  or serve it over HTTP: bayesretrieval serve {out / 'index'}")
     return 0
 
 

@@ -1,0 +1,105 @@
+"""``bayesretrieval serve``: an HTTP API over one index directory (FastAPI + uvicorn, the ``serve`` extra)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+from bayesretrieval.cli import CommandError
+from bayesretrieval.options import (
+    DEFAULT_SERVE_HOST,
+    DEFAULT_SERVE_PORT,
+    MAX_QUERIES_PER_REQUEST,
+    MAX_QUERY_CHARS,
+    MAX_RESULTS_PER_QUERY,
+    MAX_UPLOAD_BYTES,
+    SERVE_TOKEN_ENV,
+)
+
+DESCRIPTION = f"""\
+Serve an index built by `bayesretrieval build-index` over HTTP: JSON endpoints for text
+and image search (the parameters and result columns of `bayesretrieval search`, plus
+each query's warning), one item's metadata and thumbnail, the collection audit, health
+and version; the OpenAPI docs are at /docs. The process keeps one searcher open and
+moves to a new index version when a build publishes one (searches in flight finish on
+theirs).
+
+Security: it listens on 127.0.0.1 unless --host says otherwise, and any other address
+needs an API token (--token-file or ${SERVE_TOKEN_ENV}); clients then send
+'Authorization: Bearer TOKEN'. Images are served by item id only, from the indexed
+folder. Limits: {MAX_QUERY_CHARS} characters per query, {MAX_QUERIES_PER_REQUEST} queries per request,
+k <= {MAX_RESULTS_PER_QUERY}, uploads of {MAX_UPLOAD_BYTES // 2**20} MB and build-index's decoded-pixel limit.
+No CORS headers unless --cors-origin is given.
+
+Needs the serve extra: pip install 'bayesretrieval[serve]'."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``serve`` subcommand."""
+    parser = subparsers.add_parser("serve", help="serve an index over HTTP (JSON API with OpenAPI docs)",
+                                   description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("index_dir", type=Path, metavar="INDEX_DIR", help="an index built by build-index")
+    parser.add_argument("--host", default=DEFAULT_SERVE_HOST,
+                        help="address to listen on (default %(default)s; any other needs an API token)")
+    parser.add_argument("--port", type=int, default=DEFAULT_SERVE_PORT, help="port (default %(default)s)")
+    parser.add_argument("--token-file", type=Path, metavar="FILE",
+                        help=f"file whose first line is the API token (default: ${SERVE_TOKEN_ENV} if set)")
+    parser.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                        help="allow browser calls from this origin, e.g. http://localhost:3000 (repeatable)")
+    parser.add_argument("--device", default="cpu", help="where to run the model (default cpu)")
+    parser.add_argument("--torch-threads", type=int,
+                        help="torch intra-op threads (default: torch's own; 1 avoids contention with FAISS)")
+    parser.set_defaults(run=run)
+
+
+def url_of(host: str, port: int) -> str:
+    """The base URL clients use for ``host:port`` (IPv6 addresses in brackets)."""
+    return f"http://[{host}]:{port}/" if ":" in host and not host.startswith("[") else f"http://{host}:{port}/"
+
+
+def _serve_extra():
+    """The ``uvicorn`` module, once FastAPI, uvicorn and python-multipart are known to be installed.
+
+    Raises:
+        CommandError: naming the missing package and the extra that installs it.
+    """
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as err:
+        missing = err.name
+    else:
+        if importlib.util.find_spec("python_multipart") or importlib.util.find_spec("multipart"):
+            return uvicorn
+        missing = "python-multipart"
+    raise CommandError(f"serving needs the serve extra (missing {missing}): pip install 'bayesretrieval[serve]'")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the options, open the index, print where it is served, and serve until interrupted."""
+    from bayesretrieval.service.security import check_exposure, read_token
+
+    if not args.index_dir.is_dir():
+        raise CommandError(f"index directory not found: {args.index_dir}")
+    if not 1 <= args.port <= 65535:
+        raise CommandError(f"--port must be in 1..65535, got {args.port}")
+    token = read_token(args.token_file)
+    check_exposure(args.host, token)
+    uvicorn = _serve_extra()
+    from bayesretrieval.service.app import create_app
+
+    logging.getLogger("bayesretrieval.service").setLevel(logging.INFO)  # the access log
+
+    app = create_app(args.index_dir, token, cors_origins=args.cors_origin or (), device=args.device,
+                     torch_threads=args.torch_threads)
+    reader, url = app.state.searcher.reader, url_of(args.host, args.port)
+    print(f"serving {args.index_dir} (index version {reader.manifest.version}, {len(reader)} items) at {url} "
+          f"(API docs: {url}docs)", flush=True)
+    if token is not None:
+        print("requests need 'Authorization: Bearer TOKEN'", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info", server_header=False)
+    print("stopped", file=sys.stderr)
+    return 0

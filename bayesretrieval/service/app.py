@@ -1,0 +1,336 @@
+"""The FastAPI application: search, items, thumbnails, audit, health and version over one index.
+
+Usage::
+
+    app = create_app("demo-output/index")          # then: uvicorn.run(app)
+
+One :class:`~bayesretrieval.queries.Searcher` per process, opened with
+``auto_refresh=True``: a request that arrives after a build published a new version
+moves it there, and searches already running finish on the version they started with.
+Endpoints are plain functions, so FastAPI runs them in its thread pool.
+"""
+
+import contextlib
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional, Sequence
+
+from bayesretrieval import __version__
+from bayesretrieval.options import (
+    DEFAULT_MAX_PIXELS,
+    MAX_QUERIES_PER_REQUEST,
+    MAX_QUERY_CHARS,
+    MAX_RESULTS_PER_QUERY,
+    MAX_UPLOAD_BYTES,
+    AuditScore,
+    ScoreName,
+)
+from bayesretrieval.service.items import StatsCache, item_record, thumbnail
+from bayesretrieval.service.schemas import service_schemas
+from bayesretrieval.service.security import token_matches
+
+logger = logging.getLogger("bayesretrieval.service")
+
+IMAGE_SEARCH_PATH = "/api/search/image"
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """Request limits beyond the ones the JSON schema states.
+
+    Attributes:
+        max_upload_bytes: largest image upload.
+        max_pixels: largest decoded width x height (the build-index decompression-bomb limit).
+        max_body_bytes: largest request body other than an image upload.
+        thumbnail_px: default thumbnail side; ``max_thumbnail_px`` the largest a request may ask.
+    """
+
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_body_bytes: int = 2**20
+    thumbnail_px: int = 256
+    max_thumbnail_px: int = 512
+
+
+def create_app(index_dir: str | Path, token: str | None = None, *, cors_origins: Sequence[str] = (),
+               limits: ServiceLimits | None = None, searcher=None, **open_options):
+    """The service over ``index_dir``: a ``fastapi.FastAPI`` application.
+
+    Args:
+        index_dir: an index built by ``bayesretrieval build-index``.
+        token: when set, every endpoint but ``/api/health`` requires ``Authorization: Bearer <token>``.
+        cors_origins: origins allowed to call the API from a browser (none: no CORS headers).
+        limits: request limits.
+        searcher: an already opened searcher, left open at shutdown (default: ``Searcher.open(index_dir,
+            auto_refresh=True)``, closed at shutdown).
+        **open_options: passed to :meth:`Searcher.open` (``device``, ``torch_threads``, ...).
+
+    Raises:
+        FileNotFoundError: if there is no index at ``index_dir``.
+        ValueError: if the index cannot be served (model or posterior mismatch).
+    """
+    from fastapi import Depends, FastAPI
+    from fastapi.middleware.cors import CORSMiddleware
+
+    from bayesretrieval.queries import Searcher
+
+    schemas = service_schemas()
+    limits = limits or ServiceLimits()
+    owned = searcher is None
+    if owned:
+        searcher = Searcher.open(index_dir, auto_refresh=True, **open_options)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        if owned:
+            searcher.close()
+
+    app = FastAPI(title="bayesretrieval", version=__version__, lifespan=lifespan,
+                  description="Uncertainty-aware image search over one bayesretrieval index: every result has an "
+                              "expected cosine and its std under the Laplace posterior.",
+                  responses={400: {"model": schemas.ErrorResponse}, 401: {"model": schemas.ErrorResponse}})
+    app.state.searcher, app.state.limits = searcher, limits
+    guard = [Depends(_token_dependency(token))] if token is not None else []
+    app.include_router(_health_router())
+    app.include_router(_api_router(searcher, limits), dependencies=guard)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(AccessLog, limits=limits)
+    return app
+
+
+def _token_dependency(token: str):
+    from fastapi import Depends, HTTPException, Request
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+    bearer = HTTPBearer(auto_error=False, description="the API token given to `bayesretrieval serve`")
+
+    def require_token(request: Request, _credentials: Annotated[Optional[HTTPAuthorizationCredentials],
+                                                                 Depends(bearer)] = None) -> None:
+        if not token_matches(request.headers.get("authorization"), token):
+            raise HTTPException(401, "missing or wrong API token: send 'Authorization: Bearer TOKEN'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    return require_token
+
+
+def _health_router():
+    from fastapi import APIRouter
+
+    schemas = service_schemas()
+    router = APIRouter(prefix="/api", tags=["service"])
+
+    @router.get("/health", response_model=schemas.HealthResponse)
+    def health() -> dict:
+        """Liveness: answers without a token."""
+        return {"status": "ok"}
+
+    return router
+
+
+def _api_router(searcher, limits: ServiceLimits):
+    from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile
+
+    schemas = service_schemas()
+    router = APIRouter(prefix="/api")
+    stats = StatsCache(searcher.form)
+
+    def current_reader():
+        return searcher._current().reader  # refreshes first when a build has published (auto_refresh)
+
+    @router.post("/search", response_model=schemas.SearchResponse, tags=["search"])
+    def search(request: schemas.SearchRequest) -> dict:
+        """Text search with the parameters of ``Searcher.search``."""
+        queries = [request.queries] if isinstance(request.queries, str) else list(request.queries)
+        return run_search(searcher, queries, queries, request)
+
+    @router.post(IMAGE_SEARCH_PATH.removeprefix("/api"), response_model=schemas.SearchResponse, tags=["search"])
+    def search_image(
+        image: Annotated[UploadFile, File(description="one image file (decoded with build-index's limits)")],
+        k: Annotated[int, Form(ge=1, le=MAX_RESULTS_PER_QUERY)] = 10,
+        score: Annotated[ScoreName, Form()] = ScoreName.EXPECTED,
+        kappa: Annotated[float, Form(ge=0.0, le=100.0)] = 1.0,
+        threshold: Annotated[Optional[float], Form(ge=0.0, le=1.0)] = None,
+        path_prefix: Annotated[Optional[str], Form(max_length=MAX_QUERY_CHARS)] = None,
+    ) -> dict:
+        """Find images like an uploaded one."""
+        options = schemas.SearchOptions(k=k, score=score, kappa=kappa, threshold=threshold, path_prefix=path_prefix)
+        picture = decode_upload(image, limits)
+        label = (image.filename or "upload")[:MAX_QUERY_CHARS]
+        picture.filename = label
+        return run_search(searcher, picture, [label], options)
+
+    @router.get("/items/{item_id}", response_model=schemas.ItemResponse, tags=["items"])
+    def item(item_id: int) -> dict:
+        """One item's path, sizes and uncertainty."""
+        reader = current_reader()
+        record = item_record(reader, item_id, stats.get(reader))
+        if record is None:
+            raise HTTPException(404, f"no item {item_id} in index version {reader.manifest.version}")
+        return {**record, "thumbnail": f"/api/items/{item_id}/thumbnail"}
+
+    @router.get("/items/{item_id}/thumbnail", tags=["items"], response_class=Response,
+                responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": schemas.ErrorResponse}})
+    def item_thumbnail(item_id: int,
+                       size: Annotated[int, Query(ge=16, le=limits.max_thumbnail_px)] = limits.thumbnail_px
+                       ) -> Response:
+        """The item's image, downscaled; only files inside the indexed folder are served."""
+        found = thumbnail(current_reader(), item_id, size, limits.max_pixels)
+        if found is None:
+            raise HTTPException(404, f"no thumbnail for item {item_id}")
+        data, media_type = found
+        return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=300"})
+
+    @router.get("/audit", response_model=schemas.AuditResponse, tags=["items"])
+    def audit(k: Annotated[int, Query(ge=1, le=MAX_RESULTS_PER_QUERY)] = 50,
+              by: Optional[AuditScore] = None) -> dict:
+        """The items the posterior is least sure of, most uncertain first."""
+        with _bad_request():
+            frame = searcher.audit(k, by.value if by is not None else None)
+        return {**{key: frame.attrs[key] for key in ("version", "form", "by", "item_count")},
+                "items": frame.to_dict("records")}
+
+    @router.get("/version", response_model=schemas.VersionResponse, tags=["service"])
+    def version() -> dict:
+        """The library, the index version being served and its size."""
+        reader = current_reader()
+        manifest = reader.manifest
+        return {"library_version": __version__, "index_version": manifest.version, "created_at": manifest.created_at,
+                "item_count": len(reader), "embed_dim": reader.embed_dim, "model": manifest.model,
+                "estimator": searcher.estimator.value, "form": searcher.form.value,
+                "scores": [s.value for s in ScoreName],
+                "calibrated": {m: searcher.calibration(m) is not None for m in ("text", "image")},
+                "limits": {"max_query_chars": MAX_QUERY_CHARS, "max_results_per_query": MAX_RESULTS_PER_QUERY,
+                           "max_queries_per_request": MAX_QUERIES_PER_REQUEST,
+                           "max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels}}
+
+    return router
+
+
+@contextlib.contextmanager
+def _bad_request():
+    """Turn the library's argument errors into 400s (a damaged index stays a 500)."""
+    from fastapi import HTTPException
+
+    from bayesretrieval.store.reader import IndexDamagedError
+
+    try:
+        yield
+    except IndexDamagedError:
+        raise
+    except ValueError as err:
+        raise HTTPException(400, str(err)) from None
+
+
+def run_search(searcher, queries, labels: list[str], options) -> dict:
+    """Search with ``options`` (a ``SearchOptions`` model) and shape the answer as a ``SearchResponse``."""
+    import numpy as np
+
+    from bayesretrieval.queries import ItemFilter
+
+    where = ItemFilter(path_prefix=options.path_prefix) if options.path_prefix else None
+    start = time.perf_counter()
+    with _bad_request():
+        frame = searcher.search(queries, k=options.k, score=options.score.value, kappa=options.kappa,
+                                threshold=options.threshold, where=where)
+    seconds = time.perf_counter() - start
+    rows = frame.to_dict("records")
+    grouped: list[list] = [[] for _ in labels]
+    for row in rows:
+        row["probability"] = None if np.isnan(row["probability"]) else row["probability"]
+        grouped[int(row["query_index"])].append(row)
+    attrs = frame.attrs
+    percentiles = [None if p is None or np.isnan(p) else float(p) for p in attrs["query_percentile"]]
+    return {"version": attrs["version"], "score": attrs["score"], "estimator": attrs["estimator"],
+            "exact": attrs["exact"], "certified": attrs["certified"],
+            "calibrated": bool(rows) and all(row["probability"] is not None for row in rows),
+            "seconds": seconds, "timings": attrs["seconds"],
+            "queries": [{"query": str(label), "query_index": i, "query_warning": attrs["query_warning"][i],
+                         "query_percentile": percentiles[i], "results": grouped[i]}
+                        for i, label in enumerate(labels)]}
+
+
+def decode_upload(upload, limits: ServiceLimits):
+    """The uploaded image (a FastAPI ``UploadFile``), decoded by build-index's decoder within ``limits``.
+
+    Raises:
+        HTTPException: 413 for a file or image over the limits, 400 for one that does not decode.
+    """
+    from fastapi import HTTPException
+
+    from bayesretrieval.indexing.decode import ImageSkipped, decode_image
+    from bayesretrieval.skips import SkipReason
+
+    data = upload.file.read(limits.max_upload_bytes + 1)
+    if len(data) > limits.max_upload_bytes:
+        raise HTTPException(413, f"the upload is over {limits.max_upload_bytes} bytes")
+    with tempfile.TemporaryDirectory(prefix="bayesretrieval-upload-") as folder:
+        path = Path(folder) / "upload"
+        path.write_bytes(data)
+        try:
+            return decode_image(path, max_pixels=limits.max_pixels)
+        except ImageSkipped as err:
+            if err.reason is SkipReason.TOO_LARGE:
+                raise HTTPException(413, f"the image has more than {limits.max_pixels} pixels") from None
+            raise HTTPException(400, f"the upload is not a readable image ({err.reason.value})") from None
+
+
+class AccessLog:
+    """ASGI middleware: one log line per request with its latency; body-size limits; 500s without details.
+
+    A request whose ``Content-Length`` is over the limit is refused with 413 before its
+    body is read. An exception no handler turned into a response is logged with its
+    traceback here and answered with ``{"detail": "internal server error"}``.
+    """
+
+    def __init__(self, app, limits: ServiceLimits):
+        self.app, self.limits = app, limits
+
+    async def __call__(self, scope, receive, send):
+        """Serve one ASGI connection scope."""
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [0]
+
+        async def send_logged(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send_logged)
+            else:
+                await self.app(scope, receive, send_logged)
+        except Exception:
+            logger.exception("%s %s failed", scope["method"], scope["path"])
+            if status[0]:
+                raise  # the response has started: the server closes the connection
+            from fastapi.responses import JSONResponse
+
+            await JSONResponse({"detail": "internal server error"}, status_code=500)(scope, receive, send_logged)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            logger.info('%s "%s %s" %s %.1f ms', client[0], scope["method"], scope["path"], status[0] or 500,
+                        1000 * (time.perf_counter() - start))
+
+    def _refusal(self, scope):
+        from fastapi.responses import JSONResponse
+
+        headers = dict(scope.get("headers") or [])
+        try:
+            length = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            return JSONResponse({"detail": "bad Content-Length header"}, status_code=400)
+        limit = (self.limits.max_upload_bytes + 2**16 if scope["path"] == IMAGE_SEARCH_PATH
+                 else self.limits.max_body_bytes)
+        if length > limit:
+            return JSONResponse({"detail": f"request body of {length} bytes is over the limit of {limit}"},
+                                status_code=413)
+        return None

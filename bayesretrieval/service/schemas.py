@@ -1,0 +1,148 @@
+"""The JSON the service takes and returns (pydantic models; FastAPI builds the OpenAPI schema from them).
+
+The models are built on first use by :func:`service_schemas`, so that importing this
+module does not need pydantic (it comes with the ``serve`` extra).
+"""
+
+import functools
+from types import SimpleNamespace
+from typing import Annotated, Optional, Union
+
+
+@functools.cache
+def service_schemas() -> SimpleNamespace:
+    """The pydantic models of requests and responses, by class name (built once)."""
+    from pydantic import BaseModel, Field
+
+    from bayesretrieval.options import MAX_QUERIES_PER_REQUEST, MAX_QUERY_CHARS, MAX_RESULTS_PER_QUERY, ScoreName
+
+    QueryText = Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS)]
+    QueryList = Annotated[list[QueryText], Field(min_length=1, max_length=MAX_QUERIES_PER_REQUEST)]
+
+    class SearchOptions(BaseModel):
+        """The parameters of :meth:`~bayesretrieval.queries.Searcher.search` a request may set."""
+
+        k: int = Field(10, ge=1, le=MAX_RESULTS_PER_QUERY, description="results per query")
+        score: ScoreName = Field(ScoreName.EXPECTED, description="ranking score (probability needs a calibration)")
+        kappa: float = Field(1.0, ge=0.0, le=100.0, description="std multiplier of lcb / ucb")
+        threshold: Optional[float] = Field(None, ge=0.0, le=1.0, description="keep results whose calibrated "
+                                                                             "match probability is at least this")
+        path_prefix: Optional[str] = Field(None, max_length=MAX_QUERY_CHARS,
+                                           description="only items whose path (relative to the indexed folder) "
+                                                       "starts with this")
+
+    class SearchRequest(SearchOptions):
+        """A text search: one query or several (each is searched on its own)."""
+
+        queries: Union[QueryText, QueryList] = Field(
+            description=f"a query text or a list of at most {MAX_QUERIES_PER_REQUEST}", examples=["a red circle"])
+
+    class ResultRow(BaseModel):
+        """One result: the columns of :data:`bayesretrieval.queries.searcher.RESULT_COLUMNS`."""
+
+        query: str
+        query_index: int
+        rank: int
+        item_id: int
+        path: str
+        score: float
+        cosine_mean: float
+        cosine_std: float
+        cosine_std_query: float
+        cosine_std_item: float
+        logit_mean: float
+        logit_std: float
+        probability: Optional[float] = Field(description="calibrated match probability; null without a calibration")
+        exact: bool
+
+    class QueryResults(BaseModel):
+        """The results of one query, best first."""
+
+        query: str
+        query_index: int
+        query_warning: Optional[str] = Field(description="set when the query is more uncertain than the posterior's "
+                                                         "fitting inputs usually are: trust its scores less")
+        query_percentile: Optional[float] = Field(description="where the query's relative variance falls among the "
+                                                              "posterior's fitting inputs (null without a reference)")
+        results: list[ResultRow]
+
+    class SearchResponse(BaseModel):
+        """The answer to a search."""
+
+        version: str = Field(description="the index version that answered")
+        score: str
+        estimator: str
+        exact: bool = Field(description="every query's top-k equals a brute-force rerank of the whole collection")
+        certified: bool
+        calibrated: bool = Field(description="whether the probability column is filled")
+        seconds: float = Field(description="time spent in the search, end to end")
+        timings: dict[str, float] = Field(description="where the time went (queries, faiss, rerank, table)")
+        queries: list[QueryResults]
+
+    class ItemResponse(BaseModel):
+        """One indexed item: its file, sizes and per-item uncertainty."""
+
+        version: str
+        item_id: int
+        path: str
+        file_size: Optional[int]
+        mtime_ns: Optional[int]
+        width: Optional[int]
+        height: Optional[int]
+        scalars: dict[str, float] = Field(description="the stored per-item scalars (docs/math.md section 4)")
+        uncertainty: float = Field(description="tr S / |mu|^2: total variance of the embedding over its squared norm")
+        cosine_std: float = Field(description="typical std of the item's cosine to a random direction")
+        percentile: float = Field(description="percent of the collection at or below this item on the audit's "
+                                              "ranking score")
+        audit_by: str = Field(description="the audit's ranking score (scale or uncertainty)")
+        thumbnail: str = Field(description="URL of the item's thumbnail")
+
+    class AuditRow(BaseModel):
+        """One row of the audit (:data:`bayesretrieval.queries.audit.AUDIT_COLUMNS`)."""
+
+        rank: int
+        item_id: int
+        path: str
+        uncertainty: float
+        percentile: float
+        scale: float
+        cosine_std: float
+
+    class AuditResponse(BaseModel):
+        """The items the posterior is least sure of, most uncertain first."""
+
+        version: str
+        form: str
+        by: str
+        item_count: int
+        items: list[AuditRow]
+
+    class HealthResponse(BaseModel):
+        """Liveness: the process answers and has an index open."""
+
+        status: str
+
+    class VersionResponse(BaseModel):
+        """What is being served."""
+
+        library_version: str
+        index_version: str
+        created_at: str
+        item_count: int
+        embed_dim: int
+        model: dict
+        estimator: str
+        form: str
+        scores: list[str]
+        calibrated: dict[str, bool] = Field(description="per query modality, whether a calibration exists "
+                                                        "(score=probability and threshold need one)")
+        limits: dict[str, int]
+
+    class ErrorResponse(BaseModel):
+        """Every 4xx and 5xx answer."""
+
+        detail: Union[str, list]
+
+    return SimpleNamespace(**{model.__name__: model for model in (
+        SearchOptions, SearchRequest, ResultRow, QueryResults, SearchResponse, ItemResponse,
+        AuditRow, AuditResponse, HealthResponse, VersionResponse, ErrorResponse)})
