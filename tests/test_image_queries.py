@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -20,6 +21,9 @@ from bayesretrieval.cli import main
 from bayesretrieval.encoders import ClipEncoder
 from bayesretrieval.indexing import BuildConfig, IndexMismatchError, build_index, build_index_from_embeddings
 from bayesretrieval.options import TINY_MODEL
+from bayesretrieval.queries import Searcher
+from bayesretrieval.queries.filters import ItemFilter
+from bayesretrieval.similarity import shared_projection_cosine_moments
 from bayesretrieval.store import IndexReader, Manifest
 
 D, H = 64, 64
@@ -207,3 +211,89 @@ def test_precomputed_embeddings_store_their_activation_column(world, tmp_path):
 def test_manifest_json_records_activation_dim(world):
     with IndexReader.open(world["with"]) as reader:
         assert json.loads((reader.version_dir / "manifest.json").read_text())["activation_dim"] == H
+
+
+# ---------------------------------------------------------------- search
+
+
+def query_image(world, name: str) -> Image.Image:
+    with Image.open(world["src"] / name) as image:
+        return image.convert("RGB")
+
+
+def test_an_indexed_image_searched_for_itself_has_cosine_one_and_std_zero(world):
+    name = NAMES[3]
+    with Searcher.open(world["with"], encoder=world["encoder"]) as searcher:
+        found = searcher.search(query_image(world, name), k=3)
+        pixels = torch.stack([world["encoder"].preprocess(query_image(world, name))])
+        from_pixels = searcher.search(pixels, k=3)
+        filtered = searcher.search(query_image(world, name), k=3, where=ItemFilter(path_prefix="d1/"))
+    assert filtered.path.str.startswith("d1/").all() and len(filtered) == 3
+    for results in (found, from_pixels, filtered):
+        top = results.iloc[0]
+        assert top.path == name and top["rank"] == 1
+        assert abs(top.cosine_mean - 1) < 1e-9 and top.cosine_std < 1e-6, (top.cosine_mean, top.cosine_std)
+        assert results.attrs["shared_projection"] and not results.attrs["exact"] and not results.attrs["certified"]
+        assert not results.exact.any()
+        assert results.cosine_std_query.isna().all() and results.cosine_std_item.isna().all()
+        assert (results.cosine_mean.iloc[1:] < 1 - 1e-3).all() and (results.cosine_std.iloc[1:] > 0).all()
+
+
+def test_without_stored_activations_a_duplicate_is_scored_as_independent(world):
+    """The old behaviour, kept for indexes built without --store-activations: E[cos] < 1, std > 0.
+
+    Here (random noise images, a random tiny model) the duplicate is not even ranked first.
+    """
+    name = NAMES[3]
+    with Searcher.open(world["without"], encoder=world["encoder"]) as searcher:
+        results = searcher.search(query_image(world, name), k=len(NAMES))
+    same = results[results.path == name].iloc[0]
+    assert same.cosine_mean < 1 - 1e-3 and same.cosine_std > 1e-4, (same.cosine_mean, same.cosine_std)
+    assert not results.attrs["shared_projection"] and results.attrs["exact"]
+    assert results.cosine_std_query.notna().all() and results.cosine_std_item.notna().all()
+
+
+@pytest.mark.parametrize("score", ["expected", "lcb"])
+def test_returned_moments_are_the_shared_projection_moments(world, score):
+    """Every returned pair's moments equal the formula applied directly; the order is the brute-force one."""
+    names = [NAMES[0], NAMES[5]]
+    images = [query_image(world, n) for n in names]
+    with Searcher.open(world["with"], encoder=world["encoder"]) as searcher:
+        results = searcher.search(images, k=len(NAMES), score=score, kappa=2.0)
+        reader = searcher.reader
+        rows = reader.fetch(reader.item_ids, activations=True)
+        encoded = world["encoder"].encode_images(torch.stack([world["encoder"].preprocess(i) for i in images]))
+        mean, var = shared_projection_cosine_moments(torch.from_numpy(rows.means), torch.from_numpy(rows.activations),
+                                                     encoded.embeds, encoded.activations, world["posterior"].image)
+        ids = np.asarray(reader.item_ids)
+    for q in range(len(names)):
+        got = results[results.query_index == q]
+        want_score = mean[:, q] - (2.0 * var[:, q].sqrt() if score == "lcb" else 0)
+        order = np.lexsort((ids, -want_score.numpy()))
+        np.testing.assert_array_equal(got.item_id, ids[order])
+        np.testing.assert_allclose(got.cosine_mean, mean[order, q].numpy(), rtol=0, atol=1e-7)
+        np.testing.assert_allclose(got.cosine_std, var[order, q].sqrt().numpy(), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(got.score, want_score[order].numpy(), rtol=0, atol=1e-6)
+        assert got.iloc[0].path == names[q]
+
+
+def test_text_queries_are_unchanged_by_stored_activations(world):
+    with Searcher.open(world["with"], encoder=world["encoder"]) as searcher:
+        got = searcher.search(["a red square", "noise"], k=5)
+    with Searcher.open(world["without"], encoder=world["encoder"]) as searcher:
+        want = searcher.search(["a red square", "noise"], k=5)
+    pd.testing.assert_frame_equal(got, want)
+    assert not got.attrs["shared_projection"] and got.attrs["exact"]
+
+
+def test_the_cli_shows_std_zero_for_a_duplicate(world, capsys):
+    code, out, err = run_cli(capsys, "search", world["with"], "--image", world["src"] / NAMES[2], "-k", "2",
+                             "--format", "json")
+    assert code == 0, err
+    rows = json.loads(out)["results"]
+    assert rows[0]["path"] == NAMES[2] and abs(rows[0]["cosine_mean"] - 1) < 1e-9 and rows[0]["cosine_std"] < 1e-6
+    code, out, err = run_cli(capsys, "search", world["with"], "--image", world["src"] / NAMES[2], "-k", "2")
+    assert code == 0, err
+    first = next(line for line in out.splitlines() if line.rstrip().endswith(f"{NAMES[2]}  False"))
+    assert "1.000 ± 0.000" in first and " - " in first, out
+    assert "image queries rescored for the projection both images share" in err, err

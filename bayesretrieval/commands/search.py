@@ -30,7 +30,13 @@ Results are reranked exactly from the stored means; the `exact` column says whet
 query's top-k is certified equal to a brute-force rerank of the whole collection. The
 cosine's std splits by where the noise comes from (docs/math.md section 7): `std q/i`
 is the std due to the query's noise alone / the item's alone (JSON and CSV:
-cosine_std_query, cosine_std_item); the rest of the variance is joint."""
+cosine_std_query, cosine_std_item); the rest of the variance is joint.
+
+--image queries on an index built with --store-activations account for the image
+projection both images share (docs/math.md section 12): an indexed image found by itself
+scores cosine 1 with std 0. Those results are the best of max(4k, k+32) candidates by
+the independent score, rescored, so they are never marked exact, and `std q/i` shows
+`-` (the parts are not separable when the two noises are correlated)."""
 
 OUTPUT_FORMATS = ("table", "json", "csv")
 TABLE_COLUMNS = ["query", "rank", "score", "cosine_mean", "cosine_std", "cosine_std_query", "cosine_std_item",
@@ -162,7 +168,8 @@ def _results_table(results: pd.DataFrame) -> str:
 
     view = results[TABLE_COLUMNS].copy()
     view["cosine"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(view.cosine_mean, view.cosine_std)]
-    view["std q/i"] = [f"{q:.3f}/{i:.3f}" for q, i in zip(view.cosine_std_query, view.cosine_std_item)]
+    view["std q/i"] = ["-" if pd.isna(q) else f"{q:.3f}/{i:.3f}"  # NaN: not separable (shared projection)
+                       for q, i in zip(view.cosine_std_query, view.cosine_std_item)]
     view["score"] = view.score.map(lambda v: f"{v:.4f}")
     view["probability"] = view.probability.map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
     columns = ["query", "rank", "score", "cosine", "std q/i", "probability", "path", "exact"]
@@ -201,7 +208,10 @@ def run(args: argparse.Namespace) -> int:
     for warning in results.attrs.get("query_warning", []):
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
-    if not results.attrs.get("exact", True):
+    if results.attrs.get("shared_projection"):
+        print("note: image queries rescored for the projection both images share (docs/math.md section 12): "
+              "the best of max(4k, k+32) candidates, not certified; std q/i not separable", file=sys.stderr)
+    elif not results.attrs.get("exact", True):
         print("note: some results are approximate (certificate not reached or approximate FAISS index)",
               file=sys.stderr)
     return 0

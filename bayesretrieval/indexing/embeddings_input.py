@@ -113,11 +113,12 @@ def read_embeddings(path: str | Path, posterior: PosteriorPair) -> EmbeddingTabl
         [rows[role][i] for i in keep], np.float64).reshape(len(keep), *shape)
     means = pick("embedding", (dim,))
     scales = np.zeros(len(keep))
-    activations = None if rows["activation"] is None else pick("activation", (-1,)).astype(np.float32)
+    activations = None if rows["activation"] is None else pick("activation", (-1,))
     if rows["scale"] is not None:
         scales = pick("scale", ())
     elif activations is not None:
         scales = posterior.image.activation_scale(activations).numpy()
+    activations = None if activations is None else activations.astype(np.float32)
     lowrank = pick("variance_lowrank", (rank, dim)) if rank else None
     diag = pick("variance_diag", (dim,))
     if lowrank is not None and diag is None:

@@ -246,7 +246,7 @@ class CandidateSearch:
             kth = pairs.kth_scores(top)
             certified = (I[:, -1] < 0) | (kc >= total) | (kth > column_bounds[:, -1])
             done = certified | (kc >= max_candidates)
-            _store(out, pending[done], pairs, top[done])
+            store_pairs(out, pending[done], pairs, top[done])
             out.certified[pending[done]] = certified[done]
             out.candidates[pending[done]] = kc
             out.needed[pending[done]] = _certifying_count(column_bounds, kth)[done]
@@ -311,7 +311,7 @@ def _certifying_count(column_bounds: np.ndarray, kth: np.ndarray) -> np.ndarray:
     return np.where(below.any(axis=1), below.argmax(axis=1) + 1, column_bounds.shape[1])
 
 
-def _store(out: SearchOutcome, rows: np.ndarray, pairs: ScoredPairs, positions: np.ndarray) -> None:
+def store_pairs(out: SearchOutcome, rows: np.ndarray, pairs: ScoredPairs, positions: np.ndarray) -> None:
     """Write the pairs at ``positions`` ``(len(rows), k)`` into the outcome's ``rows``."""
     out.item_ids[rows] = _at(pairs.item_ids, positions, -1)
     out.scores[rows] = _at(pairs.scores, positions, -np.inf)

@@ -26,6 +26,7 @@ from bayesretrieval.queries.calibration import ProbitCalibration, load_calibrati
 from bayesretrieval.queries.candidates import DEFAULT_MAX_CANDIDATES, CandidateSearch, SearchOutcome
 from bayesretrieval.queries.filters import ItemFilter, id_selector
 from bayesretrieval.queries.scorers import ScoreName, make_scorer
+from bayesretrieval.queries.shared import rescore_shared, shared_pool_size, uses_shared_projection
 from bayesretrieval.queries.uncertainty import ModelCovariances, PairMoments, QuerySide
 from bayesretrieval.similarity import DEFAULT_ESTIMATOR, CosineEstimator
 from bayesretrieval.store import CovarianceForm, IndexReader
@@ -48,12 +49,15 @@ class Queries:
         means: ``(nq, D)`` unnormalised means.
         scales: ``(nq,)`` ``q_y``.
         modality: text or image.
+        activations: ``(nq, h)`` float64 pre-projection activations (image queries use
+            them with the index's stored ones, docs/math.md section 12), or ``None``.
     """
 
     labels: list
     means: torch.Tensor
     scales: torch.Tensor
     modality: Modality
+    activations: torch.Tensor | None = None
 
 
 @dataclass
@@ -270,7 +274,7 @@ class Searcher:
         if len(encoded.embeds) == 0:
             raise ValueError("no queries given")
         return Queries(labels, encoded.embeds.to(torch.float64), posterior.activation_scale(encoded.activations),
-                       modality)
+                       modality, encoded.activations.detach().to(torch.float64))
 
     def search(self, queries, k: int = 10, score: ScoreName | str = ScoreName.EXPECTED, kappa: float = 1.0,
                threshold: float | None = None, where: ItemFilter | None = None, modality: Modality | str | None = None,
@@ -297,14 +301,28 @@ class Searcher:
             by where the noise comes from (docs/math.md section 7): ``cosine_std_query`` is
             the std the query's noise alone contributes, ``cosine_std_item`` the item's, and
             the joint part is the remainder ``cosine_std^2 - cosine_std_query^2 -
-            cosine_std_item^2`` (``>= 0`` up to rounding, 0 for ``delta``). ``attrs`` holds
+            cosine_std_item^2`` (``>= 0`` up to rounding, 0 for ``delta``).
+
+            Image queries on an index that stores activations (``build-index
+            --store-activations``; ``kfac`` form, ``second_order`` estimator) account for
+            the projection both images share (docs/math.md section 12): the engine's
+            best ``max(4 k, k + 32)`` candidates by the independent score are rescored
+            with :func:`~bayesretrieval.similarity.shared_projection_cosine_moments`
+            (:mod:`bayesretrieval.queries.shared`), so an indexed image searched for
+            itself gets ``cosine_mean`` 1 and ``cosine_std`` 0. Their variance does not
+            split into a query and an item part under correlation: ``cosine_std_query``
+            and ``cosine_std_item`` are NaN; ``exact`` is False (the certificate bounds
+            the independent scores) and ``attrs["shared_projection"]`` is True.
+
+            ``attrs`` holds
             ``score``, ``exact`` (every query equals a brute-force rerank), ``certified``
             (every query's certificate held relative to what FAISS can return; differs
             from ``exact`` for IVF with fewer probes than lists), ``candidates`` (per
             query, the FAISS candidates its last round used), ``needed`` (per query, the
             fewest that certify it), ``version`` (the index version that answered),
             ``query_percentile`` and ``query_warning`` (per query, see
-            :func:`query_uncertainty`), ``estimator`` and ``seconds``: where the time went
+            :func:`query_uncertainty`), ``shared_projection`` (whether the two images'
+            shared projection was accounted for, above), ``estimator`` and ``seconds``: where the time went
             (``queries``: encoding, query-side products and filter selection; ``faiss``;
             ``rerank``; ``table``).
 
@@ -335,12 +353,20 @@ class Searcher:
             nothing.certified[:] = nothing.exact[:] = True
             return _with_attrs(pd.DataFrame(columns=list(RESULT_COLUMNS)), score, nothing, self.estimator, {},
                                snapshot.reader.manifest.version, warnings)
+        shared = uses_shared_projection(encoded.modality, encoded.activations, snapshot.reader, self.form,
+                                        self.estimator)
+        eligible = len(snapshot.reader) if selector is None else len(allowed)
+        pool = min(shared_pool_size(k_eff), eligible) if shared else k_eff
         prepared = time.perf_counter()
-        outcome = engine.search(query, scorer, k_eff, selector, nprobe, candidates, max_candidates)
+        outcome = engine.search(query, scorer, pool, selector, nprobe, candidates, max_candidates)
+        if shared:
+            outcome = rescore_shared(outcome, snapshot.reader, snapshot.posterior.image, encoded.means,
+                                     encoded.activations, scorer, k_eff)
         searched = time.perf_counter()
         frame = self._table(encoded, outcome, calibration, threshold, snapshot.reader)
         seconds = {"queries": prepared - start, **outcome.seconds, "table": time.perf_counter() - searched}
-        return _with_attrs(frame, score, outcome, self.estimator, seconds, snapshot.reader.manifest.version, warnings)
+        return _with_attrs(frame, score, outcome, self.estimator, seconds, snapshot.reader.manifest.version, warnings,
+                           shared)
 
     def _table(self, encoded: Queries, outcome: SearchOutcome, calibration, threshold,
                reader: IndexReader) -> pd.DataFrame:
@@ -476,8 +502,8 @@ def query_uncertainty(queries: Queries, posterior: PosteriorPair,
 
 
 def _with_attrs(frame: pd.DataFrame, score, outcome: SearchOutcome, estimator, seconds, version,
-                warnings: dict) -> pd.DataFrame:
-    frame.attrs.update(**warnings)
+                warnings: dict, shared: bool = False) -> pd.DataFrame:
+    frame.attrs.update(**warnings, shared_projection=bool(shared))
     frame.attrs.update(score=ScoreName(score).value, version=version, exact=bool(np.all(outcome.exact)),
                        certified=bool(np.all(outcome.certified)), estimator=estimator.value,
                        candidates=outcome.candidates.tolist(), needed=outcome.needed.tolist(), seconds=seconds)
