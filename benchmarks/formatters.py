@@ -279,6 +279,43 @@ def query_warnings(result: Record) -> Blocks:
             + "; ".join(f"{kind}: {words}" for kind, words in kept.items()) + "."]
 
 
+def zero_shot_calibration(result: Record) -> Blocks:
+    """Zero-shot ECE, NLPD and accuracy per task and set: temperature vs probit and Monte Carlo per prior.
+
+    ECE and NLPD tables add the paired differences probit - temperature (and, for ECE, the ablations
+    mean_only and variance_only - temperature); a last table per task holds the probit's diagnostics.
+    """
+    figures = result["figures"]
+    priors = list(figures["posterior"])
+    lambdas = "; ".join(f"{p}: n = {e['pseudo_data_count']:g}, lambda image {e['lambda'][0]:.4g}, "
+                        f"text {e['lambda'][1]:.4g}" for p, e in figures["posterior"].items())
+    blocks = [f"Zero-shot classification of single-object scenes ({figures['model']}, shifts at severity "
+              f"{figures['severity']}, ECE with {figures['ece_bins']} bins, 95% bootstrap intervals over images). "
+              f"Temperature (fitted on held-in clean images): "
+              + ", ".join(f"{t} {v:.3g}" for t, v in figures["temperature"].items()) + f". Posteriors: {lambdas}."]
+    methods = ["temperature", *(f"{p}/{m}" for p in priors for m in ("probit", "montecarlo"))]
+    for task, sets in figures["sets"].items():
+        for metric, extra in (("ece", ("probit", "mean_only", "variance_only")), ("nlpd", ("probit",)),
+                              ("accuracy", ())):
+            rows = []
+            for name, entry in sets.items():
+                row = {"set": name, "n": entry["images"]}
+                row.update({m: _interval(entry["methods"][m][metric], "value") for m in methods})
+                for prior in priors:
+                    for ablation in extra:
+                        diff = entry["minus_temperature"][f"{prior}/{ablation}"][metric]
+                        row[f"{prior}/{ablation} - T"] = _interval(diff, "value", signed=True)
+                rows.append(row)
+            blocks += [f"**{task}**, {metric}:", table(rows)]
+        rows = [{"set": name, "prior": prior, "logit std": d["logit_std_median"],
+                 "MC std / probit std": d["sampled_over_estimated_std_median"], "divisor": d["divisor_median"],
+                 "divisor p5-p95": d["divisor_p5_p95"], "top E[cos]/cos": d["top_mean_shrinkage_median"]}
+                for name, entry in sets.items() for prior, d in entry["diagnostics"].items()]
+        blocks += [f"**{task}**, probit diagnostics (medians over image-class pairs; "
+                   f"T = {figures['temperature'][task]:.3g}):", table(rows)]
+    return [*blocks, figures["analysis"]]
+
+
 FORMATTERS: dict[str, Callable[[Record], Blocks]] = {
     "cosine_accuracy": cosine_accuracy,
     "search_speed": search_speed,
@@ -286,6 +323,7 @@ FORMATTERS: dict[str, Callable[[Record], Blocks]] = {
     "retrieval_calibration": calibration_benchmark,
     "real_benchmarks": calibration_benchmark,
     "query_warnings": query_warnings,
+    "zero_shot_calibration": zero_shot_calibration,
 }
 """Formatter per benchmark script (file name without ``.py``); the others use :func:`generic`."""
 
