@@ -407,14 +407,15 @@ def http(url, body=None, timeout=30):
         return response.status, json.loads(response.read())
 
 
-def test_the_real_server_answers_over_loopback(index):
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2: about 30 s on 2 cores
+def test_the_real_server_answers_over_loopback(index, workers):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop(SERVE_TOKEN_ENV, None)
-    server = subprocess.Popen([sys.executable, "-m", "bayesretrieval.cli", "serve", str(index), "--port", str(port),
-                               "--torch-threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env)
+    command = [sys.executable, "-m", "bayesretrieval.cli", "serve", str(index), "--port", str(port),
+               "--torch-threads", "1", "--workers", str(workers)]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -435,5 +436,49 @@ def test_the_real_server_answers_over_loopback(index):
         server.terminate()
         out, err = server.communicate(timeout=30)
     assert f"at {base}/ " in out and "index version v000001, 8 items" in out
+    assert ("2 worker processes" in out) == (workers == 2)
     assert '"POST /api/search" 200' in err and '"POST /api/search" 422' in err and " ms" in err
     assert "Traceback" not in err
+
+
+def test_numbers_json_cannot_hold_are_null(index, searcher, monkeypatch):
+    search = searcher.search
+
+    def with_undefined_parts(*args, **kwargs):
+        frame = search(*args, **kwargs)
+        frame["cosine_std_query"], frame["cosine_std_item"] = float("nan"), float("inf")
+        return frame
+
+    monkeypatch.setattr(searcher, "search", with_undefined_parts)
+    response = TestClient(create_app(index, searcher=searcher)).post("/api/search", json={"queries": "x", "k": 2})
+    assert response.status_code == 200, response.text
+    rows = response.json()["queries"][0]["results"]
+    assert len(rows) == 2 and all(r["cosine_std_query"] is None and r["cosine_std_item"] is None for r in rows)
+    assert all(isinstance(r["cosine_std"], float) for r in rows)
+
+
+def test_worker_processes_build_the_app_from_the_environment(index, tmp_path, monkeypatch):
+    from bayesretrieval.service.app import SERVE_CONFIG_ENV, app_from_environment
+
+    (tmp_path / "token").write_text(TOKEN)
+    config = {"index_dir": str(index), "token_file": str(tmp_path / "token"), "torch_threads": None}
+    monkeypatch.setenv(SERVE_CONFIG_ENV, json.dumps(config))
+    with TestClient(app_from_environment()) as client:
+        assert client.get("/api/version").status_code == 401
+        answer = client.get("/api/version", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        assert (answer["index_version"], answer["item_count"]) == ("v000001", len(NAMES))
+
+
+def test_an_indexed_image_finds_itself_with_certainty_on_an_index_with_activations(tmp_path, encoder, posterior):
+    write_images(tmp_path / "img", NAMES[:4])
+    build_index(tmp_path / "img", tmp_path / "idx", encoder, posterior,
+                BuildConfig(batch_size=4, workers=0, store_activations=True))
+    with Searcher.open(tmp_path / "idx", encoder=encoder) as searcher:
+        client = TestClient(create_app(tmp_path / "idx", searcher=searcher))
+        upload = (tmp_path / "img" / NAMES[1]).read_bytes()
+        answer = client.post("/api/search/image", files={"image": ("q.png", upload, "image/png")}).json()
+    top = answer["queries"][0]["results"][0]
+    assert answer["shared_projection"] is True and answer["exact"] is False
+    assert top["path"] == NAMES[1] and top["cosine_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert top["cosine_std"] == pytest.approx(0.0, abs=1e-3)
+    assert top["cosine_std_query"] is None and top["cosine_std_item"] is None

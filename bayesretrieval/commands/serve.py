@@ -49,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"file whose first line is the API token (default: ${SERVE_TOKEN_ENV} if set)")
     parser.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                         help="allow browser calls from this origin, e.g. http://localhost:3000 (repeatable)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker processes, each with its own searcher (default 1)")
     parser.add_argument("--device", default="cpu", help="where to run the model (default cpu)")
     parser.add_argument("--torch-threads", type=int,
                         help="torch intra-op threads (default: torch's own; 1 avoids contention with FAISS)")
@@ -88,18 +90,45 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--port must be in 1..65535, got {args.port}")
     token = read_token(args.token_file)
     check_exposure(args.host, token)
+    if args.workers < 1:
+        raise CommandError(f"--workers must be at least 1, got {args.workers}")
     uvicorn = _serve_extra()
-    from bayesretrieval.service.app import create_app
-
     logging.getLogger("bayesretrieval.service").setLevel(logging.INFO)  # the access log
+    common = {"host": args.host, "port": args.port, "access_log": False, "log_level": "info", "server_header": False}
+    if args.workers == 1:
+        from bayesretrieval.service.app import create_app
 
-    app = create_app(args.index_dir, token, cors_origins=args.cors_origin or (), device=args.device,
-                     torch_threads=args.torch_threads)
-    reader, url = app.state.searcher.reader, url_of(args.host, args.port)
-    print(f"serving {args.index_dir} (index version {reader.manifest.version}, {len(reader)} items) at {url} "
-          f"(API docs: {url}docs)", flush=True)
-    if token is not None:
-        print("requests need 'Authorization: Bearer TOKEN'", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info", server_header=False)
+        app = create_app(args.index_dir, token, cors_origins=args.cors_origin or (), device=args.device,
+                         torch_threads=args.torch_threads)
+        _announce(args, app.state.searcher.reader, token)
+        uvicorn.run(app, **common)
+    else:
+        _serve_with_workers(args, token, uvicorn, common)
     print("stopped", file=sys.stderr)
     return 0
+
+
+def _announce(args, reader, token: str | None) -> None:
+    url = url_of(args.host, args.port)
+    workers = f", {args.workers} worker processes" if args.workers > 1 else ""
+    print(f"serving {args.index_dir} (index version {reader.manifest.version}, {len(reader)} items{workers}) at "
+          f"{url} (API docs: {url}docs)", flush=True)
+    if token is not None:
+        print("requests need 'Authorization: Bearer TOKEN'", flush=True)
+
+
+def _serve_with_workers(args, token: str | None, uvicorn, common: dict) -> None:
+    """Run ``args.workers`` uvicorn worker processes, each with its own searcher (they share the index directory)."""
+    import json
+    import os
+
+    from bayesretrieval.service.app import SERVE_CONFIG_ENV
+    from bayesretrieval.store import IndexReader
+
+    with IndexReader.open(args.index_dir) as reader:  # fail here, not in every worker, on a directory that is no index
+        _announce(args, reader, token)
+    os.environ[SERVE_CONFIG_ENV] = json.dumps({
+        "index_dir": str(args.index_dir.resolve()), "cors_origins": args.cors_origin or [], "device": args.device,
+        "token_file": str(args.token_file.resolve()) if args.token_file else None,
+        "torch_threads": args.torch_threads})
+    uvicorn.run("bayesretrieval.service.app:app_from_environment", factory=True, workers=args.workers, **common)

@@ -12,6 +12,8 @@ Endpoints are plain functions, so FastAPI runs them in its thread pool.
 
 import contextlib
 import logging
+import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,6 +37,8 @@ from bayesretrieval.service.security import token_matches
 logger = logging.getLogger("bayesretrieval.service")
 
 IMAGE_SEARCH_PATH = "/api/search/image"
+SERVE_CONFIG_ENV = "BAYESRETRIEVAL_SERVE_CONFIG"
+"""JSON options of :func:`app_from_environment` (``bayesretrieval serve --workers N`` sets it for its workers)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,33 @@ def create_app(index_dir: str | Path, token: str | None = None, *, cors_origins:
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(AccessLog, limits=limits)
     return app
+
+
+def app_from_environment():
+    """The app ``$BAYESRETRIEVAL_SERVE_CONFIG`` describes: the factory each uvicorn worker process calls.
+
+    The JSON holds ``index_dir`` and optionally ``token_file``, ``cors_origins``,
+    ``device`` and ``torch_threads``; the token itself is read here (from the file or
+    ``$BAYESRETRIEVAL_TOKEN``), never passed through the environment by the command.
+    Workers share nothing but the index directory: each opens its own searcher.
+
+    Raises:
+        KeyError: if the variable is not set.
+    """
+    import json
+
+    from bayesretrieval.service.security import read_token
+
+    config = json.loads(os.environ[SERVE_CONFIG_ENV])
+    service_logger = logging.getLogger("bayesretrieval.service")
+    if not logging.getLogger().handlers and not service_logger.handlers:  # a fresh worker process
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        service_logger.addHandler(handler)
+    service_logger.setLevel(logging.INFO)
+    return create_app(config["index_dir"], read_token(config.get("token_file")),
+                      cors_origins=config.get("cors_origins") or (), device=config.get("device", "cpu"),
+                      torch_threads=config.get("torch_threads"))
 
 
 def _token_dependency(token: str):
@@ -229,8 +260,6 @@ def _bad_request():
 
 def run_search(searcher, queries, labels: list[str], options) -> dict:
     """Search with ``options`` (a ``SearchOptions`` model) and shape the answer as a ``SearchResponse``."""
-    import numpy as np
-
     from bayesretrieval.queries import ItemFilter
 
     where = ItemFilter(path_prefix=options.path_prefix) if options.path_prefix else None
@@ -239,20 +268,25 @@ def run_search(searcher, queries, labels: list[str], options) -> dict:
         frame = searcher.search(queries, k=options.k, score=options.score.value, kappa=options.kappa,
                                 threshold=options.threshold, where=where)
     seconds = time.perf_counter() - start
-    rows = frame.to_dict("records")
+    rows = [{key: _json_number(value) for key, value in row.items()} for row in frame.to_dict("records")]
     grouped: list[list] = [[] for _ in labels]
     for row in rows:
-        row["probability"] = None if np.isnan(row["probability"]) else row["probability"]
         grouped[int(row["query_index"])].append(row)
     attrs = frame.attrs
-    percentiles = [None if p is None or np.isnan(p) else float(p) for p in attrs["query_percentile"]]
+    percentiles = [_json_number(p) for p in attrs["query_percentile"]]
     return {"version": attrs["version"], "score": attrs["score"], "estimator": attrs["estimator"],
             "exact": attrs["exact"], "certified": attrs["certified"],
-            "calibrated": bool(rows) and all(row["probability"] is not None for row in rows),
+            "shared_projection": bool(attrs.get("shared_projection", False)),
+            "calibrated": any(row["probability"] is not None for row in rows),
             "seconds": seconds, "timings": attrs["seconds"],
             "queries": [{"query": str(label), "query_index": i, "query_warning": attrs["query_warning"][i],
                          "query_percentile": percentiles[i], "results": grouped[i]}
                         for i, label in enumerate(labels)]}
+
+
+def _json_number(value):
+    """``value`` with NaN and infinities as ``None`` (JSON has no such numbers)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def decode_upload(upload, limits: ServiceLimits):

@@ -38,7 +38,10 @@ def service_schemas() -> SimpleNamespace:
             description=f"a query text or a list of at most {MAX_QUERIES_PER_REQUEST}", examples=["a red circle"])
 
     class ResultRow(BaseModel):
-        """One result: the columns of :data:`bayesretrieval.queries.searcher.RESULT_COLUMNS`."""
+        """One result: the columns of :data:`bayesretrieval.queries.searcher.RESULT_COLUMNS`.
+
+        A number JSON cannot hold (NaN: no calibration, or a std split that is undefined) is null.
+        """
 
         query: str
         query_index: int
@@ -48,8 +51,8 @@ def service_schemas() -> SimpleNamespace:
         score: float
         cosine_mean: float
         cosine_std: float
-        cosine_std_query: float
-        cosine_std_item: float
+        cosine_std_query: Optional[float]
+        cosine_std_item: Optional[float]
         logit_mean: float
         logit_std: float
         probability: Optional[float] = Field(description="calibrated match probability; null without a calibration")
@@ -74,6 +77,9 @@ def service_schemas() -> SimpleNamespace:
         estimator: str
         exact: bool = Field(description="every query's top-k equals a brute-force rerank of the whole collection")
         certified: bool
+        shared_projection: bool = Field(False, description="image query on an index with stored activations: "
+                                                           "scores account for the projection both images share "
+                                                           "(an indexed image finds itself at cosine 1, std 0)")
         calibrated: bool = Field(description="whether the probability column is filled")
         seconds: float = Field(description="time spent in the search, end to end")
         timings: dict[str, float] = Field(description="where the time went (queries, faiss, rerank, table)")
