@@ -134,10 +134,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=None,
                         help="result JSON (default benchmarks/results/query_warnings.json; "
                              "--quick: results/query_warnings_quick.json)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
+    args = record.apply_quick(parser.parse_args(argv), QUICK)
     suffix = "_quick" if args.quick else ""
     args.work = args.work or Path(f"results/query_warnings{suffix}_work")
     args.output = args.output or (Path("results/query_warnings_quick.json") if args.quick

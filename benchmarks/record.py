@@ -35,6 +35,14 @@ RESULT_PATHS = ("benchmarks/results", "benchmarks/RESULTS.md", "README.md")
 LIBRARIES = ("numpy", "torch", "faiss")
 
 
+def apply_quick(args: argparse.Namespace, quick: dict) -> argparse.Namespace:
+    """Override ``args`` with a script's ``--quick`` settings when ``args.quick`` is set; returns ``args``."""
+    if args.quick:
+        for name, value in quick.items():
+            setattr(args, name, value)
+    return args
+
+
 def default_output(benchmark: str) -> Path:
     """``benchmarks/results/<benchmark>.json``."""
     return RESULTS_DIR / f"{benchmark}.json"

@@ -178,10 +178,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=None,
                         help="result JSON (default benchmarks/results/zero_shot_calibration.json; "
                              "--quick: results/zero_shot_calibration_quick.json)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
+    args = record.apply_quick(parser.parse_args(argv), QUICK)
     args.output = args.output or (Path("results/zero_shot_calibration_quick.json") if args.quick
                                   else record.default_output("zero_shot_calibration"))
     return args
