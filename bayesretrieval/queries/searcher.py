@@ -214,8 +214,11 @@ class Searcher:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _current(self) -> Snapshot:
-        """The snapshot a search uses, refreshed first when ``auto_refresh`` and a build has published."""
+    def snapshot(self) -> Snapshot:
+        """The version a search started now would use (refreshed first when ``auto_refresh`` and a build has published).
+
+        Hold the returned snapshot to read several things from one version, as a search does.
+        """
         if self.auto_refresh and _manifest_stamp(self.index_dir) != self._manifest_stamp:
             self.refresh()
         return self._snapshot
@@ -334,7 +337,7 @@ class Searcher:
         if threshold is not None and not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
         start = time.perf_counter()
-        snapshot = self._current()
+        snapshot = self.snapshot()
         encoded = self.encode(queries, modality, snapshot)
         warnings = query_uncertainty(encoded, snapshot.posterior, self.query_warning_percentile)
         wants_probability = threshold is not None or getattr(score, "value", score) == ScoreName.PROBABILITY.value
@@ -425,7 +428,7 @@ class Searcher:
         if isinstance(queries, (list, tuple)) and queries and all(isinstance(q, str) for q in queries):
             queries, rows = np.unique(np.asarray(queries, dtype=object).astype(str), return_inverse=True)
             queries = queries.tolist()
-        snapshot = self._current()
+        snapshot = self.snapshot()
         encoded = self.encode(queries, modality, snapshot)
         ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
         rows = np.arange(len(encoded.labels)) if rows is None else rows.reshape(-1)
@@ -439,7 +442,7 @@ class Searcher:
         """The ``k`` items the posterior is least sure of, most uncertain first (:func:`.audit.audit_index`)."""
         from bayesretrieval.queries.audit import audit_index
 
-        return audit_index(self._current().reader, k, self.form, by)
+        return audit_index(self.snapshot().reader, k, self.form, by)
 
     def calibrate(self, queries, item_ids: Sequence[int], labels, modality: Modality | str | None = None,
                   save: bool = True) -> ProbitCalibration:

@@ -172,7 +172,7 @@ def _api_router(searcher, limits: ServiceLimits):
     stats = StatsCache(searcher.form)
 
     def current_reader():
-        return searcher._current().reader  # refreshes first when a build has published (auto_refresh)
+        return searcher.snapshot().reader
 
     @router.post("/search", response_model=schemas.SearchResponse, tags=["search"])
     def search(request: schemas.SearchRequest) -> dict:
