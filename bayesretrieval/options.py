@@ -193,3 +193,8 @@ MAX_QUERIES_PER_REQUEST = 64
 MAX_RESULTS_PER_QUERY = 1_000
 MAX_UPLOAD_BYTES = 20 * 2**20
 """Largest image upload ``bayesretrieval serve`` accepts (decoded pixels: :data:`DEFAULT_MAX_PIXELS`)."""
+
+HIGH_UNCERTAINTY_PERCENTILE = 90.0
+"""``bayesretrieval serve`` marks a result as highly uncertain when its item is less certain than
+at least this percent of the collection by the audit's ranking score: a threshold from the posterior's
+distribution over the whole index, the same for every query and page."""

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import _png_header_only, random_posterior, save_tiny_checkpoint, write_images
@@ -99,7 +100,7 @@ def test_text_search_answers_as_the_python_api(client, searcher):
     assert answer["seconds"] > 0 and set(answer["timings"]) >= {"queries", "faiss", "rerank", "table"}
     assert [q["query"] for q in answer["queries"]] == ["a red circle", "a dog"]
     rows = [row for q in answer["queries"] for row in q["results"]]
-    assert all(list(row) == list(RESULT_COLUMNS) for row in rows)
+    assert all(list(row) == [*RESULT_COLUMNS, "item_percentile", "high_uncertainty"] for row in rows)
     assert [r["item_id"] for r in rows] == expected.item_id.tolist()
     assert [r["path"] for r in rows] == expected.path.tolist()
     np.testing.assert_allclose([r["cosine_mean"] for r in rows], expected.cosine_mean, rtol=1e-12)
@@ -107,6 +108,26 @@ def test_text_search_answers_as_the_python_api(client, searcher):
     assert all(r["probability"] is None for r in rows)
     assert [q["query_warning"] for q in answer["queries"]] == expected.attrs["query_warning"]
     assert all("query_percentile" in q for q in answer["queries"])
+
+
+def test_results_marked_uncertain_are_the_collections_least_certain_tenth(tmp_path, encoder, posterior):
+    write_images(tmp_path / "img", [f"img{i:02d}.png" for i in range(20)], seed=3)
+    build(tmp_path / "img", tmp_path / "idx", encoder, posterior)
+    with Searcher.open(tmp_path / "idx", encoder=encoder) as searcher:
+        client = TestClient(create_app(tmp_path / "idx", searcher=searcher))
+        audit = searcher.audit(None).set_index("item_id")
+        answer = client.post("/api/search", json={"queries": "a red circle", "k": 20}).json()
+        mark = client.get("/api/version").json()["high_uncertainty"]
+    rows = answer["queries"][0]["results"]
+    ids = [r["item_id"] for r in rows]
+    np.testing.assert_allclose([r["item_percentile"] for r in rows], audit.percentile[ids])
+    ranking = audit[mark["by"]].to_numpy()
+    share_below = (ranking[None, :] < ranking[:, None]).mean(axis=1)
+    expected = pd.Series(share_below >= 0.9, index=audit.index)
+    assert [r["high_uncertainty"] for r in rows] == expected[ids].tolist()
+    assert sum(r["high_uncertainty"] for r in rows) == 2  # 19/20 and 18/20 of the collection below them
+    assert mark["percentile"] == 90.0 and mark["by"] == audit.attrs["by"]
+    assert (ranking > mark["threshold"]).sum() == 2
 
 
 def test_one_query_as_a_string_and_a_path_prefix_filter(client, searcher):

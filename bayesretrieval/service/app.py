@@ -23,6 +23,7 @@ from typing import Annotated, Optional, Sequence
 from bayesretrieval import __version__
 from bayesretrieval.options import (
     DEFAULT_MAX_PIXELS,
+    HIGH_UNCERTAINTY_PERCENTILE,
     MAX_QUERIES_PER_REQUEST,
     MAX_QUERY_CHARS,
     MAX_RESULTS_PER_QUERY,
@@ -178,7 +179,7 @@ def _api_router(searcher, limits: ServiceLimits):
     def search(request: schemas.SearchRequest) -> dict:
         """Text search with the parameters of ``Searcher.search``."""
         queries = [request.queries] if isinstance(request.queries, str) else list(request.queries)
-        return run_search(searcher, queries, queries, request)
+        return run_search(searcher, queries, queries, request, stats)
 
     @router.post(IMAGE_SEARCH_PATH.removeprefix("/api"), response_model=schemas.SearchResponse, tags=["search"])
     def search_image(
@@ -194,7 +195,7 @@ def _api_router(searcher, limits: ServiceLimits):
         picture = decode_upload(image, limits)
         label = (image.filename or "upload")[:MAX_QUERY_CHARS]
         picture.filename = label
-        return run_search(searcher, picture, [label], options)
+        return run_search(searcher, picture, [label], options, stats)
 
     @router.get("/items/{item_id}", response_model=schemas.ItemResponse, tags=["items"])
     def item(item_id: int) -> dict:
@@ -236,6 +237,7 @@ def _api_router(searcher, limits: ServiceLimits):
                 "estimator": searcher.estimator.value, "form": searcher.form.value,
                 "scores": [s.value for s in ScoreName],
                 "calibrated": {m: searcher.calibration(m) is not None for m in ("text", "image")},
+                "high_uncertainty": high_uncertainty(stats.get(reader)),
                 "limits": {"max_query_chars": MAX_QUERY_CHARS, "max_results_per_query": MAX_RESULTS_PER_QUERY,
                            "max_queries_per_request": MAX_QUERIES_PER_REQUEST,
                            "max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels}}
@@ -258,8 +260,18 @@ def _bad_request():
         raise HTTPException(400, str(err)) from None
 
 
-def run_search(searcher, queries, labels: list[str], options) -> dict:
-    """Search with ``options`` (a ``SearchOptions`` model) and shape the answer as a ``SearchResponse``."""
+def high_uncertainty(stats) -> dict:
+    """The fixed threshold of the high-uncertainty mark on ``stats``' version (``/api/version``)."""
+    return {"by": stats.by.value, "percentile": HIGH_UNCERTAINTY_PERCENTILE,
+            "threshold": _json_number(stats.threshold(HIGH_UNCERTAINTY_PERCENTILE))}
+
+
+def run_search(searcher, queries, labels: list[str], options, stats: StatsCache) -> dict:
+    """Search with ``options`` (a ``SearchOptions`` model) and shape the answer as a ``SearchResponse``.
+
+    Each result also gets its item's audit percentile and the high-uncertainty mark,
+    read from the version the searcher holds once the search is done.
+    """
     from bayesretrieval.queries import ItemFilter
 
     where = ItemFilter(path_prefix=options.path_prefix) if options.path_prefix else None
@@ -269,6 +281,10 @@ def run_search(searcher, queries, labels: list[str], options) -> dict:
                                 threshold=options.threshold, where=where)
     seconds = time.perf_counter() - start
     rows = [{key: _json_number(value) for key, value in row.items()} for row in frame.to_dict("records")]
+    reader = searcher.snapshot().reader
+    for row, (percentile, high) in zip(rows, stats.get(reader).marks(reader, frame["item_id"],
+                                                                       HIGH_UNCERTAINTY_PERCENTILE)):
+        row["item_percentile"], row["high_uncertainty"] = percentile, high
     grouped: list[list] = [[] for _ in labels]
     for row in rows:
         grouped[int(row["query_index"])].append(row)

@@ -55,6 +55,23 @@ class CollectionStats:
         below = np.searchsorted(self.sorted_ranking, self.ranking[row], side="right")
         return 100.0 * float(below) / max(len(self.ranking), 1)
 
+    def threshold(self, percentile: float) -> float:
+        """The ranking score above which an item scores higher than ``percentile`` percent of the collection."""
+        if not len(self.sorted_ranking):
+            return float("nan")
+        return float(np.quantile(self.sorted_ranking, percentile / 100.0, method="inverted_cdf"))
+
+    def marks(self, reader: IndexReader, item_ids, percentile: float) -> list[tuple]:
+        """``(item percentile, high uncertainty)`` per item id of ``reader``'s version (``None``s for unknown ids).
+
+        An item is highly uncertain when its ranking score is above :meth:`threshold`: at least
+        ``percentile`` percent of the collection has a lower score.
+        """
+        rows = np.asarray(reader.positions(np.asarray(item_ids, dtype=np.int64)))
+        threshold = self.threshold(percentile)
+        return [(self.percentile(row), bool(self.ranking[row] > threshold)) if row >= 0
+                else (None, None) for row in rows]
+
 
 class StatsCache:
     """:class:`CollectionStats` of the newest version asked for, computed once per version."""

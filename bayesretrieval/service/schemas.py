@@ -57,6 +57,10 @@ def service_schemas() -> SimpleNamespace:
         logit_std: float
         probability: Optional[float] = Field(description="calibrated match probability; null without a calibration")
         exact: bool
+        item_percentile: Optional[float] = Field(description="percent of the collection at or below this item on "
+                                                             "the audit's ranking score (null: item since removed)")
+        high_uncertainty: Optional[bool] = Field(description="the item is less certain than the fixed share of the "
+                                                             "collection /api/version names (high_uncertainty)")
 
     class QueryResults(BaseModel):
         """The results of one query, best first."""
@@ -142,6 +146,9 @@ def service_schemas() -> SimpleNamespace:
         scores: list[str]
         calibrated: dict[str, bool] = Field(description="per query modality, whether a calibration exists "
                                                         "(score=probability and threshold need one)")
+        high_uncertainty: dict[str, Union[str, float, None]] = Field(
+            description="the mark on results: items whose audit score (by) is above threshold, so that at "
+                        "least percentile percent of the collection scores lower")
         limits: dict[str, int]
 
     class ErrorResponse(BaseModel):
