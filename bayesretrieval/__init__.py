@@ -8,7 +8,8 @@ The main entry points, importable from the top level:
   of an encoder (:class:`ClipEncoder`), fitted on image-caption pairs or loaded;
 - :func:`build_index` (with :class:`BuildConfig`): an image folder to an index directory
   with per-item uncertainty, read back by :class:`IndexReader`;
-- :class:`Searcher`: searches an index by a :class:`ScoreName` score, optionally within an
+- :class:`Searcher`: searches an index (or several, as shards of one collection) by a
+  :class:`ScoreName` score, optionally within an
   :class:`ItemFilter`, with cosine moments from a :class:`CosineEstimator`;
 - :func:`load_bayesvlm_posterior` and :func:`probabilistic_logits`: the BayesVLM
   compatibility functions.

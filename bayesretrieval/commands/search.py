@@ -36,7 +36,13 @@ cosine_std_query, cosine_std_item); the rest of the variance is joint.
 projection both images share (docs/math.md section 12): an indexed image found by itself
 scores cosine 1 with std 0. Those results are the best of max(4k, k+32) candidates by
 the independent score, rescored, so they are never marked exact, and `std q/i` shows
-`-` (the parts are not separable when the two noises are correlated)."""
+`-` (the parts are not separable when the two noises are correlated).
+
+Several index directories (the shards of one collection, built with one model and one
+posterior) are searched as one: `bayesretrieval search INDEX_A INDEX_B "a dog"`. Leading
+arguments that are index directories (they hold a manifest.json) are shards, the rest
+are queries; each result row names its `shard` (JSON and CSV: the shard's position
+among the directories, listed under "shards")."""
 
 OUTPUT_FORMATS = ("table", "json", "csv")
 TABLE_COLUMNS = ["query", "rank", "score", "cosine_mean", "cosine_std", "cosine_std_query", "cosine_std_item",
@@ -47,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``search`` subcommand."""
     parser = subparsers.add_parser("search", help="search an index with text (or image) queries",
                                    description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("index_dir", type=Path, metavar="INDEX_DIR")
+    parser.add_argument("index_dir", type=Path, metavar="INDEX_DIR",
+                        help="the index directory; further index directories may follow (shards)")
     parser.add_argument("queries", nargs="*", metavar="QUERY", help="query texts")
     parser.add_argument("--query-file", type=Path, help="queries: .txt (one per line), .json (list), .csv/.parquet "
                                                         "(column 'query')")
@@ -145,6 +152,19 @@ def _queries(args):
     return texts
 
 
+def _split_index_dirs(args) -> list[Path]:
+    """``INDEX_DIR`` and the leading ``QUERY`` arguments that are index directories (shards).
+
+    Removes the shards from ``args.queries``.
+    """
+    from bayesretrieval.store.format import MANIFEST_FILE
+
+    index_dirs = [args.index_dir]
+    while args.queries and (Path(args.queries[0]) / MANIFEST_FILE).is_file():
+        index_dirs.append(Path(args.queries.pop(0)))
+    return index_dirs
+
+
 def _check_arguments(args) -> None:
     if args.k <= 0:
         raise CommandError(f"-k must be a positive integer, got {args.k}")
@@ -158,8 +178,10 @@ def _check_arguments(args) -> None:
 
 
 def format_results(results: pd.DataFrame, output_format: str) -> str:
-    """The results as a readable table, JSON records or CSV."""
+    """The results as a readable table, JSON records or CSV (with the shards' directories, if several)."""
     header = {"score": results.attrs.get("score"), "exact": results.attrs.get("exact")}
+    if "shards" in results.attrs:
+        header["shards"] = results.attrs["shards"]
     return format_frame(results, output_format, header, "results", _results_table, "no results")
 
 
@@ -167,6 +189,9 @@ def _results_table(results: pd.DataFrame) -> str:
     import pandas as pd
 
     view = results[TABLE_COLUMNS].copy()
+    if "shards" in results.attrs:
+        shards = results.attrs["shards"]
+        view["path"] = [f"{shards[shard]}: {path}" for shard, path in zip(results.shard, results.path)]
     view["cosine"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(view.cosine_mean, view.cosine_std)]
     view["std q/i"] = ["-" if pd.isna(q) else f"{q:.3f}/{i:.3f}"  # NaN: not separable (shared projection)
                        for q, i in zip(view.cosine_std_query, view.cosine_std_item)]
@@ -178,32 +203,47 @@ def _results_table(results: pd.DataFrame) -> str:
     return view[columns].to_string(index=False)
 
 
+def _html_page(results: pd.DataFrame, searcher, image_root: Path | None, title: str) -> str:
+    """The results page; rows of several shards show (and thumbnail) their files by absolute path."""
+    from bayesretrieval.queries.report import render_html
+
+    if "shard" not in results:
+        return render_html(results, image_root or Path(searcher.reader.manifest.source_root), title=title)
+    roots = [Path(shard.reader.manifest.source_root) for shard in searcher.searchers]
+    files = results.assign(path=[str(roots[shard] / path) for shard, path in zip(results.shard, results.path)])
+    return render_html(files, Path("/"), title=title)
+
+
 def run(args: argparse.Namespace) -> int:
     """Search and print the results."""
     import numpy as np
 
-    from bayesretrieval.queries.report import render_html
     from bayesretrieval.queries.searcher import Searcher
     from bayesretrieval.store import IndexReader
 
     _check_arguments(args)
+    index_dirs = _split_index_dirs(args)
     queries = _queries(args)
     item_filter = _item_filter(args)
+    sharded = len(index_dirs) > 1
+    if sharded and (args.ids or args.image_root):
+        raise CommandError("--ids and --image-root name one index; with several index directories filter by "
+                           "--path-prefix, --glob or --where")
     reader = IndexReader.open(args.index_dir)  # fail fast on a directory that is not an index
     if item_filter is not None and item_filter.item_ids is not None:
         ids = np.asarray(item_filter.item_ids, dtype=np.int64)
         unknown = ids[reader.positions(ids) < 0]
         if unknown.size:
             raise CommandError(f"--ids: {unknown.size} ids are not in the index, e.g. {unknown[:5].tolist()}")
-    searcher = Searcher.open(args.index_dir, device=args.device, estimator=args.estimator, in_memory=args.in_memory,
-                             torch_threads=args.torch_threads)
+    searcher = Searcher.open(index_dirs if sharded else args.index_dir, device=args.device,
+                             estimator=args.estimator, in_memory=args.in_memory, torch_threads=args.torch_threads)
     results = searcher.search(queries, k=args.k, score=args.score, kappa=args.kappa, threshold=args.threshold,
                               where=item_filter, nprobe=args.nprobe, candidates=args.candidates,
                               max_candidates=args.max_candidates)
     sys.stdout.write(format_results(results, args.format).rstrip("\n") + "\n")
     if args.html:
-        image_root = args.image_root or Path(searcher.reader.manifest.source_root)
-        args.html.write_text(render_html(results, image_root, title=f"search: {args.index_dir}"), encoding="utf-8")
+        page = _html_page(results, searcher, args.image_root, f"search: {' '.join(map(str, index_dirs))}")
+        args.html.write_text(page, encoding="utf-8")
         print(f"wrote {args.html}", file=sys.stderr)
     for warning in results.attrs.get("query_warning", []):
         if warning:

@@ -11,6 +11,8 @@ Layers, each usable alone:
 - :mod:`~bayesretrieval.queries.filters`: subsets through FAISS ID selectors;
 - :mod:`~bayesretrieval.queries.calibration`: the probit link and its storage;
 - :mod:`~bayesretrieval.queries.searcher`: :class:`Searcher`, the whole engine;
+- :mod:`~bayesretrieval.queries.sharded`: :class:`ShardedSearcher`, several index
+  directories searched as one collection;
 - :mod:`~bayesretrieval.queries.report`: the HTML results page;
 - :mod:`~bayesretrieval.queries.audit`: the items the posterior is least sure of, no query needed.
 """
@@ -21,9 +23,11 @@ from bayesretrieval.queries.candidates import CandidateSearch, SearchOutcome
 from bayesretrieval.queries.filters import ItemFilter
 from bayesretrieval.queries.scorers import ScoreName, make_scorer
 from bayesretrieval.queries.searcher import RESULT_COLUMNS, Searcher
+from bayesretrieval.queries.sharded import SHARDED_RESULT_COLUMNS, ShardedSearcher
 
 __all__ = [
     "RESULT_COLUMNS",
+    "SHARDED_RESULT_COLUMNS",
     "CandidateSearch",
     "ItemFilter",
     "LogisticCalibration",
@@ -31,6 +35,7 @@ __all__ = [
     "ScoreName",
     "SearchOutcome",
     "Searcher",
+    "ShardedSearcher",
     "audit_index",
     "make_scorer",
 ]

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,9 @@ from bayesretrieval.queries.uncertainty import ModelCovariances, PairMoments, Qu
 from bayesretrieval.similarity import DEFAULT_ESTIMATOR, CosineEstimator
 from bayesretrieval.store import CovarianceForm, IndexReader
 from bayesretrieval.store.format import MANIFEST_FILE
+
+if TYPE_CHECKING:
+    from bayesretrieval.queries.sharded import ShardedSearcher
 
 DEFAULT_WARNING_PERCENTILE = 99.0
 """Queries more uncertain than this percentile of the posterior's fitting inputs get a warning."""
@@ -51,6 +54,9 @@ class Queries:
         modality: text or image.
         activations: ``(nq, h)`` float64 pre-projection activations (image queries use
             them with the index's stored ones, docs/math.md section 12), or ``None``.
+        posterior_fingerprint: the fingerprint of the posterior ``scales`` came from, so
+            queries encoded once can be searched on another index with the same posterior
+            (:class:`~bayesretrieval.queries.sharded.ShardedSearcher`).
     """
 
     labels: list
@@ -58,6 +64,7 @@ class Queries:
     scales: torch.Tensor
     modality: Modality
     activations: torch.Tensor | None = None
+    posterior_fingerprint: str | None = None
 
 
 @dataclass
@@ -133,12 +140,14 @@ class Searcher:
         return self.reader.manifest.posterior.get("fingerprint")
 
     @classmethod
-    def open(cls, index_dir: str | Path, encoder: ClipEncoder | None = None, device: str = "cpu",
-             in_memory: bool = False, torch_threads: int | None = None, **options) -> "Searcher":
+    def open(cls, index_dir: str | Path | Sequence[str | Path], encoder: ClipEncoder | None = None,
+             device: str = "cpu", in_memory: bool = False, torch_threads: int | None = None,
+             **options) -> "Searcher | ShardedSearcher":
         """Open ``INDEX_DIR``: its manifest, posterior, FAISS index and encoder.
 
         Args:
-            index_dir: the index directory.
+            index_dir: the index directory, or a list of them: the shards of one collection,
+                searched together by a :class:`~bayesretrieval.queries.sharded.ShardedSearcher`.
             encoder: an already loaded encoder (checked against the manifest); default:
                 load the manifest's model.
             device: where to load the model.
@@ -160,6 +169,10 @@ class Searcher:
                 posterior names other weights than the encoder's
                 (:class:`~bayesretrieval.posterior.PosteriorMismatchError`).
         """
+        if isinstance(index_dir, (list, tuple)):
+            from bayesretrieval.queries.sharded import ShardedSearcher
+
+            return ShardedSearcher.open(index_dir, encoder, device, in_memory, torch_threads, **options)
         if torch_threads is not None:
             if torch_threads < 1:
                 raise ValueError(f"torch_threads must be at least 1, got {torch_threads}")
@@ -238,12 +251,15 @@ class Searcher:
         Images are PIL images or a preprocessed ``(nq, 3, H, W)`` tensor; precomputed ones are
         :class:`~bayesretrieval.encoders.Encoded` (``modality`` says which tower). The query
         scales come from ``snapshot``'s posterior (default: the current version's).
+        :class:`Queries` encoded by a searcher with the same posterior pass through as they are.
 
         Raises:
-            ValueError: for no queries, an empty text, or queries that need a model when
-                the searcher has none.
+            ValueError: for no queries, an empty text, queries that need a model when
+                the searcher has none, or :class:`Queries` encoded with another posterior.
         """
         snapshot = snapshot or self._snapshot
+        if isinstance(queries, Queries):
+            return _check_encoded(queries, snapshot)
         if isinstance(queries, Encoded):
             modality = Modality(modality or Modality.TEXT)
             labels = [f"#{i}" for i in range(len(queries.embeds))]
@@ -277,7 +293,8 @@ class Searcher:
         if len(encoded.embeds) == 0:
             raise ValueError("no queries given")
         return Queries(labels, encoded.embeds.to(torch.float64), posterior.activation_scale(encoded.activations),
-                       modality, encoded.activations.detach().to(torch.float64))
+                       modality, encoded.activations.detach().to(torch.float64),
+                       snapshot.reader.manifest.posterior.get("fingerprint"))
 
     def search(self, queries, k: int = 10, score: ScoreName | str = ScoreName.EXPECTED, kappa: float = 1.0,
                threshold: float | None = None, where: ItemFilter | None = None, modality: Modality | str | None = None,
@@ -287,7 +304,8 @@ class Searcher:
 
         Args:
             queries: a text, a list of texts, a PIL image or a list of them, a preprocessed image
-                tensor ``(nq, 3, H, W)``, or precomputed :class:`Encoded` queries.
+                tensor ``(nq, 3, H, W)``, precomputed :class:`Encoded` queries, or
+                :class:`Queries` from :meth:`encode`.
             k: results per query (``>= 1``); more than the collection returns all of it.
             score: ``expected``, ``lcb``, ``ucb``, ``probability`` or ``map``.
             kappa: multiplier of the std for ``lcb`` / ``ucb``.
@@ -466,6 +484,21 @@ class Searcher:
                     "positives": int(np.sum(np.asarray(labels, dtype=bool)))}
             save_calibration(self.index_dir, encoded_modality.value, link, tags)
         return link
+
+
+def _check_encoded(queries: Queries, snapshot: Snapshot) -> Queries:
+    """``queries`` if they were encoded with ``snapshot``'s posterior and fit its dimension.
+
+    Raises:
+        ValueError: naming the two fingerprints or the two dimensions.
+    """
+    fingerprint = snapshot.reader.manifest.posterior.get("fingerprint")
+    if queries.posterior_fingerprint != fingerprint:
+        raise ValueError(f"queries were encoded with posterior {str(queries.posterior_fingerprint)[:12]}, "
+                         f"index {snapshot.reader.version_dir} has posterior {str(fingerprint)[:12]}")
+    if queries.means.shape[1] != snapshot.reader.embed_dim:
+        raise ValueError(f"queries have dim {queries.means.shape[1]}, index has dim {snapshot.reader.embed_dim}")
+    return queries
 
 
 def _is_images(queries) -> bool:
