@@ -6,11 +6,7 @@ leave the indexed folder.
 
 import io
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -20,6 +16,7 @@ import pytest
 import torch
 from conftest import _png_header_only, random_posterior, save_tiny_checkpoint, write_images
 from PIL import Image
+from servers import http, running_server
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
 pytest.importorskip("httpx", reason="the test extra lacks httpx")
@@ -333,6 +330,19 @@ def test_an_index_of_embeddings_has_no_thumbnails(tmp_path, encoder, posterior):
 # Tokens and binding.
 
 
+def test_the_page_and_its_static_files_are_served_without_a_token(index, searcher):
+    client = TestClient(create_app(index, TOKEN, searcher=searcher))
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for asset, kind in (("static/app.js", "javascript"), ("static/style.css", "text/css")):
+        assert f'"{asset}"' in page.text
+        response = client.get(f"/{asset}")
+        assert response.status_code == 200 and kind in response.headers["content-type"] and response.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing from a CDN: works offline
+    assert client.get("/static/../app.py").status_code == 404
+    assert client.get("/api/version").status_code == 401
+
+
 def test_a_token_guards_every_endpoint_but_health(index, searcher):
     client = TestClient(create_app(index, token=TOKEN, searcher=searcher))
     for method, url, kwargs in [("get", "/api/version", {}), ("post", "/api/search", {"json": {"queries": "x"}}),
@@ -415,49 +425,17 @@ def test_a_new_version_is_served_to_the_next_request(tmp_path, encoder, posterio
 # The real server over loopback HTTP.
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def http(url, body=None, timeout=30):
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return response.status, json.loads(response.read())
-
-
 @pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2: about 30 s on 2 cores
 def test_the_real_server_answers_over_loopback(index, workers):
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop(SERVE_TOKEN_ENV, None)
-    command = [sys.executable, "-m", "bayesretrieval.cli", "serve", str(index), "--port", str(port),
-               "--torch-threads", "1", "--workers", str(workers)]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.communicate()[1][-3000:]
-            try:
-                status, health = http(f"{base}/api/health", timeout=2)
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                assert time.monotonic() < deadline, "the server did not answer within 120 s"
-                time.sleep(0.2)
-        assert (status, health) == (200, {"status": "ok"})
-        status, answer = http(f"{base}/api/search", {"queries": ["a red circle"], "k": 2, "score": "lcb"})
+    with running_server(index, "--workers", str(workers)) as served:
+        status, answer = http(f"{served.base}/api/search", {"queries": ["a red circle"], "k": 2, "score": "lcb"})
         assert status == 200 and answer["version"] == "v000001" and len(answer["queries"][0]["results"]) == 2
         with pytest.raises(urllib.error.HTTPError) as refused:
-            http(f"{base}/api/search", {"queries": "x", "k": 5000})
+            http(f"{served.base}/api/search", {"queries": "x", "k": 5000})
         assert refused.value.code == 422 and "detail" in json.loads(refused.value.read())
-    finally:
-        server.terminate()
-        out, err = server.communicate(timeout=30)
-    assert f"at {base}/ " in out and "index version v000001, 8 items" in out
-    assert ("2 worker processes" in out) == (workers == 2)
+    assert f"at {served.base}/ " in served.out and "index version v000001, 8 items" in served.out
+    assert ("2 worker processes" in served.out) == (workers == 2)
+    err = served.err
     assert '"POST /api/search" 200' in err and '"POST /api/search" 422' in err and " ms" in err
     assert "Traceback" not in err
 

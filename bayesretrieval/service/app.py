@@ -38,6 +38,8 @@ from bayesretrieval.service.security import token_matches
 logger = logging.getLogger("bayesretrieval.service")
 
 IMAGE_SEARCH_PATH = "/api/search/image"
+STATIC_DIR = Path(__file__).with_name("static")
+"""The page's HTML, CSS and JavaScript, served as they are."""
 SERVE_CONFIG_ENV = "BAYESRETRIEVAL_SERVE_CONFIG"
 """JSON options of :func:`app_from_environment` (``bayesretrieval serve --workers N`` sets it for its workers)."""
 
@@ -101,6 +103,7 @@ def create_app(index_dir: str | Path, token: str | None = None, *, cors_origins:
     app.state.searcher, app.state.limits = searcher, limits
     guard = [Depends(_token_dependency(token))] if token is not None else []
     app.include_router(_health_router())
+    _add_page(app)
     app.include_router(_api_router(searcher, limits), dependencies=guard)
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
@@ -149,6 +152,18 @@ def _token_dependency(token: str):
                                 headers={"WWW-Authenticate": "Bearer"})
 
     return require_token
+
+
+def _add_page(app) -> None:
+    """The search page at ``/`` and its static files (no token: they hold no data; the page asks for one)."""
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 
 def _health_router():
