@@ -10,7 +10,7 @@ import shutil
 
 import httpx
 import pytest
-from conftest import random_posterior, save_tiny_checkpoint
+from benchmark_scripts import benchmark_module
 from servers import http, running_server
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
@@ -24,7 +24,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 from bayesretrieval.cli import main  # noqa: E402
 from bayesretrieval.encoders import ClipEncoder  # noqa: E402
 from bayesretrieval.indexing import BuildConfig, build_index  # noqa: E402
-from bayesretrieval.options import TINY_MODEL  # noqa: E402
+from bayesretrieval.training import ModelSize, get_trained_model, model_name  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
@@ -36,16 +36,17 @@ WAIT_S = 60
 
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
-    """An index of 48 drawn scenes (24 clean, 24 blurred) on the random tiny model."""
+    """48 drawn scenes (24 clean, 24 blurred) indexed with the trained test model and its fitted posterior."""
     root = tmp_path_factory.mktemp("browser")
     for shift in ("clean", "blur"):
         options = ["--shift", shift] if shift != "clean" else []
         assert main(["make-world", str(root / "world" / shift), "-n", "24", "--seed", "1", *options]) == 0
         (root / "gallery").mkdir(exist_ok=True)
         (root / "world" / shift / "images").rename(root / "gallery" / shift)
-    encoder = ClipEncoder.from_pretrained(TINY_MODEL, save_tiny_checkpoint(root / "tiny.pt"))
-    build_index(root / "gallery", root / "index", encoder, random_posterior(64, 64, model=encoder.identity),
-                BuildConfig(batch_size=16, workers=0))
+    encoder = ClipEncoder.from_pretrained(model_name(ModelSize.TEST), get_trained_model(ModelSize.TEST))
+    with benchmark_module("posterior_shift_auroc") as script:
+        posterior = script.fit_on_world(encoder, n_fit=512, seed=11, chunk_size=512).posterior_
+    build_index(root / "gallery", root / "index", encoder, posterior, BuildConfig(batch_size=16, workers=0))
     return root / "index"
 
 

@@ -54,7 +54,7 @@ async function loadInfo() {
   $("score").querySelector('option[value="probability"]').disabled = !info.calibrated.text;
   const mark = info.high_uncertainty;
   $("legend").textContent = `Bars: expected cosine on a fixed 0–1 axis, shaded ±${INTERVAL_STDS} std. ` +
-    `"uncertain": the item is less certain than ${mark.percentile}% of the collection (${mark.by}).`;
+    `"uncertain": the item is less certain than at least ${mark.percentile}% of the collection (by ${mark.by}).`;
   $("legend").hidden = false;
 }
 
