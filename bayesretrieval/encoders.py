@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import threading
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -145,7 +146,11 @@ def _as_matrix(proj: nn.Module | torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _detached(owner: nn.Module, attribute: str) -> Iterator[torch.Tensor]:
-    """Temporarily set ``owner.attribute`` to None so the tower returns its activation."""
+    """Temporarily set ``owner.attribute`` to None so the tower returns its activation.
+
+    This changes the model, so callers hold the encoder's forward lock: a service encodes
+    queries from several threads at once.
+    """
     projection = getattr(owner, attribute)
     setattr(owner, attribute, None)
     try:
@@ -186,6 +191,7 @@ class ClipEncoder:
         self.tokenizer = tokenizer
         _image_projection(self.model, identity.model_name)
         self._text_owner = _text_projection_owner(self.model, identity.model_name)
+        self._forward_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -247,7 +253,7 @@ class ClipEncoder:
     def encode_image_batch(self, images: torch.Tensor) -> Encoded:
         """Encode one batch of preprocessed images, shape ``(N, 3, H, W)``."""
         images = images.to(self.device, self.dtype)
-        with _detached(self.model.visual, "proj") as projection:
+        with self._forward_lock, _detached(self.model.visual, "proj") as projection:
             activations = self.model.visual(images)
         return Encoded(activations @ projection, activations)
 
@@ -255,7 +261,7 @@ class ClipEncoder:
     def encode_text_batch(self, tokens: torch.Tensor) -> Encoded:
         """Encode one batch of token ids, shape ``(N, context_length)``."""
         tokens = tokens.to(self.device)
-        with _detached(self._text_owner, "text_projection") as projection:
+        with self._forward_lock, _detached(self._text_owner, "text_projection") as projection:
             activations = self.model.encode_text(tokens)
         return Encoded(activations @ projection, activations)
 

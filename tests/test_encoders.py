@@ -1,5 +1,7 @@
 """open_clip wrapper: one pass gives embeddings and activations, unsupported heads fail clearly."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import open_clip
 import pytest
 import torch
@@ -29,6 +31,20 @@ def test_text_embeddings_equal_open_clip(encoder):
     reference = encoder.model.encode_text(encoder.tokenize(texts)).detach()
     torch.testing.assert_close(encoded.embeds, reference)
     torch.testing.assert_close(encoded.activations @ encoder.text_projection, encoded.embeds)
+
+
+def test_threads_encoding_at_once_get_what_one_thread_gets(encoder):
+    texts = [f"a red circle number {i}" for i in range(8)]
+    images = torch.randn(8, 3, 64, 64)
+    texts_alone, images_alone = encoder.encode_texts(texts).embeds, encoder.encode_images(images).embeds
+    with ThreadPoolExecutor(8) as pool:
+        text_runs = [pool.submit(encoder.encode_texts, [text]) for text in texts * 8]
+        image_runs = [pool.submit(encoder.encode_images, images[i:i + 1]) for i in list(range(8)) * 8]
+        for i, run in enumerate(text_runs):
+            torch.testing.assert_close(run.result().embeds[0], texts_alone[i % 8])
+        for i, run in enumerate(image_runs):
+            torch.testing.assert_close(run.result().embeds[0], images_alone[i % 8])
+    assert encoder.model.visual.proj is not None and encoder.model.text_projection is not None
 
 
 def test_one_forward_pass_per_tower(encoder):
