@@ -316,6 +316,34 @@ def zero_shot_calibration(result: Record) -> Blocks:
     return [*blocks, figures["analysis"]]
 
 
+def _spread(entry: dict, digits: int = 1) -> str:
+    """``median (q1-q3)`` of a :func:`serve_load.quartiles` entry."""
+    return f"{entry['median']:.{digits}f} ({entry['q1']:.{digits}f}-{entry['q3']:.{digits}f})"
+
+
+def serve_load(result: Record) -> Blocks:
+    """Requests per second against in-process search per worker count, then the update phase per version."""
+    figures = result["figures"]
+    summary = figures["summary"]
+    rows = [{"server": f"{workers} worker process{'es' if workers != '1' else ''}",
+             "req/s": _spread(entry["rps"]), "/ in-process q/s": _spread(entry["ratio"], 2),
+             "p50 ms": _spread(entry["p50_ms"], 0), "p99 ms": _spread(entry["p99_ms"], 0),
+             "requests": entry["requests"], "errors": entry["errors"]}
+            for workers, entry in summary.items() if workers != "in_process_qps"]
+    updates = figures["updates"]
+    versions = [{"version": row["version"], "build s": number(row["build_s"]),
+                 "first request seeing it, s after publication": number(row["first_seen_s"]),
+                 "last request answered by an older version, s after publication": number(row["last_stale_s"])}
+                for row in updates["versions"]]
+    return [f"{figures['clients']} clients on loopback, `{figures['score']}` k={figures['k']} text queries over "
+            f"{figures['items']} items ({figures['model']}, {figures['cpus']} CPUs); in-process, one query at a "
+            f"time: {_spread(summary['in_process_qps'])} q/s. Median (quartiles) over {len(figures['rounds'])} "
+            "interleaved rounds:", table(rows),
+            f"While {len(versions)} updates published ({updates['workers']} worker process): "
+            f"{updates['requests']} requests, {updates['errors']} errors, {updates['rps']:.1f} req/s, "
+            f"p50 {updates['p50_ms']:.0f} ms, p99 {updates['p99_ms']:.0f} ms.", table(versions)]
+
+
 FORMATTERS: dict[str, Callable[[Record], Blocks]] = {
     "cosine_accuracy": cosine_accuracy,
     "search_speed": search_speed,
@@ -324,6 +352,7 @@ FORMATTERS: dict[str, Callable[[Record], Blocks]] = {
     "real_benchmarks": calibration_benchmark,
     "query_warnings": query_warnings,
     "zero_shot_calibration": zero_shot_calibration,
+    "serve_load": serve_load,
 }
 """Formatter per benchmark script (file name without ``.py``); the others use :func:`generic`."""
 
@@ -375,10 +404,20 @@ def build_headline(result: Record) -> list[tuple[str, str]]:
             for row in result["figures"]["speed"]]
 
 
+def serve_headline(result: Record) -> list[tuple[str, str]]:
+    """Service throughput under concurrent clients against in-process search, one row per worker count."""
+    figures = result["figures"]
+    return [(f"service, {figures['clients']} clients: req/s / in-process q/s, {workers} worker(s)",
+             f"{entry['ratio']['median']:.2f} (quartiles {entry['ratio']['q1']:.2f}-{entry['ratio']['q3']:.2f}); "
+             f"p99 {entry['p99_ms']['median']:.0f} ms; {entry['errors']} errors")
+            for workers, entry in figures["summary"].items() if workers != "in_process_qps"]
+
+
 HEADLINES: dict[str, Callable[[Record], list[tuple[str, str]]]] = {
     "search_speed": search_headline,
     "cosine_accuracy": cosine_headline,
     "retrieval_calibration": calibration_headline,
     "build_index_speed": build_headline,
+    "serve_load": serve_headline,
 }
 """Headline ``(figure, value)`` rows per record name, in the README's order."""
