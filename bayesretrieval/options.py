@@ -49,10 +49,23 @@ class ScoreName(str, Enum):
     """Risk-averse lower confidence bound ``m - kappa sqrt(v)``."""
     UCB = "ucb"
     """Optimistic upper confidence bound ``m + kappa sqrt(v)``."""
+    LCB_ITEM = "lcb_item"
+    """Risk-averse on the item alone: ``m - kappa sqrt(v_item)``, the std the item's own noise
+    contributes (the query's part is shared by every candidate of a query)."""
     PROBABILITY = "probability"
     """Calibrated probability of a match ``Phi((m - tau) / sqrt(v + noise_std^2))``."""
     MAP = "map"
     """Plain cosine of the mean embeddings (the deterministic CLIP baseline)."""
+
+
+class BuildEngine(str, Enum):
+    """Where ``build-index`` decodes and encodes the files its plan lists."""
+
+    LOCAL = "local"
+    """This process: decoding in loader processes, encoding in the main process."""
+    RAY = "ray"
+    """A Ray Data pipeline (decode in CPU tasks, encode in a pool of model actors), on a
+    cluster or in a local Ray instance (the ``ray`` extra)."""
 
 
 class ModelSize(str, Enum):

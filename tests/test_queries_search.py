@@ -16,7 +16,7 @@ from bayesretrieval.queries import ItemFilter, ProbitCalibration, Searcher
 from bayesretrieval.queries.calibration import save_calibration
 from bayesretrieval.queries.searcher import RESULT_COLUMNS
 from bayesretrieval.queries.uncertainty import ModelCovariances, QuerySide, pair_moments
-from bayesretrieval.similarity import cosine_moments
+from bayesretrieval.similarity import cosine_moment_parts
 from bayesretrieval.store import IndexReader
 
 SCORE_RTOL = 1e-7
@@ -34,12 +34,13 @@ def reference_scores(reader, encoded, score, kappa=1.0, modality="text", calibra
     query_post = posterior.text if modality == "text" else posterior.image
     means = torch.from_numpy(np.asarray(reader.means, dtype=np.float64))
     q = torch.from_numpy(np.array(reader.scalars[:, 0]))
-    mean, var = cosine_moments(means, q, posterior.image.output_cov, encoded.embeds.double(),
-                               query_post.activation_scale(encoded.activations), query_post.output_cov, estimator)
-    mean, var = mean.T.numpy(), var.T.numpy()
+    moments = cosine_moment_parts(means, q, posterior.image.output_cov, encoded.embeds.double(),
+                                  query_post.activation_scale(encoded.activations), query_post.output_cov, estimator)
+    mean, var, var_item = (part.T.numpy() for part in (moments.mean, moments.var, moments.var_item.clamp_min(0)))
     y = encoded.embeds.double().numpy()
     plain = y @ means.numpy().T / np.outer(np.linalg.norm(y, axis=1), np.linalg.norm(means.numpy(), axis=1))
     return {"expected": mean, "lcb": mean - kappa * np.sqrt(var), "ucb": mean + kappa * np.sqrt(var), "map": plain,
+            "lcb_item": mean - kappa * np.sqrt(var_item),
             "probability": None if calibration is None else calibration.probability(mean, var)}[score]
 
 
@@ -54,7 +55,8 @@ def assert_same_ranking(frame, ref_ids, ref_values, nq):
                 assert np.sum(np.isclose(ref_values[qi], value, rtol=SCORE_RTOL, atol=1e-12)) > 1
 
 
-@pytest.mark.parametrize("score,kappa", [("expected", 1.0), ("lcb", 1.0), ("lcb", 3.0), ("ucb", 1.0), ("map", 1.0)])
+@pytest.mark.parametrize("score,kappa", [("expected", 1.0), ("lcb", 1.0), ("lcb", 3.0), ("ucb", 1.0), ("map", 1.0),
+                                         ("lcb_item", 1.0), ("lcb_item", 8.0)])
 def test_search_equals_brute_force(flat_index, score, kappa):
     reader = IndexReader.open(flat_index)
     searcher = Searcher(reader, None, flat_index)

@@ -23,6 +23,7 @@ Search an index built by `bayesretrieval build-index` with one or more text quer
   expected     expected cosine E[cos]
   lcb          E[cos] - kappa * std   (risk-averse: prefers results the model is sure of)
   ucb          E[cos] + kappa * std   (optimistic)
+  lcb_item     E[cos] - kappa * std_i (risk-averse on the item's own noise only)
   probability  calibrated probability of a match (run `bayesretrieval calibrate` first)
   map          plain cosine of the mean embeddings (deterministic CLIP)
 
@@ -61,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image", type=Path, nargs="+", help="image files as queries (find similar images)")
     parser.add_argument("-k", type=int, default=10, help="results per query (default 10)")
     parser.add_argument("--score", default=ScoreName.EXPECTED.value, help=f"one of {[s.value for s in ScoreName]}")
-    parser.add_argument("--kappa", type=float, default=1.0, help="std multiplier for lcb/ucb (default 1)")
+    parser.add_argument("--kappa", type=float, default=1.0, help="std multiplier for lcb/ucb/lcb_item (default 1)")
     parser.add_argument("--threshold", type=float, help="keep results with calibrated probability >= this")
     parser.add_argument("--estimator", default=DEFAULT_ESTIMATOR.value,
                         help=f"cosine estimator, one of {[e.value for e in CosineEstimator]}")

@@ -39,7 +39,7 @@ class ScoreSpec:
     @property
     def label(self) -> str:
         """``"lcb(kappa=1)"`` for bounds, the plain name otherwise."""
-        if self.score in (ScoreName.LCB, ScoreName.UCB):
+        if self.score in (ScoreName.LCB, ScoreName.UCB, ScoreName.LCB_ITEM):
             return f"{self.score.value}(kappa={self.kappa:g})"
         return self.score.value
 
@@ -48,8 +48,9 @@ DEFAULT_SCORES = (
     ScoreSpec(ScoreName.MAP), ScoreSpec(ScoreName.EXPECTED),
     *(ScoreSpec(ScoreName.LCB, kappa) for kappa in (0.5, 1.0, 2.0)),
     *(ScoreSpec(ScoreName.UCB, kappa) for kappa in (0.5, 1.0, 2.0)),
+    *(ScoreSpec(ScoreName.LCB_ITEM, kappa) for kappa in (0.5, 1.0, 2.0, 4.0)),
 )
-"""The scores a benchmark reports: ``map``, ``expected``, and ``lcb`` / ``ucb`` at three kappas."""
+"""The scores a benchmark reports: ``map``, ``expected``, and ``lcb`` / ``ucb`` / ``lcb_item`` at several kappas."""
 
 
 @dataclass

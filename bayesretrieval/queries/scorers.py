@@ -115,6 +115,37 @@ class UpperBoundScorer(ConfidenceBoundScorer):
 
 
 @dataclass
+class ItemLowerBoundScorer(Scorer):
+    """``m - kappa sqrt(v_item)``: penalises only the item's own part of the variance.
+
+    The query's part of ``Var[cos]`` is nearly the same for every candidate of a query,
+    so only the item's part can reorder them (docs/math.md section 5).
+    """
+
+    kappa: float = 1.0
+    name: ClassVar[ScoreName] = ScoreName.LCB_ITEM
+
+    @classmethod
+    def from_options(cls, kappa, calibration):
+        """Build with the search's ``kappa``."""
+        return cls(kappa)
+
+    def score(self, moments):
+        """``m - kappa sqrt(max(v_item, 0))``.
+
+        Raises:
+            ValueError: for moments without the item part (built from a mean and variance alone).
+        """
+        if moments.var_item is None:
+            raise ValueError("score 'lcb_item' needs the item part of the variance")
+        return moments.mean - self.kappa * moments.var_item.clamp(min=0).sqrt()
+
+    def upper_bound(self, bounds):
+        """``bounds.mean`` (the penalty is never negative)."""
+        return bounds.mean
+
+
+@dataclass
 class ProbabilityScorer(Scorer):
     """Calibrated match probability of a fitted :class:`ProbitCalibration`."""
 
@@ -164,7 +195,7 @@ def make_scorer(score: ScoreName | str, kappa: float = 1.0, calibration: ProbitC
 
     Args:
         score: a :class:`ScoreName` or its value.
-        kappa: the confidence multiplier of ``lcb`` / ``ucb`` (``>= 0``).
+        kappa: the confidence multiplier of ``lcb`` / ``ucb`` / ``lcb_item`` (``>= 0``).
         calibration: the fitted probit link, required for ``probability``.
 
     Raises:
@@ -184,6 +215,7 @@ _SCORERS: dict[ScoreName, type[Scorer]] = {
     ScoreName.EXPECTED: ExpectedScorer,
     ScoreName.LCB: LowerBoundScorer,
     ScoreName.UCB: UpperBoundScorer,
+    ScoreName.LCB_ITEM: ItemLowerBoundScorer,
     ScoreName.PROBABILITY: ProbabilityScorer,
     ScoreName.MAP: MapScorer,
 }

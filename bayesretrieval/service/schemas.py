@@ -24,7 +24,7 @@ def service_schemas() -> SimpleNamespace:
 
         k: int = Field(10, ge=1, le=MAX_RESULTS_PER_QUERY, description="results per query")
         score: ScoreName = Field(ScoreName.EXPECTED, description="ranking score (probability needs a calibration)")
-        kappa: float = Field(1.0, ge=0.0, le=100.0, description="std multiplier of lcb / ucb")
+        kappa: float = Field(1.0, ge=0.0, le=100.0, description="std multiplier of lcb / ucb / lcb_item")
         threshold: Optional[float] = Field(None, ge=0.0, le=1.0, description="keep results whose calibrated "
                                                                              "match probability is at least this")
         path_prefix: Optional[str] = Field(None, max_length=MAX_QUERY_CHARS,

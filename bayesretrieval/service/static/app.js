@@ -213,7 +213,7 @@ function wireDropZone() {
 function wireControls() {
   $("search-form").addEventListener("submit", searchText);
   $("audit").addEventListener("click", showAudit);
-  const showKappa = () => { $("kappa-control").hidden = !["lcb", "ucb"].includes($("score").value); };
+  const showKappa = () => { $("kappa-control").hidden = !["lcb", "ucb", "lcb_item"].includes($("score").value); };
   $("score").addEventListener("change", showKappa);
   $("kappa").addEventListener("input", () => { $("kappa-value").textContent = Number($("kappa").value).toFixed(1); });
   $("token-form").addEventListener("submit", (event) => {
