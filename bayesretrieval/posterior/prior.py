@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -114,7 +114,7 @@ OBJECTIVES: dict[PriorObjective, Callable[[FactorSpectrum, float, float], float]
 
 
 def optimize_prior_precision(
-    spectrum: FactorSpectrum,
+    spectrum: FactorSpectrum | Sequence[FactorSpectrum],
     pseudo_data_count: float = 1.0,
     objective: PriorObjective | str = PriorObjective.KRONECKER,
     log10_bounds: tuple[float, float] = DEFAULT_LOG10_BOUNDS,
@@ -122,10 +122,12 @@ def optimize_prior_precision(
     """Return the ``lambda`` maximising ``objective`` (docs/math.md section 2).
 
     A grid of ``GRID_POINTS`` values of ``log lambda`` spanning ``log10_bounds`` finds the
-    best grid point; bounded Brent then refines between its neighbours.
+    best grid point; bounded Brent then refines between its neighbours. Several spectra
+    (the layers of one block-diagonal posterior sharing ``lambda``, docs/math.md section 13)
+    add their objectives: the log-determinants and the prior terms are sums over blocks.
 
     Args:
-        spectrum: eigenvalues of ``A`` and ``B`` and ``|theta|^2``.
+        spectrum: eigenvalues of ``A`` and ``B`` and ``|theta|^2``, or a sequence of them.
         pseudo_data_count: ``n``, positive.
         objective: a :class:`PriorObjective` or its name.
         log10_bounds: search interval for ``log10 lambda``.
@@ -144,8 +146,10 @@ def optimize_prior_precision(
     if not low < high:
         raise ValueError(f"log10_bounds must be increasing, got {log10_bounds}")
 
+    spectra = [spectrum] if isinstance(spectrum, FactorSpectrum) else list(spectrum)
+
     def loss(log_lambda: float) -> float:
-        return -objective.log_evidence(spectrum, log_lambda, pseudo_data_count)
+        return -sum(objective.log_evidence(s, log_lambda, pseudo_data_count) for s in spectra)
 
     grid = np.linspace(low * math.log(10), high * math.log(10), GRID_POINTS)
     best = int(np.argmin([loss(x) for x in grid]))
