@@ -148,8 +148,8 @@ def _as_matrix(proj: nn.Module | torch.Tensor) -> torch.Tensor:
 def _detached(owner: nn.Module, attribute: str) -> Iterator[torch.Tensor]:
     """Temporarily set ``owner.attribute`` to None so the tower returns its activation.
 
-    This changes the model, so callers hold the encoder's forward lock: a service encodes
-    queries from several threads at once.
+    This changes the model, so callers hold the encoder's forward lock, as readers of the
+    projections do: a service encodes queries from several threads at once.
     """
     projection = getattr(owner, attribute)
     setattr(owner, attribute, None)
@@ -191,7 +191,7 @@ class ClipEncoder:
         self.tokenizer = tokenizer
         _image_projection(self.model, identity.model_name)
         self._text_owner = _text_projection_owner(self.model, identity.model_name)
-        self._forward_lock = threading.Lock()
+        self._forward_lock = threading.RLock()
 
     @classmethod
     def from_pretrained(
@@ -226,12 +226,14 @@ class ClipEncoder:
     @property
     def image_projection(self) -> torch.Tensor:
         """The image projection ``P_I`` as an ``(h_I, D)`` matrix."""
-        return _image_projection(self.model, self.identity.model_name).detach()
+        with self._forward_lock:
+            return _image_projection(self.model, self.identity.model_name).detach()
 
     @property
     def text_projection(self) -> torch.Tensor:
         """The text projection ``P_T`` as an ``(h_T, D)`` matrix."""
-        return _as_matrix(self._text_owner.text_projection).detach()
+        with self._forward_lock:
+            return _as_matrix(self._text_owner.text_projection).detach()
 
     @property
     def logit_scale(self) -> float:

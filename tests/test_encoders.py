@@ -40,6 +40,9 @@ def test_threads_encoding_at_once_get_what_one_thread_gets(encoder):
     with ThreadPoolExecutor(8) as pool:
         text_runs = [pool.submit(encoder.encode_texts, [text]) for text in texts * 8]
         image_runs = [pool.submit(encoder.encode_images, images[i:i + 1]) for i in list(range(8)) * 8]
+        shapes = [pool.submit(lambda: (encoder.text_projection.shape, encoder.image_projection.shape))
+                  for _ in range(64)]
+        assert len({run.result() for run in shapes}) == 1
         for i, run in enumerate(text_runs):
             torch.testing.assert_close(run.result().embeds[0], texts_alone[i % 8])
         for i, run in enumerate(image_runs):

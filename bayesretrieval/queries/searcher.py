@@ -9,7 +9,9 @@ Usage::
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,10 @@ from bayesretrieval.store.format import MANIFEST_FILE
 if TYPE_CHECKING:
     from bayesretrieval.queries.sharded import ShardedSearcher
 
+logger = logging.getLogger(__name__)
+
+REFRESH_RETRY_S = 1.0
+"""With ``auto_refresh``, how long a searcher waits before it retries a publication it failed to open."""
 DEFAULT_WARNING_PERCENTILE = 99.0
 """Queries more uncertain than this percentile of the posterior's fitting inputs get a warning."""
 
@@ -100,7 +106,9 @@ class Searcher:
         form: item covariance form; default: the richest the index holds.
         logit_scale: ``s``; default the encoder's (100 without an encoder).
         auto_refresh: before each search, check ``manifest.json`` (one ``stat``) and
-            :meth:`refresh` when a build has published since.
+            :meth:`refresh` when a build has published since (one thread refreshes, the
+            others wait for it; a version that cannot be opened is logged, the searcher
+            stays on its own, and tries again after :data:`REFRESH_RETRY_S`).
         query_warning_percentile: warn about a query whose embedding's relative variance
             is above this percentile of the posterior's fitting inputs of its modality
             (:func:`query_uncertainty`).
@@ -122,6 +130,8 @@ class Searcher:
             raise ValueError(f"query_warning_percentile must be in (0, 100], got {query_warning_percentile}")
         self.query_warning_percentile = float(query_warning_percentile)
         self._manifest_stamp = _manifest_stamp(self.index_dir)
+        self._refresh_lock = threading.Lock()
+        self._failed_refresh: tuple | None = None  # (manifest stamp, monotonic time) of the last failed refresh
         self._snapshot = Snapshot(reader, reader.posterior)
 
     @property
@@ -201,10 +211,11 @@ class Searcher:
             ValueError: if the new version was built with another model, or lacks the
                 covariance form this searcher uses.
         """
-        self._manifest_stamp = _manifest_stamp(self.index_dir)
+        stamp = _manifest_stamp(self.index_dir)
         reader = IndexReader.open(self.index_dir, mmap=self.reader.mmap)
         if reader.manifest.version == self.reader.manifest.version:
             reader.close()
+            self._manifest_stamp = stamp
             return False
         try:
             if self.encoder is not None:
@@ -214,7 +225,7 @@ class Searcher:
         except BaseException:
             reader.close()
             raise
-        self._snapshot = snapshot
+        self._snapshot, self._manifest_stamp = snapshot, stamp
         return True
 
     def close(self) -> None:
@@ -233,8 +244,30 @@ class Searcher:
         Hold the returned snapshot to read several things from one version, as a search does.
         """
         if self.auto_refresh and _manifest_stamp(self.index_dir) != self._manifest_stamp:
-            self.refresh()
+            self._refresh_in_turn()
         return self._snapshot
+
+    def _refresh_in_turn(self) -> None:
+        """:meth:`refresh` for ``auto_refresh``: one thread at a time, errors logged, not raised.
+
+        Threads that arrive during a refresh wait for it and then use its version. A
+        version that cannot be opened (another model, a damaged file) leaves the searcher
+        on its version, and is tried again after :data:`REFRESH_RETRY_S`.
+        """
+        with self._refresh_lock:
+            stamp = _manifest_stamp(self.index_dir)
+            failed = self._failed_refresh
+            if stamp == self._manifest_stamp or (failed is not None and failed[0] == stamp
+                                                 and time.monotonic() - failed[1] < REFRESH_RETRY_S):
+                return
+            try:
+                self.refresh()
+                self._failed_refresh = None
+            except (OSError, ValueError) as err:
+                if failed is None or failed[0] != stamp:
+                    logger.warning("staying on index version %s: the newly published one cannot be opened (%s)",
+                                   self.reader.manifest.version, err)
+                self._failed_refresh = (stamp, time.monotonic())
 
     def engine(self, modality: Modality | str, snapshot: Snapshot | None = None) -> CandidateSearch:
         """The candidate search for queries of ``modality`` on ``snapshot`` (default: current; built once)."""
