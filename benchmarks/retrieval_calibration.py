@@ -62,10 +62,12 @@ from bayesretrieval.evaluation import (
     available_signals,
     evaluate,
     failure_auroc,
+    fit_temperature,
     query_relative_variance,
     signal_values,
     split_queries,
     stratified_auroc,
+    stratified_mean_difference,
     sweep,
 )
 from bayesretrieval.evaluation.failures import failure_kinds, unseen_word_queries
@@ -315,13 +317,18 @@ def stratified(records, fit: np.ndarray, summary: dict, logit_scale: float, labe
     held = ~fit
     column = np.searchsorted(item_ids, records.pair_item[:, :2])  # (n, 2) gallery columns of the top two
     t_index = int(np.flatnonzero(records.temperatures == summary["softmax_temperature"])[0])
+    probit_temperature, p_index = fit_temperature(records.probit_log_normaliser[fit],
+                                                  records.probit_relevant_log_mass[fit], records.temperatures)
+    summary["probit_softmax_temperature"] = probit_temperature
     probit = summary["calibration"]["probit"]
     fitted = Fitted(ProbitCalibration.from_dict({"threshold": probit["threshold"], "noise_std": probit["noise_std"]}),
-                    summary["softmax_temperature"], logit_scale)
+                    summary["softmax_temperature"], logit_scale, probit_temperature)
     top1 = column[:, 0]
     top = TopResults(records.pair_mean[:, :2], records.pair_var[:, :2], records.pair_map[:, :2],
                      records.pair_relevant[:, :2], records.query_variance, records.log_normaliser[:, t_index],
-                     **{name: values[top1] for name, values in labels.item.items()}, **labels.query).take(held)
+                     **{name: values[top1] for name, values in labels.item.items()}, **labels.query,
+                     item_var=records.pair_var_item[:, 0],
+                     probit_log_normaliser=records.probit_log_normaliser[:, p_index]).take(held)
     values = {s.value: signal_values(s, top, fitted) for s in available_signals(top)}
     baselines = [s.value for s in Signal if s.is_baseline and s.value in values]
     rows = np.flatnonzero(held)
@@ -340,6 +347,26 @@ def stratified(records, fit: np.ndarray, summary: dict, logit_scale: float, labe
     }
 
 
+def ranking_gains(records, fit: np.ndarray, strata: dict, n_boot: int) -> dict:
+    """Held-out precision@10 of each risk-averse score minus ``expected``'s, kappa chosen on held-in queries.
+
+    For ``lcb`` and ``lcb_item``: the kappa with the best held-in mean precision (ties to the
+    smallest), then the held-out per-query difference to ``expected`` within ``strata``
+    (disjoint query strata), with paired bootstrap intervals.
+    """
+    precision = {label: r["hits"] / records.top for label, r in records.rankings.items()}
+    gains = {}
+    for family in ("lcb", "lcb_item"):
+        labels = sorted((label for label in precision if label.startswith(f"{family}(")),
+                        key=lambda label: float(label.split("=")[1].rstrip(")")))
+        chosen = max(labels, key=lambda label: (precision[label][fit].mean(), -labels.index(label)))
+        held = {name: mask[~fit] for name, mask in strata.items()}
+        gains[family] = {"label": chosen, "held_in_precision": float(precision[chosen][fit].mean()),
+                         **stratified_mean_difference(precision[chosen][~fit], precision["expected"][~fit],
+                                                      held, n_boot)}
+    return gains
+
+
 def run_estimator(index_dir: Path, encoder: ClipEncoder, estimator: str, texts: list[str], labels: Labels,
                   fit: np.ndarray, item_ids: np.ndarray, n_boot: int) -> dict:
     """Sweep and evaluate one estimator; returns its summary."""
@@ -356,6 +383,7 @@ def run_estimator(index_dir: Path, encoder: ClipEncoder, estimator: str, texts: 
     for pooled in ("signals", "groups", "selected_on_held_in", "oracle_aurc"):  # AUROCs over mixed strata
         summary.pop(pooled)
     summary["stratified"] = stratified(records, fit, summary, encoder.logit_scale, labels, item_ids, n_boot)
+    summary["ranking_gain"] = ranking_gains(records, fit, query_strata(labels.attributes), n_boot)
     shifted = _by_id(np.array([f is not None for f in labels.family])[None, :], item_ids)[0]
     summary["shift"] = shift_analysis(records, fit, shifted)
     summary["engine_check"] = engine_check(searcher, texts, _by_id(labels.visible, item_ids), records)

@@ -23,6 +23,7 @@ from bayesretrieval.evaluation import (
     softmax_confidence,
     softmax_statistics,
     split_queries,
+    stratified_mean_difference,
     summarise_ranking,
 )
 from bayesretrieval.metrics import average_precision, first_hit_rank, hits_at_k, precision_at_k, recall_at_k
@@ -121,7 +122,8 @@ def _top(n=2000, seed=6):
     mean = np.sort(rng.uniform(0.2, 0.9, (n, 2)), axis=1)[:, ::-1].copy()
     var = rng.uniform(1e-4, 4e-3, (n, 2))
     extras = rng.random((5, n))  # item scale, item / query Mahalanobis and kNN distances
-    return TopResults(mean, var, mean + 0.01, rng.random((n, 2)) < 0.5, rng.random(n), rng.normal(size=n), *extras)
+    return TopResults(mean, var, mean + 0.01, rng.random((n, 2)) < 0.5, rng.random(n), rng.normal(size=n), *extras,
+                      item_var=var[:, 0] * rng.uniform(0.1, 0.9, n), probit_log_normaliser=rng.normal(3.0, 0.1, n))
 
 
 def test_flip_probability_matches_monte_carlo():
@@ -136,7 +138,7 @@ def test_flip_probability_matches_monte_carlo():
 
 def test_every_signal_is_registered_and_oriented():
     top = _top()
-    fitted = Fitted(ProbitCalibration.from_dict({"threshold": 0.5, "noise_std": 0.1}), 0.7, 10.0)
+    fitted = Fitted(ProbitCalibration.from_dict({"threshold": 0.5, "noise_std": 0.1}), 0.7, 10.0, 0.9)
     for signal in Signal:
         values = signal_values(signal.value, top, fitted)
         assert values.shape == (2000,) and np.isfinite(values).all()
@@ -175,3 +177,36 @@ def test_auroc_standard_error_covers_the_spread_of_resampled_aurocs():
     assert auroc_standard_error(auroc, 40, 80) == pytest.approx(np.std(draws), rel=0.15)
     with pytest.raises(ValueError, match="both classes"):
         auroc_standard_error(0.7, 0, 10)
+
+
+def test_the_probit_softmax_divides_each_logit_and_is_the_softmax_without_variance():
+    rng = np.random.default_rng(3)
+    mean, var = rng.uniform(-0.2, 0.9, (4, 30)), rng.uniform(0, 0.01, (4, 30))
+    relevant = rng.random((4, 30)) < 0.2
+    s, temperatures = 20.0, np.array([0.5, 1.0, 2.0])
+    lse, relevant_lse = softmax_statistics(mean, relevant, s, temperatures, var=var)
+    for i, t in enumerate(temperatures):
+        logits = (s / t) * mean / np.sqrt(1 + np.pi / 8 * (s / t) ** 2 * var)
+        np.testing.assert_allclose(lse[:, i], special.logsumexp(logits, axis=1))
+        np.testing.assert_allclose(relevant_lse[:, i], special.logsumexp(np.where(relevant, logits, -np.inf), axis=1))
+    plain = softmax_statistics(mean, relevant, s, temperatures)
+    np.testing.assert_allclose(softmax_statistics(mean, relevant, s, temperatures, var=0 * var)[0], plain[0])
+    top = TopResults(mean[:, :2], 0 * var[:, :2], mean[:, :2], relevant[:, :2], np.ones(4), plain[0][:, 1],
+                     probit_log_normaliser=plain[0][:, 1])
+    fitted = Fitted(ProbitCalibration.from_dict({"threshold": 0.5, "noise_std": 0.1}), 1.0, s, 1.0)
+    np.testing.assert_allclose(signal_values(Signal.PROBIT_SOFTMAX, top, fitted),
+                               signal_values(Signal.SOFTMAX, top, fitted))
+
+
+def test_stratified_mean_difference_is_paired_and_weighted():
+    rng = np.random.default_rng(4)
+    b = rng.random(300)
+    strata = {"x": np.arange(300) < 100, "y": np.arange(300) >= 100}
+    shifted = stratified_mean_difference(b + np.where(strata["x"], 0.3, 0.0), b, strata, n_boot=200)
+    assert shifted["strata"]["x"]["difference"] == pytest.approx(0.3)
+    assert shifted["strata"]["x"]["ci"] == pytest.approx([0.3, 0.3]) and shifted["strata"]["y"]["ci"] == [0.0, 0.0]
+    pooled = shifted["pooled"]
+    assert pooled["difference"] == pytest.approx(0.1) and pooled["ci"] == pytest.approx([0.1, 0.1])
+    noisy = stratified_mean_difference(rng.random(300), b, strata, n_boot=500)
+    low, high = noisy["pooled"]["ci"]
+    assert low < noisy["pooled"]["difference"] < high and high - low > 0.02

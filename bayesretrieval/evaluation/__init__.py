@@ -17,7 +17,7 @@ from bayesretrieval.evaluation.ood import KnnDistance, MahalanobisDistance
 from bayesretrieval.evaluation.report import Evaluation, evaluate, split_queries, summarise_ranking
 from bayesretrieval.evaluation.selective import auroc_standard_error, binned_recall, failure_auroc, risk_coverage
 from bayesretrieval.evaluation.signals import Fitted, Signal, TopResults, available_signals, signal_values
-from bayesretrieval.evaluation.strata import auroc_rows, stratified_auroc
+from bayesretrieval.evaluation.strata import auroc_rows, stratified_auroc, stratified_mean_difference
 from bayesretrieval.evaluation.sweep import DEFAULT_SCORES, ScoreSpec, SweepRecords, query_relative_variance, sweep
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "softmax_statistics",
     "split_queries",
     "stratified_auroc",
+    "stratified_mean_difference",
     "summarise_ranking",
     "sweep",
 ]

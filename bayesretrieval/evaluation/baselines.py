@@ -5,7 +5,9 @@ into ``p_j = softmax_j(s c_j / T)`` and uses ``p`` of the top-1 result as its co
 The temperature ``T`` is fitted on held-in queries by the negative log-likelihood of the
 relevant set, ``-log sum_{j relevant} p_j`` (temperature scaling, Guo et al. 2017), over a
 grid, so a sweep can store the per-query log-normalisers for every grid value and fit
-afterwards without keeping the full score matrix.
+afterwards without keeping the full score matrix. The same functions give the probit
+softmax over ``E[cos]`` and ``Var[cos]`` (the retrieval analogue of BayesVLM's zero-shot
+probit), the Bayesian signal this baseline is compared with.
 """
 
 from __future__ import annotations
@@ -17,25 +19,30 @@ DEFAULT_TEMPERATURES = np.geomspace(0.02, 20.0, 61)
 """Grid of temperatures (multipliers of the model's logit scale ``s``)."""
 
 
-def softmax_statistics(cosines, relevant, logit_scale: float, temperatures=DEFAULT_TEMPERATURES) -> tuple:
+def softmax_statistics(cosines, relevant, logit_scale: float, temperatures=DEFAULT_TEMPERATURES,
+                       var=None) -> tuple:
     """Log-normalisers of the gallery softmax at every temperature.
 
     Args:
-        cosines: ``(nq, nb)`` cosines of the means.
+        cosines: ``(nq, nb)`` cosines of the means (or ``E[cos]`` with ``var``).
         relevant: ``(nq, nb)`` booleans.
         logit_scale: ``s``.
         temperatures: ``(nT,)`` positive temperatures.
+        var: optional ``(nq, nb)`` ``Var[cos]``: the probit softmax instead, every logit
+            divided by ``sqrt(1 + pi/8 (s/T)^2 var)`` (docs/math.md section 6).
 
     Returns:
-        ``(log_normaliser, relevant_log_mass)``, each ``(nq, nT)``: ``logsumexp_j(s c_j / T)``
-        over the gallery and over the relevant items (``-inf`` without relevant items).
+        ``(log_normaliser, relevant_log_mass)``, each ``(nq, nT)``: ``logsumexp_j(l_j)``
+        over the gallery and over the relevant items (``-inf`` without relevant items),
+        ``l_j = s c_j / T`` (probit: divided as above).
     """
     cosines = np.asarray(cosines, dtype=np.float64)
     relevant = np.asarray(relevant, dtype=bool)
     if cosines.shape != relevant.shape or cosines.ndim != 2:
         raise ValueError(f"cosines and relevant must both be (nq, nb), got {cosines.shape} and {relevant.shape}")
     temperatures = _temperatures(temperatures)
-    logits = logit_scale * cosines[:, None, :] / temperatures[None, :, None]  # (nq, nT, nb)
+    logits = _logits(cosines[:, None, :], logit_scale / temperatures[None, :, None],
+                     None if var is None else np.asarray(var, dtype=np.float64)[:, None, :])  # (nq, nT, nb)
     masked = np.where(relevant[:, None, :], logits, -np.inf)
     return special.logsumexp(logits, axis=2), special.logsumexp(masked, axis=2)
 
@@ -62,12 +69,23 @@ def fit_temperature(log_normaliser, relevant_log_mass, temperatures=DEFAULT_TEMP
     return float(temperatures[best]), best
 
 
-def softmax_confidence(top_cosine, log_normaliser_at_t, logit_scale: float, temperature: float) -> np.ndarray:
-    """``p`` of the top-1 result: ``exp(s c_1 / T - logsumexp_j(s c_j / T))``, ``(n,)``."""
+def softmax_confidence(top_cosine, log_normaliser_at_t, logit_scale: float, temperature: float,
+                       top_var=None) -> np.ndarray:
+    """``p`` of the top-1 result: ``exp(l_1 - logsumexp_j(l_j))``, ``(n,)`` (see :func:`softmax_statistics`).
+
+    With ``top_var`` (and a probit ``log_normaliser_at_t``), the probit softmax probability.
+    """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    return np.exp(logit_scale * np.asarray(top_cosine, dtype=np.float64) / temperature
-                  - np.asarray(log_normaliser_at_t, dtype=np.float64))
+    top = _logits(np.asarray(top_cosine, dtype=np.float64), logit_scale / temperature,
+                  None if top_var is None else np.asarray(top_var, dtype=np.float64))
+    return np.exp(top - np.asarray(log_normaliser_at_t, dtype=np.float64))
+
+
+def _logits(cosines: np.ndarray, scale, var: np.ndarray | None) -> np.ndarray:
+    """``scale * cosines``, divided by ``sqrt(1 + pi/8 scale^2 var)`` when ``var`` is given (the probit)."""
+    logits = scale * cosines
+    return logits if var is None else logits / np.sqrt(1.0 + np.pi / 8.0 * scale**2 * var)
 
 
 def _temperatures(temperatures) -> np.ndarray:

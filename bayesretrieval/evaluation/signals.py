@@ -40,6 +40,9 @@ class TopResults:
         item_knn: optional ``(n,)`` its kNN distance to the fitting activations.
         query_mahalanobis: optional ``(n,)`` the same for the query's text activation.
         query_knn: optional ``(n,)`` likewise.
+        item_var: optional ``(n,)`` the item's own part of the top-1 ``Var[cos]``.
+        probit_log_normaliser: optional ``(n,)`` the gallery probit-softmax log-normaliser at
+            its fitted temperature (:func:`~bayesretrieval.evaluation.baselines.softmax_statistics`).
     """
 
     mean: np.ndarray
@@ -53,6 +56,8 @@ class TopResults:
     item_knn: np.ndarray | None = None
     query_mahalanobis: np.ndarray | None = None
     query_knn: np.ndarray | None = None
+    item_var: np.ndarray | None = None
+    probit_log_normaliser: np.ndarray | None = None
 
     def take(self, rows) -> "TopResults":
         """The queries ``rows`` (a boolean mask or indices)."""
@@ -68,11 +73,13 @@ class Fitted:
         probit: the match-probability link (docs/math.md section 11).
         temperature: the softmax temperature (a multiplier of ``logit_scale``).
         logit_scale: ``s``.
+        probit_temperature: the probit softmax's own temperature (``None``: not fitted).
     """
 
     probit: ProbitCalibration
     temperature: float
     logit_scale: float
+    probit_temperature: float | None = None
 
 
 class Signal(str, Enum):
@@ -94,6 +101,11 @@ class Signal(str, Enum):
     """``(m_2 - sqrt(v_2)) - (m_1 - sqrt(v_1))``: positive when ``lcb`` (kappa 1) would put the runner-up first."""
     EXPECTED_COSINE = "expected_cosine"
     """``-m_1``: the negated posterior mean cosine of the top-1 result (Bayesian, but no variance)."""
+    ITEM_STD = "item_std"
+    """``sqrt(v_item,1)``: the std the top-1 item's own noise contributes (the query's part left out)."""
+    PROBIT_SOFTMAX = "probit_softmax"
+    """``-p_1`` of the probit softmax over the gallery, ``softmax_j(s m_j / T / sqrt(1 + pi/8 (s/T)^2 v_j))``
+    with its own fitted ``T``: the chance the top-1 is the best match (BayesVLM's probit, for retrieval)."""
     COSINE = "cosine"
     """Baseline: ``-c_1``, the negated cosine of the means of the top-1 result."""
     MARGIN = "margin"
@@ -120,7 +132,8 @@ _BASELINES = frozenset({Signal.COSINE, Signal.MARGIN, Signal.SOFTMAX, Signal.ITE
 
 _INPUTS: dict[Signal, str] = {Signal.ITEM_SCALE: "item_scale", Signal.ITEM_MAHALANOBIS: "item_mahalanobis",
                               Signal.ITEM_KNN: "item_knn", Signal.QUERY_MAHALANOBIS: "query_mahalanobis",
-                              Signal.QUERY_KNN: "query_knn"}
+                              Signal.QUERY_KNN: "query_knn", Signal.ITEM_STD: "item_var",
+                              Signal.PROBIT_SOFTMAX: "probit_log_normaliser"}
 """The optional :class:`TopResults` field each signal needs."""
 
 
@@ -146,6 +159,9 @@ _SIGNALS: dict[Signal, Callable[[TopResults, Fitted], np.ndarray]] = {
     Signal.ITEM_SCALE: lambda t, f: t.item_scale,
     Signal.LCB_FLIP: lambda t, f: _lcb(t, 1) - _lcb(t, 0),
     Signal.EXPECTED_COSINE: lambda t, f: -t.mean[:, 0],
+    Signal.ITEM_STD: lambda t, f: np.sqrt(t.item_var),
+    Signal.PROBIT_SOFTMAX: lambda t, f: -softmax_confidence(t.mean[:, 0], t.probit_log_normaliser, f.logit_scale,
+                                                            f.probit_temperature, t.var[:, 0]),
     Signal.COSINE: lambda t, f: -t.map_cosine[:, 0],
     Signal.MARGIN: lambda t, f: -(t.map_cosine[:, 0] - t.map_cosine[:, 1]),
     Signal.SOFTMAX: lambda t, f: -softmax_confidence(t.map_cosine[:, 0], t.log_normaliser, f.logit_scale,

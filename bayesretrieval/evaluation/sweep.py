@@ -69,6 +69,9 @@ class SweepRecords:
         query_variance: ``(n,)`` relative variance of each query embedding.
         log_normaliser: ``(n, nT)`` gallery softmax log-normalisers (cosines of the means).
         relevant_log_mass: ``(n, nT)`` the same over the relevant items.
+        pair_var_item: ``(n, top)`` the item's own part of ``pair_var``.
+        probit_log_normaliser: ``(n, nT)`` gallery probit-softmax log-normalisers (``E[cos]``, ``Var[cos]``).
+        probit_relevant_log_mass: ``(n, nT)`` the same over the relevant items.
         temperatures: ``(nT,)`` the grid.
     """
 
@@ -82,6 +85,9 @@ class SweepRecords:
     query_variance: np.ndarray
     log_normaliser: np.ndarray
     relevant_log_mass: np.ndarray
+    pair_var_item: np.ndarray
+    probit_log_normaliser: np.ndarray
+    probit_relevant_log_mass: np.ndarray
     temperatures: np.ndarray = field(default_factory=lambda: DEFAULT_TEMPERATURES.copy())
 
 
@@ -146,20 +152,25 @@ def sweep(
             _append(parts, f"{label}/ap", average_precision(values, relevant))
             _append(parts, f"{label}/hits", hits_at_k(values, relevant, top))
         order = np.argsort(-expected.scores(moments), axis=1, kind="stable")[:, :top]
-        for name, array in (("pair_mean", moments.mean), ("pair_var", moments.var), ("pair_map", moments.map_cosine)):
+        for name, array in (("pair_mean", moments.mean), ("pair_var", moments.var), ("pair_map", moments.map_cosine),
+                            ("pair_var_item", moments.var_item.clamp_min(0.0))):
             _append(parts, name, np.take_along_axis(array.numpy(), order, axis=1))
         _append(parts, "pair_relevant", np.take_along_axis(relevant, order, axis=1))
         _append(parts, "pair_item", item_ids[order])
         lse, relevant_lse = softmax_statistics(moments.map_cosine.numpy(), relevant, logit_scale)
         _append(parts, "log_normaliser", lse)
         _append(parts, "relevant_log_mass", relevant_lse)
+        lse, relevant_lse = softmax_statistics(moments.mean.numpy(), relevant, logit_scale, var=moments.var.numpy())
+        _append(parts, "probit_log_normaliser", lse)
+        _append(parts, "probit_relevant_log_mass", relevant_lse)
         if progress is not None:
             progress(int(rows[-1]) + 1)
     done = {name: np.concatenate(arrays) for name, arrays in parts.items()}
     rankings = {label: {key: done[f"{label}/{key}"] for key in ("first_hit", "ap", "hits")} for label in scorers}
     return SweepRecords(rankings, top, done["pair_mean"], done["pair_var"], done["pair_map"], done["pair_relevant"],
                         done["pair_item"], np.asarray(query_variance, dtype=np.float64), done["log_normaliser"],
-                        done["relevant_log_mass"])
+                        done["relevant_log_mass"], done["pair_var_item"], done["probit_log_normaliser"],
+                        done["probit_relevant_log_mass"])
 
 
 def _append(parts: dict, name: str, array: np.ndarray) -> None:
