@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from bayesretrieval.cli import CommandError, image_text_values
-from bayesretrieval.options import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRETRAINED, default_workers
+from bayesretrieval.options import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRETRAINED, BuildEngine, default_workers
 
 if TYPE_CHECKING:
     from bayesretrieval.indexing import BuildReport
@@ -38,7 +38,14 @@ identity (BayesVLM's formats) is accepted for ViT-B-32/laion2b_s34b_b79k only, u
 --force-posterior. A SOURCE folder without images is an error unless --allow-empty.
 
 --posterior bayesvlm fetches BayesVLM's published factors for ViT-B-32/laion2b_s34b_b79k
-(sha256-verified, cached); offline, pass the folder holding them instead."""
+(sha256-verified, cached); offline, pass the folder holding them instead.
+
+--engine ray decodes in Ray Data CPU tasks and encodes in a pool of model actors (one
+per GPU of the cluster, or --ray-actors), each writing its shards to INDEX_DIR/work;
+this process plans, builds FAISS and publishes as with the local engine. It runs on the
+cluster at --ray-address (SOURCE, INDEX_DIR and the checkpoint must be at the same path
+on every node), else on a local Ray instance. Needs the ray extra:
+pip install 'bayesretrieval[ray]'."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -77,6 +84,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="image-decoding processes (0: in-process)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images as too_large")
     parser.add_argument("--device", default="cpu", help="torch device for the encoder")
+    parser.add_argument("--engine", choices=[e.value for e in BuildEngine], default=BuildEngine.LOCAL.value,
+                        help="where files are decoded and encoded: this process (local) or a Ray cluster (ray)")
+    parser.add_argument("--ray-address", help="Ray cluster address for --engine ray (default: a local Ray instance)")
+    parser.add_argument("--ray-actors", type=int,
+                        help="encoder actors for --engine ray (default: one per GPU of the cluster, else one)")
     parser.add_argument("--rebuild", action="store_true", help="re-encode everything, replacing a mismatched index")
     parser.add_argument("--allow-empty", action="store_true", help="publish an empty index for a folder without images")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -127,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     from bayesretrieval.encoders import ClipEncoder, ModelIdentity, file_sha256
     from bayesretrieval.indexing import BuildConfig, IndexBusyError
     from bayesretrieval.indexing.embeddings_input import build_index_from_embeddings
+    from bayesretrieval.indexing.ray_engine import RayUnavailableError
 
     n = image_text_values(args.pseudo_data_count, "--pseudo-data-count")
     lam = image_text_values(args.prior_precision, "--prior-precision")
@@ -138,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
     config = BuildConfig(batch_size=args.batch_size, workers=args.workers, faiss_factory=args.faiss_factory,
                          variance=args.variance, rebuild=args.rebuild, max_pixels=args.max_pixels,
                          force_posterior=args.force_posterior, allow_empty=args.allow_empty,
-                         store_activations=args.store_activations)
+                         store_activations=args.store_activations, engine=args.engine,
+                         ray_address=args.ray_address, ray_actors=args.ray_actors)
     try:
         if args.source.is_file():
             sha = file_sha256(pretrained) if pretrained and Path(pretrained).is_file() else None
@@ -148,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             encoder = ClipEncoder.from_pretrained(args.model, pretrained, device=args.device)
             report = _build_with_progress(args, encoder, posterior, config)
-    except IndexBusyError as err:
+    except (IndexBusyError, RayUnavailableError) as err:
         raise CommandError(str(err)) from None
     print(summary(report))
     return 0

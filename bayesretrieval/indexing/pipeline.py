@@ -1,4 +1,10 @@
-"""The build-index job: walk, plan, decode + encode in resumable shards, publish a version."""
+"""The build-index job: walk, plan, decode + encode in resumable shards, publish a version.
+
+Planning, assembling the new version and publishing it happen here, on the driver, for
+every engine; an engine (:class:`~bayesretrieval.options.BuildEngine`) only turns the
+plan's files into rows in the work shards: :func:`encode_locally` in this process, or
+:func:`bayesretrieval.indexing.ray_engine.encode_with_ray` on a Ray cluster.
+"""
 
 from __future__ import annotations
 
@@ -19,9 +25,9 @@ from bayesretrieval.indexing.encode import DecodeDataset, draft_size_for, encode
 from bayesretrieval.indexing.existing import index_lock, previous_items
 from bayesretrieval.indexing.plan import BuildPlan, PreviousItems, plan_build
 from bayesretrieval.indexing.scalars import ScalarComputer
-from bayesretrieval.indexing.sources import walk_images
+from bayesretrieval.indexing.sources import SourceFile, walk_images
 from bayesretrieval.indexing.work import WorkFolder, result_schema
-from bayesretrieval.options import default_workers
+from bayesretrieval.options import BuildEngine, default_workers
 from bayesretrieval.posterior import PosteriorPair, posterior_for_model
 from bayesretrieval.store import Manifest, VarianceSpec, VersionInfo, default_faiss_factory, write_version
 from bayesretrieval.store.format import FORMAT_VERSION
@@ -53,6 +59,11 @@ class BuildConfig:
             (``activations.npy``, ``h`` float32 per item: 3 KB for ViT-B-32), which image
             queries need to score near-duplicates right (docs/math.md section 12). Must
             match the existing index unless ``rebuild``.
+        engine: where the files are decoded and encoded (:class:`BuildEngine`).
+        ray_address: the Ray cluster to use with ``engine="ray"`` (``None``: the one this
+            process is connected to, else a new local instance).
+        ray_actors: encoder actors with ``engine="ray"`` (``None``: one per GPU of the
+            cluster, or one on a cluster without GPUs).
     """
 
     batch_size: int = 64
@@ -65,9 +76,15 @@ class BuildConfig:
     force_posterior: bool = False
     allow_empty: bool = False
     store_activations: bool = False
+    engine: BuildEngine | str = BuildEngine.LOCAL
+    ray_address: str | None = None
+    ray_actors: int | None = None
 
     def __post_init__(self):
         self.variance = VarianceSpec.parse(self.variance)
+        self.engine = BuildEngine(self.engine)
+        if self.ray_actors is not None and self.ray_actors < 1:
+            raise ValueError(f"ray_actors must be at least 1, got {self.ray_actors}")
         for name in ("batch_size", "shard_batches", "max_pixels"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -158,6 +175,10 @@ def build_index(
     image_dir, index_dir = Path(image_dir), Path(index_dir)
     posterior.check_encoder(encoder)
     posterior = posterior_for_model(posterior, encoder.identity, config.force_posterior)
+    if config.engine is BuildEngine.RAY:
+        from bayesretrieval.indexing.ray_engine import check_ray_build
+
+        check_ray_build(encoder)
     if config.faiss_factory:
         empty_faiss_index(config.faiss_factory, encoder.embed_dim)
     files, problems = walk_images(image_dir)
@@ -182,8 +203,8 @@ def build_index(
         finished = _ShardResults.read(work, schema, keys_only=True)
         remaining = [f for f in plan.todo if not finished.has(f)]
         resumed = len(plan.todo) - len(remaining)
-        _encode_into_shards(image_dir, remaining, encoder, computer, work, schema, config,
-                            on_progress, len(plan.todo), resumed)
+        job = EncodeJob(image_dir, remaining, encoder, computer, work, schema, config, len(plan.todo), resumed)
+        ENGINES[config.engine](job, on_progress)
         items, encode_skips = _new_rows(_ShardResults.read(work, schema), plan, computer.embed_dim, config.variance,
                                         activation_dim)
         kept = items_from_previous(previous, plan.keep_positions) if len(plan.keep_positions) else None
@@ -229,7 +250,7 @@ def _work_settings(encoder: ClipEncoder, posterior: PosteriorPair, config: Build
 
 @dataclass
 class _ShardResults:
-    """The rows of the work shards, looked up by path (the last row per path wins)."""
+    """The rows of the work shards, looked up by ``(path, file_size, mtime_ns)``."""
 
     table: pa.Table
     rows: dict
@@ -239,15 +260,18 @@ class _ShardResults:
         table = work.read(schema, ["path", "file_size", "mtime_ns"] if keys_only else None)
         keys = zip(table.column("path").to_pylist(), table.column("file_size").to_pylist(),
                    table.column("mtime_ns").to_pylist())
-        return cls(table, {p: (s, m, i) for i, (p, s, m) in enumerate(keys)})
+        return cls(table, {key: i for i, key in enumerate(keys)})
 
-    def has(self, source) -> bool:
-        hit = self.rows.get(source.path)
-        return hit is not None and (hit[0], hit[1]) == (source.file_size, source.mtime_ns)
+    def has(self, source: SourceFile) -> bool:
+        return _key(source) in self.rows
+
+
+def _key(source: SourceFile) -> tuple:
+    return source.path, source.file_size, source.mtime_ns
 
 
 def _new_rows(results: _ShardResults, plan: BuildPlan, embed_dim: int, variance: VarianceSpec, activation_dim: int):
-    rows = np.asarray([results.rows[f.path][2] for f in plan.todo], np.int64)
+    rows = np.asarray([results.rows[_key(f)] for f in plan.todo], np.int64)
     picked = results.table.take(pa.array(rows, pa.int64()))
     ok = pc.is_null(picked.column("reason")).to_numpy(zero_copy_only=False)
     items = items_from_results(picked.filter(pa.array(ok)), plan.todo_ids[ok], embed_dim, variance, activation_dim)
@@ -255,21 +279,65 @@ def _new_rows(results: _ShardResults, plan: BuildPlan, embed_dim: int, variance:
     return items, skips.to_pylist()
 
 
-def _encode_into_shards(image_dir, files, encoder, computer, work, schema, config, on_progress, total, done):
+@dataclass
+class EncodeJob:
+    """What an engine decodes and encodes into the work shards, and with what.
+
+    Attributes:
+        image_dir: the indexed folder.
+        files: the files to decode and encode (the plan's, less those already in shards).
+        encoder: the CLIP encoder (the Ray engine loads the same weights in its actors).
+        computer: the posterior scalars and variance columns per item.
+        work: the work folder the shards go to.
+        schema: the shards' schema (:func:`~bayesretrieval.indexing.work.result_schema`).
+        config: the build settings.
+        total: files of the plan (for progress).
+        done: of ``total``, those already in shards before the job.
+    """
+
+    image_dir: Path
+    files: list
+    encoder: ClipEncoder
+    computer: ScalarComputer
+    work: WorkFolder
+    schema: pa.Schema
+    config: BuildConfig
+    total: int
+    done: int
+
+
+def encode_locally(job: EncodeJob, on_progress: Callable[[BuildProgress], None] | None) -> None:
+    """Decode in loader processes and encode in this one, a shard every ``shard_batches`` batches."""
+    config = job.config
     workers = default_workers() if config.workers is None else config.workers
-    dataset = DecodeDataset(image_dir, files, encoder.preprocess, config.max_pixels, draft_size_for(encoder))
-    pending, skipped = [], 0
-    for samples in image_loader(dataset, config.batch_size, workers if files else 0):
-        pending.append(encode_samples(samples, encoder, computer, schema))
+    dataset = DecodeDataset(job.image_dir, job.files, job.encoder.preprocess, config.max_pixels,
+                            draft_size_for(job.encoder))
+    pending, done, skipped = [], job.done, 0
+    for samples in image_loader(dataset, config.batch_size, workers if job.files else 0):
+        pending.append(encode_samples(samples, job.encoder, job.computer, job.schema))
         done += len(samples)
         skipped += sum(s.pixels is None for s in samples)
         if len(pending) >= config.shard_batches:
-            work.append(pa.concat_tables(pending))
+            job.work.append(pa.concat_tables(pending))
             pending = []
         if on_progress is not None:
-            on_progress(BuildProgress(done, total, skipped))
+            on_progress(BuildProgress(done, job.total, skipped))
     if pending:
-        work.append(pa.concat_tables(pending))
+        job.work.append(pa.concat_tables(pending))
+
+
+def encode_with_ray(job: EncodeJob, on_progress: Callable[[BuildProgress], None] | None) -> None:
+    """:func:`bayesretrieval.indexing.ray_engine.encode_with_ray` (imports Ray only when used)."""
+    from bayesretrieval.indexing import ray_engine
+
+    ray_engine.encode_with_ray(job, on_progress)
+
+
+ENGINES: dict[BuildEngine, Callable[[EncodeJob, Callable | None], None]] = {
+    BuildEngine.LOCAL: encode_locally,
+    BuildEngine.RAY: encode_with_ray,
+}
+"""Each engine's way to turn an :class:`EncodeJob` into work shards."""
 
 
 def _count_reasons(rows: list) -> dict:

@@ -2,13 +2,16 @@
 
 A build writes each group of finished batches to the ``shards/`` folder inside the
 index's work folder (temp file, fsync, rename), so a build killed at any point loses at
-most the batches since the last shard. The next run reads the shards back and encodes only what they lack. Shards are
-keyed by ``(path, file_size, mtime_ns)``; a changed file is encoded again. The work
-folder remembers the settings it was made with and is discarded when they differ.
+most the batches since the last shard. The next run reads the shards back and encodes only what they lack. Rows are
+keyed by ``(path, file_size, mtime_ns)``; a changed file is encoded again. A shard is
+named after the keys it holds, so writers on several machines never collide and a
+retried batch rewrites its own shard. The work folder remembers the settings it was
+made with and is discarded when they differ.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -32,6 +35,18 @@ def result_schema(embed_dim: int, variance: fmt.VarianceSpec, activation_dim: in
     items = fmt.items_schema(embed_dim, variance, activation_dim)
     fields = [f for f in items if f.name != "item_id"]
     return pa.schema(fields + [pa.field("reason", pa.string()), pa.field("detail", pa.string())])
+
+
+def shard_name(table: pa.Table) -> str:
+    """``shard-<hash>.parquet``: a hash of the table's ``(path, file_size, mtime_ns)`` keys.
+
+    Two writers of different rows never pick the same name, and the same rows always get
+    the same one.
+    """
+    digest = hashlib.sha256()
+    for column in ("path", "file_size", "mtime_ns"):
+        digest.update(json.dumps(table.column(column).to_pylist()).encode("utf-8"))
+    return f"shard-{digest.hexdigest()[:24]}.parquet"
 
 
 class WorkFolder:
@@ -64,17 +79,18 @@ class WorkFolder:
         return sorted(self.shards.glob("shard-*.parquet"))
 
     def read(self, schema: pa.Schema, columns: list | None = None) -> pa.Table:
-        """All rows of all shards, in write order (all or only ``columns``)."""
+        """All rows of all shards (all or only ``columns``)."""
         tables = [pq.read_table(path, schema=schema, columns=columns) for path in self._shard_files()]
         if columns is not None:
             schema = pa.schema([schema.field(name) for name in columns])
         return pa.concat_tables(tables) if tables else schema.empty_table()
 
     def append(self, table: pa.Table) -> Path:
-        """Write ``table`` as the next shard, durably (temp file, fsync, rename, fsync dir)."""
-        files = self._shard_files()
-        number = int(files[-1].stem.split("-")[1]) + 1 if files else 0
-        target = self.shards / f"shard-{number:06d}.parquet"
+        """Write ``table`` as a shard named after its keys, durably (temp file, fsync, rename, fsync dir).
+
+        Safe to call from several processes at once (:func:`shard_name`).
+        """
+        target = self.shards / shard_name(table)
         write_atomic(target, lambda handle: pq.write_table(table, handle))
         return target
 
