@@ -219,16 +219,38 @@ def evaluation(summary: dict) -> Blocks:
                              "stderr": s["failure_auroc_stderr"], "AURC": s["aurc"],
                              "Spearman bin vs R@1": s["binned_recall@1"]["spearman"],
                              "R^2": s["binned_recall@1"]["r2"]} for name, s in summary["signals"].items()])]
-    return [table(retrieval), *detection, "Calibration of the top pairs, held-out queries:", table(links)]
+    gains = ranking_gain_blocks(summary["ranking_gain"]) if "ranking_gain" in summary else []
+    return [table(retrieval), *gains, *detection, "Calibration of the top pairs, held-out queries:", table(links)]
+
+
+def ranking_gain_blocks(gains: dict) -> Blocks:
+    """Held-out precision@10 of each risk-averse score minus ``expected``'s, per query stratum."""
+    rows = []
+    for family, gain in gains.items():
+        for name, entry in [*gain["strata"].items(), ("pooled (weighted mean)", gain["pooled"])]:
+            rows.append({"score (kappa chosen on held-in)": gain["label"], "stratum": name,
+                         "queries": entry["queries"], "P@10 difference": _interval(entry, "difference", "ci", True)})
+    return ["Precision@10 of the risk-averse scores minus `expected`, held-out queries (95% paired bootstrap "
+            "intervals):", table(rows)]
 
 
 def calibration_benchmark(result: Record) -> Blocks:
     """Every estimator's evaluation, after the run's own scalars (gallery, queries, model)."""
     figures = result["figures"]
-    blocks = generic({key: value for key, value in figures.items() if key != "estimators"})
+    blocks = generic({key: value for key, value in figures.items() if key not in ("estimators", "task_prior")})
     for name, summary in figures["estimators"].items():
-        blocks += [f"**{name}**", *evaluation(summary)]
+        blocks.append(f"**{name}**")
+        if name == TASK_PRIOR:
+            prior = figures["task_prior"]
+            blocks.append(f"n x {prior['n_factor']:g}, lambda x {prior['lambda_factor']:g} of the evidence's, chosen "
+                          f"on {prior['pairs']} held-out training pairs by the retrieval log-likelihood: "
+                          f"{prior['log_likelihood']:.3f} against {prior['evidence_log_likelihood']:.3f}.")
+        blocks += evaluation(summary)
     return blocks
+
+
+TASK_PRIOR = "second_order, task prior"
+"""The retrieval benchmark's record key of the task-prior posterior's evaluation."""
 
 
 def calibration_summary(result: Record, estimator: str = "second_order") -> str:

@@ -73,6 +73,7 @@ from bayesretrieval.evaluation import (
 from bayesretrieval.evaluation.failures import failure_kinds, unseen_word_queries
 from bayesretrieval.indexing.pipeline import BuildConfig, build_index
 from bayesretrieval.posterior import PairReader, PosteriorFitter, PosteriorPair
+from bayesretrieval.posterior.task_prior import HeldOutPairs, tune_prior
 from bayesretrieval.queries import Searcher
 from bayesretrieval.queries.calibration import ProbitCalibration
 from bayesretrieval.queries.uncertainty import QuerySide
@@ -125,6 +126,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="result JSON")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates of every interval")
     parser.add_argument("--knn", type=int, default=10, help="k of the kNN-distance baseline")
+    parser.add_argument("--task-prior-pairs", type=int, default=1024,
+                        help="held-out training pairs the task prior is chosen on (0: skip the task prior)")
     return parser.parse_args(argv)
 
 
@@ -226,6 +229,29 @@ def fitting_activations(encoder: ClipEncoder, work: Path) -> tuple[torch.Tensor,
     text = encoder.encode_texts(world.captions).activations
     torch.save({"image": image, "text": text}, cached)
     return image, text, world.captions
+
+
+def task_prior_index(encoder: ClipEncoder, posterior: PosteriorPair, work: Path, args: argparse.Namespace) -> dict:
+    """Choose ``(n, lambda)`` on a fresh training world by the retrieval likelihood, and index the gallery with it.
+
+    Returns:
+        The choice (:func:`~bayesretrieval.posterior.task_prior.tune_prior`'s report, its grid
+        as ``factors`` and a ``log_likelihood`` matrix ``[n factor][lambda factor]``).
+    """
+    world = make_world(args.task_prior_pairs, seed=args.seed + 9, part="train")
+    cfg = encoder.model.visual.preprocess_cfg
+    images = encoder.encode_images(images_to_tensor(world.images, cfg["mean"], cfg["std"]))
+    texts = encoder.encode_texts(world.captions)
+    pairs = HeldOutPairs(images.embeds, images.activations, texts.embeds, texts.activations)
+    tuned, report = tune_prior(posterior, pairs, encoder.logit_scale)
+    build_index(work / "gallery", work / "index-task-prior", encoder, tuned, BuildConfig(workers=0))
+    cells = report.pop("grid")
+    factors = sorted({cell["n_factor"] for cell in cells})
+    grid = {(cell["n_factor"], cell["lambda_factor"]): cell["log_likelihood"] for cell in cells}
+    return {**report, "pairs": args.task_prior_pairs, "factors": factors,
+            "log_likelihood_grid": [[grid[(fn, fl)] for fl in factors] for fn in factors],
+            "lambda": [tuned.image.prior_precision, tuned.text.prior_precision],
+            "n": [tuned.image.pseudo_data_count, tuned.text.pseudo_data_count]}
 
 
 def activation_baselines(encoder: ClipEncoder, work: Path, images: np.ndarray, texts: list[str], k: int) -> dict:
@@ -441,6 +467,11 @@ def main(argv: list[str] | None = None) -> dict:
     for estimator in args.estimators:
         results["estimators"][estimator] = run_estimator(work / "index", encoder, estimator, texts, labels, fit,
                                                          item_ids, args.bootstrap)
+    if args.task_prior_pairs:
+        results["task_prior"] = task_prior_index(encoder, posterior, work, args)
+        results["estimators"][formatters.TASK_PRIOR] = run_estimator(
+            work / "index-task-prior", encoder, CosineEstimator.SECOND_ORDER.value, texts, labels, fit, item_ids,
+            args.bootstrap)
     results["seconds"] = time.perf_counter() - started
     path = record.save("retrieval_calibration", __file__, args, results, argv, args.output)
     print("\n\n".join(formatters.calibration_benchmark({"figures": results})))

@@ -7,7 +7,7 @@ import pytest
 from benchmark_scripts import benchmark_module
 
 ARGS = ["--size", "test", "--n-clean", "60", "--n-shift", "3", "--queries", "240", "--n-fit", "512",
-        "--estimators", "second_order", "--bootstrap", "100"]
+        "--estimators", "second_order", "--bootstrap", "100", "--task-prior-pairs", "128"]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,8 @@ def test_record_holds_the_figures_and_visible_labels_are_stricter(run):
 def test_every_figure_is_per_stratum_with_intervals_and_a_verdict(run):
     _, results, _ = run
     stratified = results["estimators"]["second_order"]["stratified"]
-    assert {"std", "item_scale", "lcb_flip", "cosine", "margin", "softmax", "item_mahalanobis", "item_knn",
-            "query_mahalanobis", "query_knn"} <= set(stratified["signals"])
+    assert {"std", "item_std", "probit_softmax", "item_scale", "lcb_flip", "cosine", "margin", "softmax",
+            "item_mahalanobis", "item_knn", "query_mahalanobis", "query_knn"} <= set(stratified["signals"])
     for view in ("visible", "scene"):
         query = stratified["views"][view]["query"]
         assert set(query["strata"]) == {"full", "partial-1", "partial-2", "partial-3"}
@@ -52,10 +52,27 @@ def test_every_figure_is_per_stratum_with_intervals_and_a_verdict(run):
     assert sum(k["count"] for k in failures["kinds"].values()) == failures["failures"] > 0
 
 
+def test_risk_averse_rankings_and_the_task_prior_are_measured_against_expected(run):
+    _, results, _ = run
+    summary = results["estimators"]["second_order"]
+    for family in ("lcb", "lcb_item"):
+        gain = summary["ranking_gain"][family]
+        assert gain["label"] in summary["retrieval"] and gain["label"].startswith(f"{family}(kappa=")
+        assert set(gain["strata"]) == {"full", "partial-1", "partial-2", "partial-3"}
+        assert gain["pooled"]["ci"][0] <= gain["pooled"]["difference"] <= gain["pooled"]["ci"][1]
+        assert gain["pooled"]["queries"] == summary["queries"]["held_out"]
+    prior = results["task_prior"]
+    assert prior["pairs"] == 128 and prior["log_likelihood"] >= prior["evidence_log_likelihood"]
+    assert max(max(row) for row in prior["log_likelihood_grid"]) == prior["log_likelihood"]
+    tuned = results["estimators"]["second_order, task prior"]
+    assert tuned["engine_check"]["agree"] == tuned["engine_check"]["queries"] and "stratified" in tuned
+
+
 def test_tables_render_from_the_record(run):
     script, _, saved = run
     text = "\n\n".join(script.formatters.calibration_benchmark(saved))
     assert "Failure AUROC, visible labels, query strata" in text and "pooled (weighted mean)" in text
     assert "Held-out failures by kind" in text
+    assert "Precision@10 of the risk-averse scores minus `expected`" in text and "**second_order, task prior**" in text
     summary = script.formatters.calibration_summary(saved)
     assert summary.startswith("| stratum | n | failures | std |") and "knowable" in summary

@@ -48,7 +48,7 @@ DEFAULT_SCORES = (
     ScoreSpec(ScoreName.MAP), ScoreSpec(ScoreName.EXPECTED),
     *(ScoreSpec(ScoreName.LCB, kappa) for kappa in (0.5, 1.0, 2.0)),
     *(ScoreSpec(ScoreName.UCB, kappa) for kappa in (0.5, 1.0, 2.0)),
-    *(ScoreSpec(ScoreName.LCB_ITEM, kappa) for kappa in (0.5, 1.0, 2.0, 4.0)),
+    *(ScoreSpec(ScoreName.LCB_ITEM, kappa) for kappa in (1.0, 2.0, 4.0, 8.0, 16.0)),
 )
 """The scores a benchmark reports: ``map``, ``expected``, and ``lcb`` / ``ucb`` / ``lcb_item`` at several kappas."""
 

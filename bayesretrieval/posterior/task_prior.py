@@ -21,7 +21,7 @@ import torch
 from bayesretrieval.posterior.io import PosteriorPair
 from bayesretrieval.similarity import DEFAULT_ESTIMATOR, CosineEstimator, cosine_moments
 
-DEFAULT_FACTORS = tuple(float(f) for f in np.geomspace(1e-3, 1e3, 13))
+DEFAULT_FACTORS = tuple(float(f) for f in np.geomspace(1e-4, 1e4, 17))
 """Multipliers of the posterior's own ``n`` and ``lambda`` searched (each axis)."""
 
 
