@@ -12,10 +12,12 @@ and time, per item, what build-index would compute:
 - ``lastblock/<form>``: tower plus the last block's Jacobians and ``S = J Sigma J^T``
   truncated to ``diag`` or ``lowrank:R`` (``item_covariance``).
 
-Each timing is the median over ``--repeats`` passes of seconds per item (batches of
-``--batch-size``). Storage per item: every index stores the mean (``D`` float32) and the
-six float64 scalars; each form adds its float32 covariance columns (``kfac``: none;
-``diag``: ``D``; ``lowrank:R``: ``(R+1) D``), the same size whichever posterior fills them.
+Timings run in ``--repeats`` interleaved rounds (each round one pass of every method over
+the gallery, batches of ``--batch-size``); the figures are medians over rounds of the
+seconds per item and of the ratio to the tower's pass in the same round. Storage per
+item: every index stores the mean (``D`` float32) and the six float64 scalars; each form
+adds its float32 covariance columns (``kfac``: none; ``diag``: ``D``; ``lowrank:R``:
+``(R+1) D``), the same size whichever posterior fills them.
 Also the fit time of both posteriors, and what the covariance holds: the share of
 ``tr S`` from layers other than the projection, the share of ``tr S`` in its top ``R``
 eigenpairs, and the Spearman correlation of ``tr S`` with the projection posterior's ``q``.
@@ -71,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n-items", type=int, default=512, help="gallery images timed")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch")
     parser.add_argument("--rank", type=int, default=8, help="R of the lowrank:R form")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes per method (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (median)")
     parser.add_argument("--work", type=Path, default=None,
                         help="world and posteriors, reused when present (default results/lastblock_cost_work, "
                              "results/lastblock_cost_quick_work)")
@@ -109,16 +111,12 @@ def fit_lastblock(encoder: ClipEncoder, work: Path,
     return posterior, seconds
 
 
-def timed(run: Callable[[torch.Tensor], object], images: torch.Tensor, batch_size: int, repeats: int) -> float:
-    """Median over ``repeats`` passes of the seconds per item of ``run`` over batches of ``images``."""
-    run(images[:batch_size])
-    passes = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for batch in images.split(batch_size):
-            run(batch)
-        passes.append((time.perf_counter() - started) / len(images))
-    return statistics.median(passes)
+def seconds_per_item(run: Callable[[torch.Tensor], object], images: torch.Tensor, batch_size: int) -> float:
+    """Seconds per item of one pass of ``run`` over batches of ``images``."""
+    started = time.perf_counter()
+    for batch in images.split(batch_size):
+        run(batch)
+    return (time.perf_counter() - started) / len(images)
 
 
 def projection_runner(encoder: ClipEncoder, posterior: PosteriorPair, form: str) -> Callable:
@@ -133,14 +131,23 @@ def projection_runner(encoder: ClipEncoder, posterior: PosteriorPair, form: str)
 
 
 def timings(encoder, posterior, lastblock, images, args) -> dict:
-    """Seconds per item of every method (see the module docstring)."""
+    """Seconds per item of every method and its ratio to the tower, medians over interleaved rounds.
+
+    Every round times one pass of each method in turn, so a change in the machine's load
+    between rounds moves all methods alike, and the ratios are taken within a round.
+    """
     forms = ["diag", f"lowrank:{args.rank}"]
     runners = {"tower": encoder.encode_image_batch}
     runners.update({f"projection/{form}": projection_runner(encoder, posterior, form) for form in ["kfac", *forms]})
     runners.update({f"lastblock/{form}": (lambda batch, form=form: item_covariance(encoder, lastblock, batch, form,
                                                                                      args.batch_size))
                     for form in forms})
-    return {name: timed(run, images, args.batch_size, args.repeats) for name, run in runners.items()}
+    for run in runners.values():
+        run(images[:args.batch_size])
+    rounds = [{name: seconds_per_item(run, images, args.batch_size) for name, run in runners.items()}
+              for _ in range(args.repeats)]
+    return {"seconds_per_item": {name: statistics.median(r[name] for r in rounds) for name in runners},
+            "ratio_to_tower": {name: statistics.median(r[name] / r["tower"] for r in rounds) for name in runners}}
 
 
 def storage(embed_dim: int, rank: int) -> dict:
@@ -175,11 +182,11 @@ def gallery(encoder: ClipEncoder, args: argparse.Namespace) -> torch.Tensor:
 
 def table(figures: dict) -> str:
     """The cost table: seconds per item (ms), ratio to the tower alone, covariance-column bytes per item."""
-    tower = figures["seconds_per_item"]["tower"]
     lines = ["| method | ms per item | x tower | covariance columns, bytes per item |", "|---|---|---|---|"]
     for name, seconds in figures["seconds_per_item"].items():
         columns = figures["bytes_per_item"].get(name.split("/")[-1], 0)
-        lines.append(f"| {name} | {1000 * seconds:.3f} | {seconds / tower:.1f} | {columns} |")
+        ratio = figures["ratio_to_tower"][name]
+        lines.append(f"| {name} | {1000 * seconds:.3f} | {ratio:.2f} | {columns} |")
     sizes = figures["bytes_per_item"]
     lines.append(f"\nevery index also stores the mean ({sizes['mean']} B) and the scalars ({sizes['scalars']} B)")
     return "\n".join(lines)
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
         "layers": {name: [layer.in_features, layer.out_features] for name, layer in lastblock.layers.items()},
         "fit_seconds": {"projection": projection_fit, "lastblock": lastblock_fit, "pairs": lastblock.num_pairs},
         "lambda": {"projection_image": posterior.image.prior_precision, "lastblock": lastblock.prior_precision},
-        "seconds_per_item": timings(encoder, posterior, lastblock, images, args),
+        **timings(encoder, posterior, lastblock, images, args),
         "bytes_per_item": storage(encoder.embed_dim, args.rank),
         "covariance": covariance_content(encoder, posterior, lastblock, images, args.rank),
         "torch_threads": torch.get_num_threads(),

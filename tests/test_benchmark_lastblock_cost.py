@@ -16,6 +16,8 @@ def test_quick_run_records_every_method_and_form(tmp_path):
     assert set(figures["seconds_per_item"]) == {"tower", "projection/kfac", *(f"{p}/{f}" for p in
                                                 ("projection", "lastblock") for f in forms)}
     assert all(seconds > 0 for seconds in figures["seconds_per_item"].values())
+    assert figures["ratio_to_tower"]["tower"] == 1.0
+    assert set(figures["ratio_to_tower"]) == set(figures["seconds_per_item"])
     assert figures["bytes_per_item"] == {"mean": 4 * dim, "scalars": 48, "kfac": 0, "diag": 4 * dim,
                                          f"lowrank:{rank}": 4 * (rank + 1) * dim}
     assert figures["fit_seconds"]["pairs"] == script.QUICK["n_fit"] and figures["fit_seconds"]["lastblock"] > 0
