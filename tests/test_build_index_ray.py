@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import PROJECT_ROOT, make_bad_corpus, random_posterior, save_tiny_checkpoint, write_images
 
 from bayesretrieval.cli import main
 from bayesretrieval.encoders import ClipEncoder
-from bayesretrieval.indexing import BuildConfig, build_index
+from bayesretrieval.indexing import BuildConfig, build_index, build_index_from_embeddings
 from bayesretrieval.indexing.ray_engine import INSTALL_HINT, RayUnavailableError
 from bayesretrieval.options import TINY_MODEL
 from bayesretrieval.store import IndexReader
@@ -158,6 +160,32 @@ def test_a_killed_driver_leaves_the_version_and_a_rerun_reuses_its_shards(ray_ad
     report = build_index(images, tmp_path / "idx", encoder, posterior, ray_config(batch_size=2, shard_batches=8))
     assert report.resumed >= 3 * 16 and report.resumed + report.encoded == 200 and report.reused == 30
     assert_same_index(tmp_path / "idx", local_build(tmp_path, images, encoder, posterior))
+
+
+def test_precomputed_embeddings_through_ray_equal_the_local_build(ray_address, setup, tmp_path):
+    _, encoder, posterior = setup
+    rng = np.random.default_rng(5)
+    n = 300
+    embeddings = rng.normal(size=(n, 64))
+    embeddings[7, 3] = np.nan  # bad_embedding
+    activations = rng.normal(size=(n, 64)).tolist()
+    activations[11] = activations[11][:10]  # bad_embedding: wrong width
+    paths = [f"remote/{i:04d}.jpg" for i in range(n)]
+    paths[250], paths[40] = paths[20], paths[7]  # duplicates across row groups; the NaN row's path stays free
+    table = pa.table({"image_path": paths, "embedding": embeddings.tolist(), "activation": activations,
+                      "variance_diag": rng.random((n, 64)).tolist()})
+    pq.write_table(table, tmp_path / "emb.parquet", row_group_size=64)
+    ray_report = build_index_from_embeddings(tmp_path / "emb.parquet", tmp_path / "ray", posterior, encoder.identity,
+                                             ray_config(store_activations=True))
+    local_report = build_index_from_embeddings(tmp_path / "emb.parquet", tmp_path / "local", posterior,
+                                               encoder.identity, BuildConfig(store_activations=True))
+    assert ray_report.skipped == local_report.skipped == {"bad_embedding": 2, "duplicate_id": 1}
+    got, want = IndexReader.open(tmp_path / "ray"), IndexReader.open(tmp_path / "local")
+    np.testing.assert_array_equal(got.item_ids, want.item_ids)
+    assert got.paths(got.item_ids) == want.paths(want.item_ids) and "remote/0007.jpg" in got.paths(got.item_ids)
+    for name in ("means", "scalars", "variance_diag", "activations"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+    assert got.read_skipped().to_pylist() == want.read_skipped().to_pylist()
 
 
 def test_without_ray_the_engine_says_how_to_install_it(setup, tmp_path, monkeypatch, capsys):

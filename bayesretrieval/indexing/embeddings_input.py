@@ -16,6 +16,11 @@ The input is a Parquet table with one row per item:
 
 Rows with a wrong length or non-finite values are skipped as ``bad_embedding``; repeated
 ids or paths as ``duplicate_id``.
+
+Both engines run the same two steps: :func:`check_rows` validates a block of rows and
+computes their posterior scalars (the whole file in this process, or each block in a Ray
+Data task with ``engine="ray"``), then :func:`embedding_table` keeps each id or path's
+first valid row on the driver, which assigns ids and publishes as for images.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -33,6 +39,7 @@ from bayesretrieval.indexing.assemble import skipped_table
 from bayesretrieval.indexing.existing import index_lock, previous_items
 from bayesretrieval.indexing.pipeline import BuildConfig, BuildReport
 from bayesretrieval.indexing.scalars import ScalarComputer
+from bayesretrieval.options import BuildEngine
 from bayesretrieval.posterior import PosteriorPair, posterior_for_model
 from bayesretrieval.skips import SkipReason
 from bayesretrieval.store import CovarianceForm, ItemArrays, VarianceSpec, VersionInfo, write_version
@@ -57,7 +64,8 @@ class EmbeddingTable:
         explicit_ids: ``(n,)`` int64 ids from the file, or ``None`` (ids by path).
         paths: ``n`` paths (the id as text when the file has no paths).
         means: ``(n, D)`` float32.
-        scales: ``(n,)`` float64 (zeros when the file has neither scale nor activation).
+        scalars: ``(n, 6)`` float64 posterior scalars (:data:`~bayesretrieval.store.SCALAR_COLUMNS`;
+            the scale ``q`` is zero when the file has neither scale nor activation).
         variance: the variance columns found.
         variance_diag: ``(n, D)`` float32 or ``None``.
         variance_lowrank: ``(n, r, D)`` float32 or ``None``.
@@ -68,7 +76,7 @@ class EmbeddingTable:
     explicit_ids: np.ndarray | None
     paths: list
     means: np.ndarray
-    scales: np.ndarray
+    scalars: np.ndarray
     variance: VarianceSpec
     variance_diag: np.ndarray | None
     variance_lowrank: np.ndarray | None
@@ -76,61 +84,145 @@ class EmbeddingTable:
     activations: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class EmbeddingColumns:
+    """Which column of an embeddings file plays each role of :data:`COLUMN_NAMES`, and the low-rank rank.
+
+    Attributes:
+        names: role -> column name, or ``None`` when the file lacks the role.
+        rank: rows per item of ``variance_lowrank`` (0 without it).
+        dim: the posterior's ``D``.
+    """
+
+    names: dict
+    rank: int
+    dim: int
+
+    @property
+    def variance(self) -> VarianceSpec:
+        """The variance columns the file provides."""
+        if self.rank:
+            return VarianceSpec(CovarianceForm.LOWRANK, self.rank)
+        return VarianceSpec(CovarianceForm.DIAG if self.names["variance_diag"] else CovarianceForm.KFAC)
+
+
 def _find(names: list, role: str) -> str | None:
     return next((n for n in COLUMN_NAMES[role] if n in names), None)
 
 
-def read_embeddings(path: str | Path, posterior: PosteriorPair) -> EmbeddingTable:
-    """Read and validate a precomputed-embeddings Parquet for a posterior of dimension D.
+def embedding_columns(path: str | Path, posterior: PosteriorPair) -> EmbeddingColumns:
+    """Find the roles' columns in ``path``'s schema, and the low-rank rank from its first non-null value.
 
     Raises:
-        ValueError: if the id/path or embedding column is missing.
+        ValueError: if the id/path or embedding column is missing, or the low-rank size
+            is not a multiple of ``D``.
     """
-    table = pq.read_table(path)
-    names = table.column_names
+    file = pq.ParquetFile(path)
+    names = file.schema_arrow.names
     cols = {role: _find(names, role) for role in COLUMN_NAMES}
     if cols["embedding"] is None or (cols["item_id"] is None and cols["path"] is None):
         raise ValueError(
             f"{path}: expected an embedding column ({', '.join(COLUMN_NAMES['embedding'])}) and an id "
             f"or path column ({', '.join(COLUMN_NAMES['item_id'] + COLUMN_NAMES['path'])}); got {names}"
         )
-    dim = posterior.image.out_features
-    ids = table.column(cols["item_id"]).to_pylist() if cols["item_id"] else None
-    paths = table.column(cols["path"]).to_pylist() if cols["path"] else [str(i) for i in ids]
+    dim, rank = posterior.image.out_features, 0
+    if cols["variance_lowrank"]:
+        for group in range(file.num_row_groups):
+            values = file.read_row_group(group, columns=[cols["variance_lowrank"]]).column(0).to_pylist()
+            rank = _lowrank_rank(values, dim)
+            if rank:
+                break
+    return EmbeddingColumns(cols, rank, dim)
+
+
+def read_embeddings(path: str | Path, posterior: PosteriorPair) -> EmbeddingTable:
+    """Read and validate a precomputed-embeddings Parquet for a posterior of dimension D, in this process.
+
+    Raises:
+        ValueError: if the id/path or embedding column is missing.
+    """
+    columns = embedding_columns(path, posterior)
+    return embedding_table(check_rows(pq.read_table(path), columns, posterior), columns)
+
+
+def check_rows(table: pa.Table, columns: EmbeddingColumns, posterior: PosteriorPair) -> dict:
+    """Validate one block of rows and compute their posterior scalars (a Ray task, or the whole file).
+
+    Returns:
+        Numpy columns, one row per input row: ``key`` (the id, or the path, as text) and
+        ``has_key`` (whether the row has one), ``path``,
+        ``reason`` and ``detail`` (``""`` for a valid row), ``embedding`` ``(n, D)``,
+        ``scalars`` ``(n, 6)`` and, when the file has them, ``variance_diag`` ``(n, D)``,
+        ``variance_lowrank`` ``(n, r * D)`` and ``activation`` ``(n, h)``; numbers are
+        zeros for invalid rows. Duplicates are left to :func:`embedding_table`.
+    """
+    cols, dim, rank = columns.names, columns.dim, columns.rank
     rows = {role: table.column(c).to_pylist() if c else None for role, c in cols.items()}
-    rank = _lowrank_rank(rows["variance_lowrank"], dim)
+    ids = rows["item_id"]
+    paths = rows["path"] if rows["path"] is not None else [str(i) for i in ids]
+    problems = [_row_problem(rows, i, dim, rank, posterior.image.in_features) for i in range(len(table))]
+    ok = np.asarray([problem is None for problem in problems], bool)
+    sizes = {"embedding": dim, "variance_diag": dim, "variance_lowrank": rank * dim,
+             "activation": posterior.image.in_features, "scale": 1}
+    arrays = {role: _dense(rows[role], ok, size) for role, size in sizes.items() if rows[role] is not None}
+    scales = arrays.get("scale", np.zeros((len(table), 1)))[:, 0]
+    if "scale" not in arrays and "activation" in arrays:
+        scales = posterior.image.activation_scale(arrays["activation"]).numpy()
+    means = arrays["embedding"].astype(np.float32)
+    scalars = ScalarComputer(posterior).from_scales(torch.from_numpy(means), torch.from_numpy(scales)).scalars
+    keys = ids if ids is not None else paths
+    out = {"key": np.asarray(["" if key is None else str(key) for key in keys], dtype=object),
+           "has_key": np.asarray([key is not None for key in keys], bool),
+           "path": np.asarray([str(p) for p in paths], dtype=object),
+           "reason": np.asarray(["" if p is None else p[0].value for p in problems], dtype=object),
+           "detail": np.asarray(["" if p is None else p[1] for p in problems], dtype=object),
+           "scalars": np.where(ok[:, None], scalars, 0.0)}
+    out.update({role: arrays[role].astype(np.float32) for role in ("embedding", "variance_diag", "variance_lowrank",
+                                                                   "activation") if role in arrays})
+    return out
+
+
+def _dense(values: list, ok: np.ndarray, size: int) -> np.ndarray:
+    """``(n, size)`` float64 of the valid rows' values, zeros elsewhere."""
+    out = np.zeros((len(values), size))
+    for i in np.flatnonzero(ok):
+        out[i] = np.asarray(values[i], dtype=np.float64).reshape(-1)
+    return out
+
+
+def embedding_table(rows: dict, columns: EmbeddingColumns) -> EmbeddingTable:
+    """The valid rows of :func:`check_rows` (all blocks, in file order), each id or path's first one kept.
+
+    A later row with an id or path already kept, or with none, is skipped as ``duplicate_id``.
+    """
     keep, skipped, seen = [], [], set()
-    for i, key in enumerate(ids if ids is not None else paths):
-        problem = _row_problem(rows, i, dim, rank, posterior.image.in_features)
-        if problem is None and (key is None or key in seen):
-            problem = (SkipReason.DUPLICATE_ID, f"{cols['item_id'] or cols['path']} {key!r} repeated or missing")
+    key_column = columns.names["item_id"] or columns.names["path"]
+    for i, key in enumerate(rows["key"]):
+        problem = (rows["reason"][i], rows["detail"][i]) if rows["reason"][i] else None
+        if problem is None and (not rows["has_key"][i] or key in seen):
+            shown = _key_value(key, columns) if rows["has_key"][i] else None
+            problem = (SkipReason.DUPLICATE_ID.value, f"{key_column} {shown!r} repeated or missing")
         if problem is not None:
-            skipped.append({"path": str(paths[i]), "reason": problem[0].value, "detail": problem[1]})
+            skipped.append({"path": str(rows["path"][i]), "reason": problem[0], "detail": problem[1]})
             continue
         seen.add(key)
         keep.append(i)
-    pick = lambda role, shape: None if rows[role] is None else np.asarray(  # noqa: E731
-        [rows[role][i] for i in keep], np.float64).reshape(len(keep), *shape)
-    means = pick("embedding", (dim,))
-    scales = np.zeros(len(keep))
-    activations = None if rows["activation"] is None else pick("activation", (-1,))
-    if rows["scale"] is not None:
-        scales = pick("scale", ())
-    elif activations is not None:
-        scales = posterior.image.activation_scale(activations).numpy()
-    activations = None if activations is None else activations.astype(np.float32)
-    lowrank = pick("variance_lowrank", (rank, dim)) if rank else None
-    diag = pick("variance_diag", (dim,))
-    if lowrank is not None and diag is None:
-        diag = np.zeros((len(keep), dim))
-    spec = VarianceSpec(CovarianceForm.LOWRANK, rank) if rank else VarianceSpec(
-        CovarianceForm.DIAG if diag is not None else CovarianceForm.KFAC)
+    keep = np.asarray(keep, np.int64)
+    pick = lambda role: rows[role][keep] if role in rows else None  # noqa: E731
+    diag, lowrank = pick("variance_diag"), pick("variance_lowrank")
+    if lowrank is not None:
+        lowrank = lowrank.reshape(len(keep), columns.rank, columns.dim)
+        diag = np.zeros((len(keep), columns.dim), np.float32) if diag is None else diag
     return EmbeddingTable(
-        np.asarray([ids[i] for i in keep], np.int64) if ids is not None else None,
-        [str(paths[i]) for i in keep], means.astype(np.float32), scales, spec,
-        None if diag is None else diag.astype(np.float32),
-        None if lowrank is None else lowrank.astype(np.float32), skipped, activations,
+        np.asarray([int(key) for key in rows["key"][keep]], np.int64) if columns.names["item_id"] else None,
+        [str(p) for p in rows["path"][keep]], pick("embedding"), pick("scalars").astype(np.float64),
+        columns.variance, diag, lowrank, skipped, pick("activation"),
     )
+
+
+def _key_value(key: str, columns: EmbeddingColumns) -> int | str:
+    """A row's id (an int) or path, back from the text :func:`check_rows` carries it as."""
+    return int(key) if columns.names["item_id"] else key
 
 
 def _lowrank_rank(values: list | None, dim: int) -> int:
@@ -180,7 +272,8 @@ def build_index_from_embeddings(
     config = config or BuildConfig()
     started = time.perf_counter()
     posterior = posterior_for_model(posterior, model, config.force_posterior)
-    data = read_embeddings(embeddings_file, posterior)
+    data = (read_embeddings_with_ray(embeddings_file, posterior, config.ray_address)
+            if config.engine is BuildEngine.RAY else read_embeddings(embeddings_file, posterior))
     if config.store_activations and data.activations is None:
         raise ValueError(f"--store-activations needs an 'activation' column in {embeddings_file} "
                          f"({posterior.image.in_features} floats per row, the image tower's pre-projection output)")
@@ -190,10 +283,9 @@ def build_index_from_embeddings(
         previous = previous_items(index_dir, model, posterior, data.variance, "embeddings", config.rebuild,
                                   config.store_activations)
         ids, next_id = _assign_ids(data, previous)
-        uncertainty = ScalarComputer(posterior).from_scales(torch.from_numpy(data.means), torch.from_numpy(data.scales))
         unknown = np.full(len(ids), -1)
         items = ItemArrays(ids, data.paths, unknown, unknown, unknown.astype(np.int32), unknown.astype(np.int32),
-                           data.means, uncertainty.scalars, data.variance_diag, data.variance_lowrank,
+                           data.means, data.scalars, data.variance_diag, data.variance_lowrank,
                            data.activations if config.store_activations else None)
         info = VersionInfo("embeddings", str(Path(embeddings_file).resolve()), model.to_dict(), data.variance,
                            config.faiss_factory, next_id)
@@ -203,6 +295,19 @@ def build_index_from_embeddings(
     for row in data.skipped:
         reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
     return BuildReport(manifest, True, len(ids), 0, 0, removed, reasons, time.perf_counter() - started)
+
+
+def read_embeddings_with_ray(path: str | Path, posterior: PosteriorPair, ray_address: str | None = None
+                             ) -> EmbeddingTable:
+    """:func:`read_embeddings` with the rows checked and their scalars computed in Ray Data tasks.
+
+    The file is read by Ray (the path must be visible to every node); the driver keeps
+    each id or path's first valid row, in file order.
+    """
+    from bayesretrieval.indexing.ray_engine import check_rows_with_ray
+
+    columns = embedding_columns(path, posterior)
+    return embedding_table(check_rows_with_ray(path, columns, posterior, ray_address), columns)
 
 
 def _assign_ids(data: EmbeddingTable, previous) -> tuple[np.ndarray, int]:

@@ -187,6 +187,23 @@ def decoded_samples(batch: dict) -> list[DecodedSample]:
     return samples
 
 
+def check_rows_with_ray(path, columns, posterior, address: str | None = None) -> dict:
+    """:func:`~bayesretrieval.indexing.embeddings_input.check_rows` over an embeddings file's blocks, in Ray tasks.
+
+    Returns:
+        The blocks' columns concatenated in file order.
+    """
+    from bayesretrieval.indexing.embeddings_input import check_rows
+
+    ray = import_ray()
+    with _connected(ray, address), _quiet_data_context(ray, preserve_order=True):
+        checked = ray.data.read_parquet(str(path)).map_batches(
+            check_rows, batch_size=None, batch_format="pyarrow", num_cpus=1, max_retries=DECODE_RETRIES,
+            fn_kwargs={"columns": columns, "posterior": posterior})
+        blocks = list(checked.iter_batches(batch_size=None, batch_format="numpy"))
+    return {name: np.concatenate([block[name] for block in blocks]) for name in blocks[0]}
+
+
 @contextlib.contextmanager
 def _connected(ray, address: str | None) -> Iterator[None]:
     """Use the Ray instance this process is connected to, else connect (or start one) for the block."""
@@ -201,12 +218,18 @@ def _connected(ray, address: str | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet_data_context(ray) -> Iterator[None]:
-    """Ray Data without its own progress bars and start-up prints (the command shows one bar)."""
+def _quiet_data_context(ray, preserve_order: bool = False) -> Iterator[None]:
+    """Ray Data without its own progress bars and start-up prints (the command shows one bar).
+
+    ``preserve_order`` makes the output follow the input's order (slower; for results
+    whose meaning depends on it).
+    """
     context = ray.data.DataContext.get_current()
-    saved = context.enable_progress_bars, context.print_on_execution_start
+    options = context.execution_options
+    saved = context.enable_progress_bars, context.print_on_execution_start, options.preserve_order
     context.enable_progress_bars, context.print_on_execution_start = False, False
+    options.preserve_order = preserve_order
     try:
         yield
     finally:
-        context.enable_progress_bars, context.print_on_execution_start = saved
+        context.enable_progress_bars, context.print_on_execution_start, options.preserve_order = saved
