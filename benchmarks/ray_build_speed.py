@@ -53,7 +53,7 @@ RAY_OBJECT_STORE = 512 * 2**20
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parse the image count and size, batch size, decode workers, repeats, quick mode and output."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=160)
+    parser.add_argument("--images", type=int, default=640)
     parser.add_argument("--image-size", type=int, nargs=2, default=[320, 240], metavar=("W", "H"))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--shard-batches", type=int, default=2, help="batches per shard (both engines)")

@@ -113,10 +113,11 @@ def encode_samples(
     columns = {name: [] for name in schema.names}
     if good:
         encoded = encoder.encode_image_batch(torch.stack([s.pixels for s in good]))
-        uncertainty = computer.from_activations(encoded.embeds, encoded.activations)
-        means = encoded.embeds.float().cpu().numpy()
+        embeds, activations = encoded.embeds.cpu(), encoded.activations.cpu()  # the posterior lives on the CPU
+        uncertainty = computer.from_activations(embeds, activations)
+        means = embeds.float().numpy()
         extras = {"variance_diag": uncertainty.variance_diag, "variance_lowrank": uncertainty.variance_lowrank,
-                  "activation": encoded.activations.float().cpu().numpy()}
+                  "activation": activations.float().numpy()}
         for i, sample in enumerate(good):
             _append_row(columns, sample, means[i], uncertainty.scalars[i], extras, i)
     zero_scalars = np.zeros(len(SCALAR_COLUMNS))

@@ -102,8 +102,10 @@ def _dataset(ray, job: EncodeJob):
     rows_per_shard = config.batch_size * config.shard_batches
     keys = pa.table({name: [getattr(f, name) for f in job.files] for name in KEY_COLUMNS})
     blocks = [keys.slice(start, rows_per_shard) for start in range(0, len(keys), rows_per_shard)]
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
     actors = config.ray_actors or max(gpus, 1)
+    threads = 1 if gpus else max(1, int(resources.get("CPU", 1)) // actors)
     preprocess = job.encoder.preprocess
     decoded = ray.data.from_arrow(blocks).map_batches(
         decode_batch, batch_size=None, batch_format="pyarrow", num_cpus=1, max_retries=DECODE_RETRIES,
@@ -114,8 +116,8 @@ def _dataset(ray, job: EncodeJob):
         ShardEncoder, batch_size=rows_per_shard, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
         fn_constructor_kwargs={"model": job.encoder.identity.to_dict(), "device": "cuda" if gpus else "cpu",
-                               "computer": job.computer, "work": job.work, "schema": job.schema,
-                               "batch_size": config.batch_size})
+                               "threads": threads, "computer": job.computer, "work": job.work,
+                               "schema": job.schema, "batch_size": config.batch_size})
 
 
 def decode_batch(keys: pa.Table, root: str, preprocess, max_pixels: int, draft_size: int | None,
@@ -148,6 +150,11 @@ class ShardEncoder:
         model: the driver's :class:`~bayesretrieval.encoders.ModelIdentity` as a dict; the
             actor loads the same weights (a checkpoint path must be readable where it runs).
         device: where the actor runs the model.
+        threads: torch's thread count in the actor. On a cluster without GPUs an actor
+            reserves one CPU (the rest stay free for the decode tasks' scheduling) but runs
+            its model on the cluster's CPUs shared among the actors, as the local engine
+            runs its model on every core beside its loader processes: decoding costs a few
+            percent of encoding (``benchmarks/ray_build_speed.py``).
         computer: the posterior scalars per item.
         work: the build's work folder.
         schema: the shards' schema.
@@ -157,8 +164,9 @@ class ShardEncoder:
         ValueError: if the weights the actor loads are not the driver's (another checkpoint sha256).
     """
 
-    def __init__(self, model: dict, device: str, computer: ScalarComputer, work: WorkFolder, schema: pa.Schema,
-                 batch_size: int):
+    def __init__(self, model: dict, device: str, threads: int, computer: ScalarComputer, work: WorkFolder,
+                 schema: pa.Schema, batch_size: int):
+        torch.set_num_threads(threads)
         identity = ModelIdentity.from_dict(model)
         self.encoder = ClipEncoder.from_pretrained(identity.model_name, identity.pretrained, device=device)
         if not self.encoder.identity.matches(identity):
