@@ -366,6 +366,35 @@ def serve_load(result: Record) -> Blocks:
             f"p50 {updates['p50_ms']:.0f} ms, p99 {updates['p99_ms']:.0f} ms.", table(versions)]
 
 
+def ray_build_speed(result: Record) -> Blocks:
+    """The paired runs of both engines, the ratio and where Ray's extra time goes, and the stage costs."""
+    figures, config = result["figures"], result["config"]
+    ratio = figures["ratio"]
+    stages = figures["stages"]
+    encode = stages["encode_s_per_image"]
+    stage_rows = [
+        {"stage": "decode + preprocess, s per image on one core",
+         "value": stages["decode_preprocess_s_per_image_one_core"]},
+        *({"stage": f"encode {figures['model']}, s per image, torch {name.split('_')[1]} thread(s)", "value": value}
+          for name, value in encode.items()),
+        {"stage": "posterior scalars, s per image", "value": stages["scalars_s_per_image"]},
+        {"stage": f"work shards ({stages['rows_per_shard']} rows each) write + read, s per image",
+         "value": stages["shard_write_read_s_per_image"]},
+        {"stage": "work shard bytes per image", "value": stages["shard_bytes_per_image"]},
+        {"stage": f"assemble + publish a {stages['publish_items']}-item version (Flat), s per item",
+         "value": stages["publish_s_per_item"]},
+        {"stage": "Ray build of one batch (actors, model load, pipeline start), s",
+         "value": figures["ray_fixed_s_per_build"]},
+        {"stage": "Ray start-up (ray.init, once per process), s", "value": figures["ray_start_s"]},
+    ]
+    return [f"{config['images']} JPEGs of {config['image_size'][0]} x {config['image_size'][1]}, {figures['model']}, "
+            f"{figures['cpus']} CPUs. Ray / local images per second: **{ratio['median']:.3f}** paired median "
+            f"(quartiles {ratio['q1']:.3f}-{ratio['q3']:.3f}); Ray's extra seconds per build "
+            f"{figures['extra_s_per_build']['median']:.1f}, of which a one-batch Ray build takes "
+            f"{figures['ray_fixed_s_per_build']:.1f}.",
+            table(figures["runs"]), "Stage costs, measured alone:", table(stage_rows)]
+
+
 FORMATTERS: dict[str, Callable[[Record], Blocks]] = {
     "cosine_accuracy": cosine_accuracy,
     "search_speed": search_speed,
@@ -375,6 +404,7 @@ FORMATTERS: dict[str, Callable[[Record], Blocks]] = {
     "query_warnings": query_warnings,
     "zero_shot_calibration": zero_shot_calibration,
     "serve_load": serve_load,
+    "ray_build_speed": ray_build_speed,
 }
 """Formatter per benchmark script (file name without ``.py``); the others use :func:`generic`."""
 
@@ -435,11 +465,21 @@ def serve_headline(result: Record) -> list[tuple[str, str]]:
             for workers, entry in figures["summary"].items() if workers != "in_process_qps"]
 
 
+def ray_build_headline(result: Record) -> list[tuple[str, str]]:
+    """Images per second of build-index on a local Ray instance over the local engine, paired."""
+    figures, config = result["figures"], result["config"]
+    ratio = figures["ratio"]
+    return [(f"build-index `--engine ray` / local engine, {figures['model']}, {config['images']} images, "
+             f"{figures['cpus']} cores", f"{ratio['median']:.2f} paired median (quartiles {ratio['q1']:.2f}-"
+             f"{ratio['q3']:.2f})")]
+
+
 HEADLINES: dict[str, Callable[[Record], list[tuple[str, str]]]] = {
     "search_speed": search_headline,
     "cosine_accuracy": cosine_headline,
     "retrieval_calibration": calibration_headline,
     "build_index_speed": build_headline,
+    "ray_build_speed": ray_build_headline,
     "serve_load": serve_headline,
 }
 """Headline ``(figure, value)`` rows per record name, in the README's order."""
