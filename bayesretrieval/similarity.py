@@ -412,7 +412,12 @@ def probabilistic_logits(
 
 def probit_probabilities(logit_mean: torch.Tensor, logit_var: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Probit-approximated softmax ``softmax(mean / sqrt(1 + pi/8 var))`` (docs/math.md section 6)."""
-    return torch.softmax(logit_mean / torch.sqrt(1 + math.pi / 8 * logit_var), dim=dim)
+    return probit_log_probabilities(logit_mean, logit_var, dim).exp()
+
+
+def probit_log_probabilities(logit_mean: torch.Tensor, logit_var: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The log of :func:`probit_probabilities`, computed stably (for likelihoods)."""
+    return torch.log_softmax(logit_mean / torch.sqrt(1 + math.pi / 8 * logit_var), dim=dim)
 
 
 def _float64(values) -> torch.Tensor:

@@ -12,14 +12,13 @@ task-level fit of two numbers, the Bayesian analogue of temperature scaling.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from bayesretrieval.posterior.io import PosteriorPair
-from bayesretrieval.similarity import DEFAULT_ESTIMATOR, CosineEstimator, cosine_moments
+from bayesretrieval.similarity import DEFAULT_ESTIMATOR, CosineEstimator, cosine_moments, probit_log_probabilities
 
 DEFAULT_FACTORS = tuple(float(f) for f in np.geomspace(1e-4, 1e4, 17))
 """Multipliers of the posterior's own ``n`` and ``lambda`` searched (each axis)."""
@@ -49,8 +48,7 @@ def retrieval_log_likelihood(posterior: PosteriorPair, pairs: HeldOutPairs, logi
                                posterior.image.output_cov, pairs.text_means.double(),
                                posterior.text.activation_scale(pairs.text_activations), posterior.text.output_cov,
                                estimator)  # (images, captions)
-    logits = logit_scale * mean / torch.sqrt(1.0 + math.pi / 8.0 * logit_scale**2 * var)
-    return float(torch.log_softmax(logits, dim=0).diagonal().mean())
+    return float(probit_log_probabilities(logit_scale * mean, logit_scale**2 * var, dim=0).diagonal().mean())
 
 
 def tune_prior(posterior: PosteriorPair, pairs: HeldOutPairs, logit_scale: float,
