@@ -237,7 +237,8 @@ def ranking_gain_blocks(gains: dict) -> Blocks:
 def calibration_benchmark(result: Record) -> Blocks:
     """Every estimator's evaluation, after the run's own scalars (gallery, queries, model)."""
     figures = result["figures"]
-    blocks = generic({key: value for key, value in figures.items() if key not in ("estimators", "task_prior")})
+    blocks = generic({key: value for key, value in figures.items()
+                      if key not in ("estimators", "task_prior", "lastblock")})
     for name, summary in figures["estimators"].items():
         blocks.append(f"**{name}**")
         if name == TASK_PRIOR:
@@ -245,12 +246,19 @@ def calibration_benchmark(result: Record) -> Blocks:
             blocks.append(f"n x {prior['n_factor']:g}, lambda x {prior['lambda_factor']:g} of the evidence's, chosen "
                           f"on {prior['pairs']} held-out training pairs by the retrieval log-likelihood: "
                           f"{prior['log_likelihood']:.3f} against {prior['evidence_log_likelihood']:.3f}.")
+        if name == LAST_BLOCK:
+            block = figures["lastblock"]
+            blocks.append(f"Posterior over the last block's {block['scope']} layers and the projection (lambda "
+                          f"{block['lambda']:.3g}); each item's embedding covariance stored as its diagonal, "
+                          f"{1000 * block['seconds_per_item']:.1f} ms per item to compute.")
         blocks += evaluation(summary)
     return blocks
 
 
 TASK_PRIOR = "second_order, task prior"
 """The retrieval benchmark's record key of the task-prior posterior's evaluation."""
+LAST_BLOCK = "second_order, last block"
+"""Its record key of the last-block posterior's index (per-item diagonal covariance)."""
 
 
 def calibration_summary(result: Record, estimator: str = "second_order") -> str:

@@ -44,14 +44,12 @@ from scipy.stats import spearmanr
 
 from bayesretrieval.encoders import ClipEncoder
 from bayesretrieval.indexing.scalars import ScalarComputer
-from bayesretrieval.posterior import PairReader, PosteriorPair
+from bayesretrieval.posterior import PosteriorPair
 from bayesretrieval.posterior.lastblock import BlockScope, LastBlockHead
-from bayesretrieval.posterior.lastblock_fit import LastBlockFitter
 from bayesretrieval.posterior.lastblock_posterior import LastBlockPosterior, embedding_covariance, item_covariance
 from bayesretrieval.store.format import SCALAR_COLUMNS, VarianceSpec
 from bayesretrieval.training import ModelSize, get_trained_model, model_name
 from bayesretrieval.world import make_world
-from bayesretrieval.world.io import IMAGES_DIR
 
 QUICK = {"size": ModelSize.TEST.value, "n_fit": 128, "chunk_size": 64, "n_items": 32, "batch_size": 16, "repeats": 1,
          "rank": 4}
@@ -94,21 +92,6 @@ def fit_projection(encoder: ClipEncoder, work: Path, args: argparse.Namespace) -
     started = time.perf_counter()
     posterior = retrieval_calibration.fit_posterior_on_world(encoder, work, args)
     return posterior, None if cached else time.perf_counter() - started
-
-
-def fit_lastblock(encoder: ClipEncoder, work: Path,
-                  args: argparse.Namespace) -> tuple[LastBlockPosterior, float | None]:
-    """Fit (once; reused from ``work/lastblock-<scope>``) on the training world; returns it and the fit seconds."""
-    saved = work / f"lastblock-{args.scope}"
-    if saved.is_dir():
-        return LastBlockPosterior.load(saved), None
-    root = retrieval_calibration.write_training_world(work, args)
-    started = time.perf_counter()
-    fitter = LastBlockFitter(args.scope, chunk_size=args.chunk_size, batch_size=256, progress_bar=True)
-    posterior = fitter.fit(encoder, PairReader(root / "world.parquet", image_root=root / IMAGES_DIR)).posterior_
-    seconds = time.perf_counter() - started
-    posterior.save(saved)
-    return posterior, seconds
 
 
 def seconds_per_item(run: Callable[[torch.Tensor], object], images: torch.Tensor, batch_size: int) -> float:
@@ -198,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = args.work / args.size
     encoder = ClipEncoder.from_pretrained(model_name(args.size), get_trained_model(args.size, args.seed))
     posterior, projection_fit = fit_projection(encoder, work, args)
-    lastblock, lastblock_fit = fit_lastblock(encoder, work, args)
+    lastblock, lastblock_fit = retrieval_calibration.fit_lastblock(encoder, work, args, args.scope)
     images = gallery(encoder, args)
     figures = {
         "model": model_name(args.size), "scope": args.scope, "embed_dim": encoder.embed_dim,

@@ -48,6 +48,8 @@ from pathlib import Path
 import formatters
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import record
 import torch
 from tqdm import tqdm
@@ -71,8 +73,13 @@ from bayesretrieval.evaluation import (
     sweep,
 )
 from bayesretrieval.evaluation.failures import failure_kinds, unseen_word_queries
+from bayesretrieval.indexing.embeddings_input import build_index_from_embeddings
 from bayesretrieval.indexing.pipeline import BuildConfig, build_index
 from bayesretrieval.posterior import PairReader, PosteriorFitter, PosteriorPair
+from bayesretrieval.posterior.aleatoric import AleatoricHead
+from bayesretrieval.posterior.lastblock import BlockScope
+from bayesretrieval.posterior.lastblock_fit import LastBlockFitter
+from bayesretrieval.posterior.lastblock_posterior import LastBlockPosterior, item_covariance
 from bayesretrieval.posterior.task_prior import HeldOutPairs, tune_prior
 from bayesretrieval.queries import Searcher
 from bayesretrieval.queries.calibration import ProbitCalibration
@@ -126,8 +133,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="result JSON")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates of every interval")
     parser.add_argument("--knn", type=int, default=10, help="k of the kNN-distance baseline")
-    parser.add_argument("--task-prior-pairs", type=int, default=1024,
-                        help="held-out training pairs the task prior is chosen on (0: skip the task prior)")
+    parser.add_argument("--held-out-pairs", type=int, default=2048,
+                        help="pairs of a fresh training world that choose the task prior and fit the aleatoric head "
+                             "(0: skip both)")
+    parser.add_argument("--lastblock-scope", choices=[*(s.value for s in BlockScope), "none"],
+                        default=BlockScope.MLP.value,
+                        help="layers of the last-block posterior whose index is compared ('none': skip it)")
     return parser.parse_args(argv)
 
 
@@ -142,6 +153,21 @@ def fit_posterior_on_world(encoder: ClipEncoder, work: Path, args: argparse.Name
         encoder, reader).posterior_
     posterior.save(saved)
     return posterior
+
+
+def fit_lastblock(encoder: ClipEncoder, work: Path, args: argparse.Namespace,
+                  scope: str) -> tuple[LastBlockPosterior, float | None]:
+    """Fit (once; reused from ``work/lastblock-<scope>``) on the training world; returns it and the fit seconds."""
+    saved = work / f"lastblock-{scope}"
+    if saved.is_dir():
+        return LastBlockPosterior.load(saved), None
+    root = write_training_world(work, args)
+    started = time.perf_counter()
+    fitter = LastBlockFitter(scope, chunk_size=args.chunk_size, batch_size=256, progress_bar=True)
+    posterior = fitter.fit(encoder, PairReader(root / "world.parquet", image_root=root / IMAGES_DIR)).posterior_
+    seconds = time.perf_counter() - started
+    posterior.save(saved)
+    return posterior, seconds
 
 
 def write_training_world(work: Path, args: argparse.Namespace) -> Path:
@@ -231,27 +257,65 @@ def fitting_activations(encoder: ClipEncoder, work: Path) -> tuple[torch.Tensor,
     return image, text, world.captions
 
 
-def task_prior_index(encoder: ClipEncoder, posterior: PosteriorPair, work: Path, args: argparse.Namespace) -> dict:
-    """Choose ``(n, lambda)`` on a fresh training world by the retrieval likelihood, and index the gallery with it.
+def held_out_pairs(encoder: ClipEncoder, args: argparse.Namespace) -> HeldOutPairs:
+    """Encoded pairs of a fresh training world, unseen by the posterior fit."""
+    world = make_world(args.held_out_pairs, seed=args.seed + 9, part="train")
+    cfg = encoder.model.visual.preprocess_cfg
+    images = encoder.encode_images(images_to_tensor(world.images, cfg["mean"], cfg["std"]))
+    texts = encoder.encode_texts(world.captions)
+    return HeldOutPairs(images.embeds, images.activations, texts.embeds, texts.activations)
+
+
+def task_prior_index(encoder: ClipEncoder, posterior: PosteriorPair, pairs: HeldOutPairs, work: Path,
+                     args: argparse.Namespace) -> dict:
+    """Choose ``(n, lambda)`` on held-out pairs by the retrieval likelihood, and index the gallery with it.
 
     Returns:
         The choice (:func:`~bayesretrieval.posterior.task_prior.tune_prior`'s report, its grid
         as ``factors`` and a ``log_likelihood`` matrix ``[n factor][lambda factor]``).
     """
-    world = make_world(args.task_prior_pairs, seed=args.seed + 9, part="train")
-    cfg = encoder.model.visual.preprocess_cfg
-    images = encoder.encode_images(images_to_tensor(world.images, cfg["mean"], cfg["std"]))
-    texts = encoder.encode_texts(world.captions)
-    pairs = HeldOutPairs(images.embeds, images.activations, texts.embeds, texts.activations)
     tuned, report = tune_prior(posterior, pairs, encoder.logit_scale)
     build_index(work / "gallery", work / "index-task-prior", encoder, tuned, BuildConfig(workers=0))
     cells = report.pop("grid")
     factors = sorted({cell["n_factor"] for cell in cells})
     grid = {(cell["n_factor"], cell["lambda_factor"]): cell["log_likelihood"] for cell in cells}
-    return {**report, "pairs": args.task_prior_pairs, "factors": factors,
+    return {**report, "pairs": args.held_out_pairs, "factors": factors,
             "log_likelihood_grid": [[grid[(fn, fl)] for fl in factors] for fn in factors],
             "lambda": [tuned.image.prior_precision, tuned.text.prior_precision],
             "n": [tuned.image.pseudo_data_count, tuned.text.pseudo_data_count]}
+
+
+def aleatoric_variance(encoder: ClipEncoder, pairs: HeldOutPairs, item_activations: torch.Tensor
+                       ) -> tuple[np.ndarray, dict]:
+    """Fit the aleatoric head on held-out pairs; returns the gallery items' variances ``(nb,)`` and a summary."""
+    head = AleatoricHead.fit(pairs.image_activations, pairs.image_means, pairs.text_means, encoder.logit_scale)
+    variance = head.variance(item_activations).numpy()
+    return variance, {"pairs": len(pairs.image_means), "bias": head.bias, "weight_norm": float(head.weight.norm()),
+                      "item_std_quartiles": np.quantile(np.sqrt(variance), [0.25, 0.5, 0.75]).tolist()}
+
+
+def lastblock_index(encoder: ClipEncoder, posterior: PosteriorPair, images: np.ndarray, reader, work: Path,
+                    args: argparse.Namespace) -> dict:
+    """Index the gallery with the last-block posterior's per-item diagonal embedding covariance.
+
+    The means and ``diag`` columns (:func:`~bayesretrieval.posterior.lastblock_posterior.item_covariance`)
+    go through the precomputed-embeddings path with the image index's ids and paths, so both
+    indexes hold the same items under the same ids; the text side is the projection posterior's.
+    """
+    lastblock, fit_seconds = fit_lastblock(encoder, work, args, args.lastblock_scope)
+    cfg = encoder.model.visual.preprocess_cfg
+    started = time.perf_counter()
+    means, factors = item_covariance(encoder, lastblock, images_to_tensor(images, cfg["mean"], cfg["std"]), "diag")
+    seconds = time.perf_counter() - started
+    item_ids = np.asarray(reader.item_ids, dtype=np.int64)
+    table = pa.table({"item_id": item_ids, "path": list(reader.paths(item_ids)), "embedding": list(means.numpy()),
+                      "variance_diag": list(factors.variance_diag)})
+    pq.write_table(table, work / "lastblock-embeddings.parquet")
+    build_index_from_embeddings(work / "lastblock-embeddings.parquet", work / "index-lastblock", posterior,
+                                encoder.identity, BuildConfig(rebuild=True))
+    return {"scope": args.lastblock_scope, "fit_seconds": fit_seconds, "seconds_per_item": seconds / len(images),
+            "lambda": next(iter(lastblock.layers.values())).prior_precision, "items": len(images),
+            "trace_quartiles": np.quantile(factors.variance_diag.sum(1), [0.25, 0.5, 0.75]).tolist()}
 
 
 def activation_baselines(encoder: ClipEncoder, work: Path, images: np.ndarray, texts: list[str], k: int) -> dict:
@@ -439,13 +503,18 @@ def main(argv: list[str] | None = None) -> dict:
     scenes = gallery.iloc[order].reset_index(drop=True)
     texts, attributes = draw_queries(list(scenes["scene"]), args.queries, args.seed + 7)
     ood = activation_baselines(encoder, work, images[order], texts, args.knn)
+    pairs = held_out_pairs(encoder, args) if args.held_out_pairs else None
+    aleatoric, aleatoric_summary = {}, None
+    if pairs is not None:
+        variance, aleatoric_summary = aleatoric_variance(encoder, pairs, ood["item_activations"])
+        aleatoric = {"aleatoric_var": variance}
     family = np.array([f if isinstance(f, str) else None for f in scenes["family"]], dtype=object)
     severity = [None if f is None else int(v) for f, v in zip(family, scenes["severity"])]
     labels = Labels(
         visible=visible_relevance_matrix(texts, list(scenes["scene"]), list(family), severity),
         scene=relevance_matrix(texts, list(scenes["scene"])), family=family,
         attributes=attributes, unseen_word=unseen_word_queries(texts, ood["captions"], VOCABULARY),
-        item={"item_scale": posterior.image.activation_scale(ood["item_activations"]).numpy(),
+        item={"item_scale": posterior.image.activation_scale(ood["item_activations"]).numpy(), **aleatoric,
               "item_mahalanobis": ood["item_mahalanobis"], "item_knn": ood["item_knn"]},
         query={"query_mahalanobis": ood["query_mahalanobis"], "query_knn": ood["query_knn"]})
     fit = split_queries(len(texts), args.split_seed)
@@ -464,13 +533,20 @@ def main(argv: list[str] | None = None) -> dict:
                     "mean_relevant_partial_scene_labels": float(labels.scene[~full].sum(1).mean())},
         "estimators": {},
     }
+    if aleatoric_summary:
+        results["aleatoric"] = aleatoric_summary
     for estimator in args.estimators:
         results["estimators"][estimator] = run_estimator(work / "index", encoder, estimator, texts, labels, fit,
                                                          item_ids, args.bootstrap)
-    if args.task_prior_pairs:
-        results["task_prior"] = task_prior_index(encoder, posterior, work, args)
+    if pairs is not None:
+        results["task_prior"] = task_prior_index(encoder, posterior, pairs, work, args)
         results["estimators"][formatters.TASK_PRIOR] = run_estimator(
             work / "index-task-prior", encoder, CosineEstimator.SECOND_ORDER.value, texts, labels, fit, item_ids,
+            args.bootstrap)
+    if args.lastblock_scope != "none":
+        results["lastblock"] = lastblock_index(encoder, posterior, images[order], reader, work, args)
+        results["estimators"][formatters.LAST_BLOCK] = run_estimator(
+            work / "index-lastblock", encoder, CosineEstimator.SECOND_ORDER.value, texts, labels, fit, item_ids,
             args.bootstrap)
     results["seconds"] = time.perf_counter() - started
     path = record.save("retrieval_calibration", __file__, args, results, argv, args.output)

@@ -123,7 +123,8 @@ def _top(n=2000, seed=6):
     var = rng.uniform(1e-4, 4e-3, (n, 2))
     extras = rng.random((5, n))  # item scale, item / query Mahalanobis and kNN distances
     return TopResults(mean, var, mean + 0.01, rng.random((n, 2)) < 0.5, rng.random(n), rng.normal(size=n), *extras,
-                      item_var=var[:, 0] * rng.uniform(0.1, 0.9, n), probit_log_normaliser=rng.normal(3.0, 0.1, n))
+                      item_var=var[:, 0] * rng.uniform(0.1, 0.9, n), probit_log_normaliser=rng.normal(3.0, 0.1, n),
+                      aleatoric_var=rng.uniform(1e-4, 1e-2, n))
 
 
 def test_flip_probability_matches_monte_carlo():
@@ -152,6 +153,8 @@ def test_every_signal_is_registered_and_oriented():
     lcb = top.mean - np.sqrt(top.var)
     np.testing.assert_allclose(signal_values(Signal.LCB_FLIP, top, fitted), lcb[:, 1] - lcb[:, 0])
     np.testing.assert_array_equal(signal_values(Signal.ITEM_KNN, top, fitted), top.item_knn)
+    np.testing.assert_allclose(signal_values(Signal.TOTAL_STD, top, fitted) ** 2,
+                               top.var[:, 0] + signal_values(Signal.ALEATORIC_STD, top, fitted) ** 2)
     assert Signal.ITEM_MAHALANOBIS.is_baseline and not Signal.ITEM_SCALE.is_baseline
 
 

@@ -7,7 +7,7 @@ import pytest
 from benchmark_scripts import benchmark_module
 
 ARGS = ["--size", "test", "--n-clean", "60", "--n-shift", "3", "--queries", "240", "--n-fit", "512",
-        "--estimators", "second_order", "--bootstrap", "100", "--task-prior-pairs", "128"]
+        "--estimators", "second_order", "--bootstrap", "100", "--held-out-pairs", "128"]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,9 @@ def test_record_holds_the_figures_and_visible_labels_are_stricter(run):
 def test_every_figure_is_per_stratum_with_intervals_and_a_verdict(run):
     _, results, _ = run
     stratified = results["estimators"]["second_order"]["stratified"]
-    assert {"std", "item_std", "probit_softmax", "item_scale", "lcb_flip", "cosine", "margin", "softmax",
-            "item_mahalanobis", "item_knn", "query_mahalanobis", "query_knn"} <= set(stratified["signals"])
+    assert {"std", "item_std", "probit_softmax", "aleatoric_std", "total_std", "item_scale", "lcb_flip", "cosine",
+            "margin", "softmax", "item_mahalanobis", "item_knn", "query_mahalanobis",
+            "query_knn"} <= set(stratified["signals"])
     for view in ("visible", "scene"):
         query = stratified["views"][view]["query"]
         assert set(query["strata"]) == {"full", "partial-1", "partial-2", "partial-3"}
@@ -68,11 +69,22 @@ def test_risk_averse_rankings_and_the_task_prior_are_measured_against_expected(r
     assert tuned["engine_check"]["agree"] == tuned["engine_check"]["queries"] and "stratified" in tuned
 
 
+def test_the_last_block_index_holds_the_same_items_with_their_own_covariance(run):
+    _, results, _ = run
+    lastblock = results["estimators"]["second_order, last block"]
+    assert lastblock["engine_check"]["agree"] == lastblock["engine_check"]["queries"]
+    assert results["lastblock"]["items"] == results["gallery"]["items"]
+    assert results["lastblock"]["trace_quartiles"][0] > 0 and results["aleatoric"]["pairs"] == 128
+    projection = results["estimators"]["second_order"]["retrieval"]["lcb(kappa=1)"]
+    assert lastblock["retrieval"]["lcb(kappa=1)"] != projection  # another posterior ranks differently
+
+
 def test_tables_render_from_the_record(run):
     script, _, saved = run
     text = "\n\n".join(script.formatters.calibration_benchmark(saved))
     assert "Failure AUROC, visible labels, query strata" in text and "pooled (weighted mean)" in text
     assert "Held-out failures by kind" in text
     assert "Precision@10 of the risk-averse scores minus `expected`" in text and "**second_order, task prior**" in text
+    assert "**second_order, last block**" in text
     summary = script.formatters.calibration_summary(saved)
     assert summary.startswith("| stratum | n | failures | std |") and "knowable" in summary

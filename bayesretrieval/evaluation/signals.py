@@ -43,6 +43,8 @@ class TopResults:
         item_var: optional ``(n,)`` the item's own part of the top-1 ``Var[cos]``.
         probit_log_normaliser: optional ``(n,)`` the gallery probit-softmax log-normaliser at
             its fitted temperature (:func:`~bayesretrieval.evaluation.baselines.softmax_statistics`).
+        aleatoric_var: optional ``(n,)`` the top-1 item's aleatoric cosine variance
+            (:class:`~bayesretrieval.posterior.aleatoric.AleatoricHead`).
     """
 
     mean: np.ndarray
@@ -58,6 +60,7 @@ class TopResults:
     query_knn: np.ndarray | None = None
     item_var: np.ndarray | None = None
     probit_log_normaliser: np.ndarray | None = None
+    aleatoric_var: np.ndarray | None = None
 
     def take(self, rows) -> "TopResults":
         """The queries ``rows`` (a boolean mask or indices)."""
@@ -106,6 +109,10 @@ class Signal(str, Enum):
     PROBIT_SOFTMAX = "probit_softmax"
     """``-p_1`` of the probit softmax over the gallery, ``softmax_j(s m_j / T / sqrt(1 + pi/8 (s/T)^2 v_j))``
     with its own fitted ``T``: the chance the top-1 is the best match (BayesVLM's probit, for retrieval)."""
+    ALEATORIC_STD = "aleatoric_std"
+    """``sigma_a`` of the top-1 item: the aleatoric head's std for ambiguity the weight posterior cannot see."""
+    TOTAL_STD = "total_std"
+    """``sqrt(v_1 + sigma_a^2)``: the epistemic and aleatoric stds of the top-1 cosine combined."""
     COSINE = "cosine"
     """Baseline: ``-c_1``, the negated cosine of the means of the top-1 result."""
     MARGIN = "margin"
@@ -133,7 +140,8 @@ _BASELINES = frozenset({Signal.COSINE, Signal.MARGIN, Signal.SOFTMAX, Signal.ITE
 _INPUTS: dict[Signal, str] = {Signal.ITEM_SCALE: "item_scale", Signal.ITEM_MAHALANOBIS: "item_mahalanobis",
                               Signal.ITEM_KNN: "item_knn", Signal.QUERY_MAHALANOBIS: "query_mahalanobis",
                               Signal.QUERY_KNN: "query_knn", Signal.ITEM_STD: "item_var",
-                              Signal.PROBIT_SOFTMAX: "probit_log_normaliser"}
+                              Signal.PROBIT_SOFTMAX: "probit_log_normaliser", Signal.ALEATORIC_STD: "aleatoric_var",
+                              Signal.TOTAL_STD: "aleatoric_var"}
 """The optional :class:`TopResults` field each signal needs."""
 
 
@@ -162,6 +170,8 @@ _SIGNALS: dict[Signal, Callable[[TopResults, Fitted], np.ndarray]] = {
     Signal.ITEM_STD: lambda t, f: np.sqrt(t.item_var),
     Signal.PROBIT_SOFTMAX: lambda t, f: -softmax_confidence(t.mean[:, 0], t.probit_log_normaliser, f.logit_scale,
                                                             f.probit_temperature, t.var[:, 0]),
+    Signal.ALEATORIC_STD: lambda t, f: np.sqrt(t.aleatoric_var),
+    Signal.TOTAL_STD: lambda t, f: np.sqrt(t.var[:, 0] + t.aleatoric_var),
     Signal.COSINE: lambda t, f: -t.map_cosine[:, 0],
     Signal.MARGIN: lambda t, f: -(t.map_cosine[:, 0] - t.map_cosine[:, 1]),
     Signal.SOFTMAX: lambda t, f: -softmax_confidence(t.map_cosine[:, 0], t.log_normaliser, f.logit_scale,
