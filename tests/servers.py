@@ -44,15 +44,17 @@ def http(url, body=None, timeout=30, token=None):
 def running_server(index, *options: str, token: str | None = None, startup_s: float = 120):
     """``bayesretrieval serve INDEX`` on a free loopback port, stopped (SIGTERM) on exit.
 
-    Yields once ``/api/health`` answers; the :class:`Served` has the process's stdout and
-    stderr after the block.
+    ``index`` is one index directory or a list of them (served as shards). Yields once
+    ``/api/health`` answers; the :class:`Served` has the process's stdout and stderr
+    after the block.
     """
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop(SERVE_TOKEN_ENV, None)
     if token:
         env[SERVE_TOKEN_ENV] = token
-    command = [sys.executable, "-m", "bayesretrieval.cli", "serve", str(index), "--port", str(port),
+    index_dirs = index if isinstance(index, (list, tuple)) else [index]
+    command = [sys.executable, "-m", "bayesretrieval.cli", "serve", *map(str, index_dirs), "--port", str(port),
                "--torch-threads", "1", *options]
     served = Served(f"http://127.0.0.1:{port}", subprocess.Popen(command, stdout=subprocess.PIPE,
                                                                   stderr=subprocess.PIPE, text=True, env=env))

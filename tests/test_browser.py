@@ -32,13 +32,14 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                                        "tools/install-browser could not install them (it needs root and apt-get)")
 TOKEN = "browser-test-token-0123456789"
 WAIT_S = 60
+SHIFTS = ("clean", "blur")
 
 
 @pytest.fixture(scope="module")
-def index(tmp_path_factory):
-    """48 drawn scenes (24 clean, 24 blurred) indexed with the trained test model and its fitted posterior."""
+def gallery(tmp_path_factory):
+    """``(folder, encoder, posterior)``: 48 drawn scenes (``clean/``, ``blur/``), the test model, its posterior."""
     root = tmp_path_factory.mktemp("browser")
-    for shift in ("clean", "blur"):
+    for shift in SHIFTS:
         options = ["--shift", shift] if shift != "clean" else []
         assert main(["make-world", str(root / "world" / shift), "-n", "24", "--seed", "1", *options]) == 0
         (root / "gallery").mkdir(exist_ok=True)
@@ -46,8 +47,25 @@ def index(tmp_path_factory):
     encoder = ClipEncoder.from_pretrained(model_name(ModelSize.TEST), get_trained_model(ModelSize.TEST))
     with benchmark_module("posterior_shift_auroc") as script:
         posterior = script.fit_on_world(encoder, n_fit=512, seed=11, chunk_size=512).posterior_
-    build_index(root / "gallery", root / "index", encoder, posterior, BuildConfig(batch_size=16, workers=0))
-    return root / "index"
+    return root / "gallery", encoder, posterior
+
+
+@pytest.fixture(scope="module")
+def index(gallery):
+    """The 48 scenes in one index."""
+    folder, encoder, posterior = gallery
+    build_index(folder, folder.parent / "index", encoder, posterior, BuildConfig(batch_size=16, workers=0))
+    return folder.parent / "index"
+
+
+@pytest.fixture(scope="module")
+def shard_dirs(gallery):
+    """The 48 scenes in two index directories, one per shift."""
+    folder, encoder, posterior = gallery
+    for shift in SHIFTS:
+        build_index(folder / shift, folder.parent / f"index-{shift}", encoder, posterior,
+                    BuildConfig(batch_size=16, workers=0))
+    return [folder.parent / f"index-{shift}" for shift in SHIFTS]
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +107,10 @@ def wait_for_grid(driver, count, kind="result"):
 
 def item_ids(elements):
     return [int(card.get_attribute("data-item-id")) for card in elements]
+
+
+def shard_item_ids(elements):
+    return [(int(card.get_attribute("data-shard")), int(card.get_attribute("data-item-id"))) for card in elements]
 
 
 def test_a_text_search_shows_thumbnails_bars_and_marks(server, browser, tmp_path):
@@ -150,3 +172,21 @@ def test_with_a_token_the_page_asks_for_it_and_fetches_thumbnails_with_it(index,
         browser.find_element(By.ID, "query").send_keys("a blue square\n")
         wait_for_grid(browser, 20)
     assert '"GET /api/items/' in served.err and "/thumbnail\" 200" in served.err
+
+
+def test_results_and_the_audit_over_shards_show_each_items_own_thumbnail(shard_dirs, browser):
+    with running_server(shard_dirs) as served:
+        browser.get(served.base + "/")
+        wait_for(browser, lambda d: "48 items" in d.find_element(By.ID, "served").text, "the index line")
+        browser.find_element(By.ID, "k").clear()
+        browser.find_element(By.ID, "k").send_keys("48")
+        browser.find_element(By.ID, "query").send_keys("a red circle\n")
+        shown = wait_for_grid(browser, 48)  # a thumbnail fetched without its shard would be refused and not load
+        _, answer = http(f"{served.base}/api/search", {"queries": "a red circle", "k": 48})
+        assert shard_item_ids(shown) == [(row["shard"], row["item_id"]) for row in answer["queries"][0]["results"]]
+        browser.find_element(By.ID, "audit").click()
+        shown = wait_for_grid(browser, 48, kind="audit-item")  # the audit shows k of them
+        _, audit = http(f"{served.base}/api/audit?k=48")
+        assert shard_item_ids(shown) == [(row["shard"], row["item_id"]) for row in audit["items"]]
+        assert {row["shard"] for row in audit["items"]} == {0, 1}
+    assert "Traceback" not in served.err and "/thumbnail\" 400" not in served.err

@@ -148,3 +148,19 @@ def test_cli_searches_several_index_directories(built, tmp_path, capsys):
     assert f"{shard_dirs[want.shard[0]]}: {want.path[0]}" in table
     assert main([*argv, "--ids", "1"]) == 2
     assert "with several index directories" in capsys.readouterr().err
+
+
+def test_the_audit_over_shards_is_the_audit_of_their_union(built, encoder):
+    union_dir, shard_dirs, _ = built
+    with Searcher.open(union_dir, encoder=encoder) as union, Searcher.open(shard_dirs, encoder=encoder) as sharded:
+        want = union.audit(10)
+        got = sharded.audit(10)
+        snapshot = sharded.snapshot()
+        assert snapshot.readers == [searcher.reader for searcher in sharded.searchers]
+        assert snapshot.version == got.attrs["version"] == ["v000001"] * len(shard_dirs)
+        assert union.snapshot().readers == [union.reader] and union.snapshot().version == "v000001"
+    assert absolute_paths(sharded, got) == absolute_paths(union, want)
+    np.testing.assert_allclose(got.percentile, want.percentile)
+    np.testing.assert_allclose(got.scale, want.scale, rtol=SCORE_RTOL)
+    assert got.attrs["item_count"] == want.attrs["item_count"] == sum(SHARDS.values())
+    assert (got.attrs["by"], got.attrs["form"]) == (want.attrs["by"], want.attrs["form"])

@@ -1,8 +1,9 @@
-"""``bayesretrieval serve``: an HTTP API over one index directory (FastAPI + uvicorn, the ``serve`` extra)."""
+"""``bayesretrieval serve``: an HTTP API over one or several index directories (FastAPI + uvicorn, ``serve`` extra)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
 import sys
@@ -27,6 +28,10 @@ and version; the OpenAPI docs are at /docs. The process keeps one searcher open 
 moves to a new index version when a build publishes one (searches in flight finish on
 theirs).
 
+Several INDEX_DIRs (built with one model and posterior) are served as one collection:
+searches and the audit cover every directory, each result names its `shard` (the
+directory's position among the arguments), and the item routes take ?shard=N.
+
 Security: it listens on 127.0.0.1 unless --host says otherwise, and any other address
 needs an API token (--token-file or ${SERVE_TOKEN_ENV}); clients then send
 'Authorization: Bearer TOKEN'. Images are served by item id only, from the indexed
@@ -41,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``serve`` subcommand."""
     parser = subparsers.add_parser("serve", help="serve an index over HTTP (JSON API with OpenAPI docs)",
                                    description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("index_dir", type=Path, metavar="INDEX_DIR", help="an index built by build-index")
+    parser.add_argument("index_dirs", type=Path, nargs="+", metavar="INDEX_DIR",
+                        help="an index built by build-index; several: the shards of one collection")
     parser.add_argument("--host", default=DEFAULT_SERVE_HOST,
                         help="address to listen on (default %(default)s; any other needs an API token)")
     parser.add_argument("--port", type=int, default=DEFAULT_SERVE_PORT, help="port (default %(default)s)")
@@ -84,8 +90,9 @@ def run(args: argparse.Namespace) -> int:
     """Check the options, open the index, print where it is served, and serve until interrupted."""
     from bayesretrieval.service.security import check_exposure, read_token
 
-    if not args.index_dir.is_dir():
-        raise CommandError(f"index directory not found: {args.index_dir}")
+    for index_dir in args.index_dirs:
+        if not index_dir.is_dir():
+            raise CommandError(f"index directory not found: {index_dir}")
     if not 1 <= args.port <= 65535:
         raise CommandError(f"--port must be in 1..65535, got {args.port}")
     token = read_token(args.token_file)
@@ -98,9 +105,9 @@ def run(args: argparse.Namespace) -> int:
     if args.workers == 1:
         from bayesretrieval.service.app import create_app
 
-        app = create_app(args.index_dir, token, cors_origins=args.cors_origin or (), device=args.device,
+        app = create_app(_served(args.index_dirs), token, cors_origins=args.cors_origin or (), device=args.device,
                          torch_threads=args.torch_threads)
-        _announce(args, app.state.searcher.reader, token)
+        _announce(args, app.state.searcher.snapshot().readers, token)
         uvicorn.run(app, **common)
     else:
         _serve_with_workers(args, token, uvicorn, common)
@@ -108,11 +115,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _announce(args, reader, token: str | None) -> None:
+def _served(index_dirs: list):
+    """What ``create_app`` serves: the one index directory, or the list of shards."""
+    return index_dirs[0] if len(index_dirs) == 1 else index_dirs
+
+
+def _announce(args, readers, token: str | None) -> None:
+    """Print the URL and each served directory's version and item count (one line per shard when several)."""
     url = url_of(args.host, args.port)
     workers = f", {args.workers} worker processes" if args.workers > 1 else ""
-    print(f"serving {args.index_dir} (index version {reader.manifest.version}, {len(reader)} items{workers}) at "
-          f"{url} (API docs: {url}docs)", flush=True)
+    shards = [f"{index_dir} (index version {reader.manifest.version}, {len(reader)} items{workers})"
+              for index_dir, reader in zip(args.index_dirs, readers)]
+    if len(shards) == 1:
+        print(f"serving {shards[0]} at {url} (API docs: {url}docs)", flush=True)
+    else:
+        print(f"serving {len(shards)} index directories as one collection at {url} (API docs: {url}docs)",
+              *(f"  shard {shard}: {line}" for shard, line in enumerate(shards)), sep="\n", flush=True)
     if token is not None:
         print("requests need 'Authorization: Bearer TOKEN'", flush=True)
 
@@ -125,10 +143,11 @@ def _serve_with_workers(args, token: str | None, uvicorn, common: dict) -> None:
     from bayesretrieval.service.app import SERVE_CONFIG_ENV
     from bayesretrieval.store import IndexReader
 
-    with IndexReader.open(args.index_dir) as reader:  # fail here, not in every worker, on a directory that is no index
-        _announce(args, reader, token)
+    with contextlib.ExitStack() as stack:  # fail here, not in every worker, on a directory that is no index
+        _announce(args, [stack.enter_context(IndexReader.open(index_dir)) for index_dir in args.index_dirs], token)
+    resolved = [str(index_dir.resolve()) for index_dir in args.index_dirs]
     os.environ[SERVE_CONFIG_ENV] = json.dumps({
-        "index_dir": str(args.index_dir.resolve()), "cors_origins": args.cors_origin or [], "device": args.device,
+        "index_dir": _served(resolved), "cors_origins": args.cors_origin or [], "device": args.device,
         "token_file": str(args.token_file.resolve()) if args.token_file else None,
         "torch_threads": args.torch_threads})
     uvicorn.run("bayesretrieval.service.app:app_from_environment", factory=True, workers=args.workers, **common)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,8 @@ from bayesretrieval.store.format import ItemScalars
 
 AUDIT_COLUMNS = ["rank", "item_id", "path", "uncertainty", "percentile", "scale", "cosine_std"]
 """Columns of :func:`audit_index`'s table, in order."""
+SHARDED_AUDIT_COLUMNS = [*AUDIT_COLUMNS[:1], "shard", *AUDIT_COLUMNS[1:]]
+"""Columns of :func:`audit_shards`'s table: :data:`AUDIT_COLUMNS` plus ``shard`` after ``rank``."""
 
 CHUNK_ROWS = 65_536
 """Rows of the per-item variance columns read at a time (bounds the memory of a diag/lowrank audit)."""
@@ -83,6 +86,23 @@ def uncertainty_scores(trace: np.ndarray, quad: np.ndarray, norm_sq: np.ndarray,
     return uncertainty, cosine_std
 
 
+def item_scores(reader: IndexReader, form: CovarianceForm) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every item's ``uncertainty``, ``cosine_std`` and activation scale ``q`` under ``form``.
+
+    Returns:
+        Three float64 arrays of shape ``(N,)`` (:func:`uncertainty_scores`, and the stored ``scale``).
+    """
+    scalars = ItemScalars.from_table(np.asarray(reader.scalars))
+    trace, quad = item_variance_terms(reader, form)
+    uncertainty, cosine_std = uncertainty_scores(trace, quad, scalars.norm_sq, reader.embed_dim)
+    return uncertainty, cosine_std, scalars.scale
+
+
+def default_ranking(scale: np.ndarray) -> AuditScore:
+    """The audit's default ranking score: the scale ``q``, unless no item has one (precomputed embeddings)."""
+    return AuditScore.SCALE if np.any(scale > 0) else AuditScore.UNCERTAINTY
+
+
 def audit_index(reader: IndexReader, k: int | None = None, form: CovarianceForm | str | None = None,
                 by: AuditScore | str | None = None) -> pd.DataFrame:
     """The ``k`` items the posterior is least sure of, most uncertain first.
@@ -106,29 +126,69 @@ def audit_index(reader: IndexReader, k: int | None = None, form: CovarianceForm 
         ValueError: for a non-positive ``k``, an unknown form, or a per-item form whose
             variance columns the index lacks.
     """
+    frame = audit_shards([reader], k, form, by).drop(columns="shard")
+    frame.attrs["version"] = reader.manifest.version
+    return frame
+
+
+def audit_shards(readers: Sequence[IndexReader], k: int | None = None, form: CovarianceForm | str | None = None,
+                 by: AuditScore | str | None = None) -> pd.DataFrame:
+    """The ``k`` items the posterior is least sure of over several shards (one collection), most uncertain first.
+
+    As :func:`audit_index` over the union of the shards' items: ``percentile`` counts the
+    whole collection, and the default ``by`` is chosen on it. Ties go to the lower
+    ``(shard, row)``.
+
+    Args:
+        readers: the shards' opened versions, in shard order.
+        k: rows to return (``None``: every item).
+        form: item covariance form (default: the richest the first shard holds).
+        by: the ranking score (default: as :func:`audit_index`, over every shard's items).
+
+    Returns:
+        :func:`audit_index`'s table with ``shard`` (the reader's position in ``readers``)
+        after ``rank``; ``attrs["version"]`` lists the shards' versions and
+        ``item_count`` is their total.
+
+    Raises:
+        ValueError: as :func:`audit_index`, for any shard.
+    """
     if k is not None and (isinstance(k, bool) or int(k) != k or k < 1):
         raise ValueError(f"k must be a positive integer or None, got {k!r}")
-    form = _form(reader, form)
-    scalars = ItemScalars.from_table(reader.scalars)
-    trace, quad = item_variance_terms(reader, form)
-    uncertainty, cosine_std = uncertainty_scores(trace, quad, scalars.norm_sq, reader.embed_dim)
-    if by is None:
-        by = AuditScore.SCALE if np.any(scalars.scale > 0) else AuditScore.UNCERTAINTY
-    by = AuditScore(by)
-    rows, above = top_rows(scalars.scale if by is AuditScore.SCALE else uncertainty, k)
-    count = max(len(uncertainty), 1)
-    ids = np.asarray(reader.item_ids[rows], dtype=np.int64)
+    form = _form(readers[0], form)
+    for reader in readers[1:]:
+        _form(reader, form)
+    uncertainty, cosine_std, scale = (np.concatenate(parts) for parts in
+                                      zip(*(item_scores(reader, form) for reader in readers)))
+    by = AuditScore(by) if by is not None else default_ranking(scale)
+    rows, above = top_rows(scale if by is AuditScore.SCALE else uncertainty, k)
+    shards, ids, paths = _shard_items(readers, rows)
     frame = pd.DataFrame({
         "rank": np.arange(1, len(rows) + 1),
+        "shard": shards,
         "item_id": ids,
-        "path": reader.paths(ids),
+        "path": paths,
         "uncertainty": uncertainty[rows],
-        "percentile": 100.0 * (len(uncertainty) - above) / count,
-        "scale": scalars.scale[rows],
+        "percentile": 100.0 * (len(uncertainty) - above) / max(len(uncertainty), 1),
+        "scale": scale[rows],
         "cosine_std": cosine_std[rows],
-    }, columns=AUDIT_COLUMNS)
-    frame.attrs.update(form=form.value, by=by.value, item_count=len(reader), version=reader.manifest.version)
+    }, columns=SHARDED_AUDIT_COLUMNS)
+    frame.attrs.update(form=form.value, by=by.value, item_count=len(uncertainty),
+                       version=[reader.manifest.version for reader in readers])
     return frame
+
+
+def _shard_items(readers: Sequence[IndexReader], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(shard, item_id, path)`` of rows numbered over the shards one after another, each ``(k,)``."""
+    offsets = np.cumsum([0, *(len(reader) for reader in readers)])
+    shards = np.searchsorted(offsets, rows, side="right") - 1
+    ids = np.empty(len(rows), np.int64)
+    paths = np.empty(len(rows), object)
+    for shard, reader in enumerate(readers):
+        mine = shards == shard
+        ids[mine] = reader.item_ids[rows[mine] - offsets[shard]]
+        paths[mine] = reader.paths(ids[mine])
+    return shards, ids, paths.tolist()
 
 
 def render_audit_html(frame: pd.DataFrame, image_root: str | Path, thumbnail_px: int = 128,

@@ -90,6 +90,20 @@ class Snapshot:
     posterior: PosteriorPair
     engines: dict = field(default_factory=dict)
 
+    @property
+    def readers(self) -> list[IndexReader]:
+        """The readers in shard order: the one reader, as shard 0.
+
+        A :class:`~bayesretrieval.queries.sharded.ShardedSnapshot` has one per index
+        directory, so callers read both alike.
+        """
+        return [self.reader]
+
+    @property
+    def version(self) -> str:
+        """The version's name, as search results' ``attrs["version"]`` give it."""
+        return self.reader.manifest.version
+
 
 class Searcher:
     """Search one index directory with a CLIP encoder and the index's posterior.

@@ -17,6 +17,7 @@ Usage::
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -24,14 +25,44 @@ import numpy as np
 import pandas as pd
 
 from bayesretrieval.encoders import ClipEncoder
+from bayesretrieval.options import AuditScore
+from bayesretrieval.posterior import Modality
+from bayesretrieval.queries.audit import audit_shards
+from bayesretrieval.queries.calibration import ProbitCalibration
 from bayesretrieval.queries.filters import ItemFilter
 from bayesretrieval.queries.scorers import ScoreName
-from bayesretrieval.queries.searcher import RESULT_COLUMNS, Searcher
+from bayesretrieval.queries.searcher import RESULT_COLUMNS, Searcher, Snapshot
+from bayesretrieval.similarity import CosineEstimator
+from bayesretrieval.store import CovarianceForm, IndexReader
 
 SHARDED_RESULT_COLUMNS = (*RESULT_COLUMNS[:4], "shard", *RESULT_COLUMNS[4:])
 """Columns of :meth:`ShardedSearcher.search`: :data:`RESULT_COLUMNS` plus ``shard``, the
 position of the row's index directory in :attr:`ShardedSearcher.index_dirs` (item ids
 are unique within a shard only; ``(shard, item_id)`` names an item)."""
+
+
+@dataclass(frozen=True)
+class ShardedSnapshot:
+    """Every shard's :class:`~bayesretrieval.queries.searcher.Snapshot`, taken together.
+
+    Read several things through one sharded snapshot and each shard answers from one
+    version, as a :class:`~bayesretrieval.queries.searcher.Snapshot` does for one index.
+
+    Attributes:
+        shards: one snapshot per shard, in shard order.
+    """
+
+    shards: tuple[Snapshot, ...]
+
+    @property
+    def readers(self) -> list[IndexReader]:
+        """Each shard's reader, in shard order (``readers[shard]`` holds the items of ``shard``)."""
+        return [snapshot.reader for snapshot in self.shards]
+
+    @property
+    def version(self) -> list[str]:
+        """Each shard's version, as sharded search results' ``attrs["version"]`` list them."""
+        return [snapshot.version for snapshot in self.shards]
 
 
 class ShardedSearcher:
@@ -93,8 +124,34 @@ class ShardedSearcher:
         """The encoder every shard shares."""
         return self.searchers[0].encoder
 
+    @property
+    def estimator(self) -> CosineEstimator:
+        """The cosine estimator every shard uses."""
+        return self.searchers[0].estimator
+
+    @property
+    def form(self) -> CovarianceForm:
+        """The item covariance form every shard uses."""
+        return self.searchers[0].form
+
     def __len__(self) -> int:
         return sum(len(searcher.reader) for searcher in self.searchers)
+
+    def snapshot(self) -> ShardedSnapshot:
+        """Every shard's :meth:`Searcher.snapshot` (each refreshed first when ``auto_refresh`` and it has published)."""
+        return ShardedSnapshot(tuple(searcher.snapshot() for searcher in self.searchers))
+
+    def refresh(self) -> bool:
+        """:meth:`Searcher.refresh` every shard.
+
+        Returns:
+            Whether any shard's version changed.
+
+        Raises:
+            ValueError: as :meth:`Searcher.refresh`; shards refreshed before the failing one stay refreshed.
+        """
+        changed = [searcher.refresh() for searcher in self.searchers]
+        return any(changed)
 
     def close(self) -> None:
         """Release every shard's lease."""
@@ -147,15 +204,36 @@ class ShardedSearcher:
 
     def _check_same_calibration(self, modality) -> None:
         """Raise ``ValueError`` unless every shard holds the same calibration for ``modality``."""
-        links = [searcher.calibration(modality, required=True) for searcher in self.searchers]
-        if links[0] is None:
+        if self.calibration(modality, required=True) is None:
             raise ValueError("a probability score or threshold needs a calibration; run `bayesretrieval calibrate` "
                              f"on {self.index_dirs[0]} first")
-        for searcher, link in zip(self.searchers[1:], links[1:]):
-            if link is None or link.to_dict() != links[0].to_dict():
-                raise ValueError(f"shard {searcher.index_dir} has calibration {link and link.to_dict()}, shard "
-                                 f"{self.index_dirs[0]} has {links[0].to_dict()}: a probability needs one link "
-                                 "on every shard")
+
+    def calibration(self, modality: Modality | str = Modality.TEXT, required: bool = False) -> ProbitCalibration | None:
+        """The probit link for queries of ``modality`` when every shard stores that one, else ``None``.
+
+        Raises:
+            ValueError: when ``required`` and a shard's link was fitted for another posterior,
+                estimator or form (:meth:`Searcher.calibration`), or the shards hold different
+                links (one probability needs one link).
+        """
+        links = [searcher.calibration(modality, required=required) for searcher in self.searchers]
+        stored = [link and link.to_dict() for link in links]
+        differs = next((shard for shard, params in enumerate(stored) if params != stored[0]), None)
+        if differs is None:
+            return links[0]
+        if required:
+            raise ValueError(f"shard {self.index_dirs[differs]} has calibration {stored[differs]}, shard "
+                             f"{self.index_dirs[0]} has {stored[0]}: a probability needs one link on every shard")
+        return None
+
+    def audit(self, k: int | None = 50, by: AuditScore | str | None = None) -> pd.DataFrame:
+        """The ``k`` items the posterior is least sure of over every shard, most uncertain first.
+
+        Returns:
+            :func:`~bayesretrieval.queries.audit.audit_shards`' table (``shard`` names each
+            row's index directory, ``percentile`` counts the whole collection).
+        """
+        return audit_shards(self.snapshot().readers, k, self.form, by)
 
 
 def merge_shard_results(frames: Sequence[pd.DataFrame], k: int, threshold: float | None = None) -> pd.DataFrame:

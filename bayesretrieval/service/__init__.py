@@ -1,4 +1,4 @@
-"""An HTTP service over one index directory (``bayesretrieval serve``; needs the ``serve`` extra).
+"""An HTTP service over one index directory or several (``bayesretrieval serve``; needs the ``serve`` extra).
 
 :func:`bayesretrieval.service.app.create_app` returns the FastAPI application; the
 stdlib-only :mod:`bayesretrieval.service.security` holds the rules the command checks

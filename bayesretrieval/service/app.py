@@ -3,11 +3,16 @@
 Usage::
 
     app = create_app("demo-output/index")          # then: uvicorn.run(app)
+    app = create_app(["index-2023", "index-2024"])  # several index directories, searched as one collection
 
-One :class:`~bayesretrieval.queries.Searcher` per process, opened with
+One searcher per process (a :class:`~bayesretrieval.queries.Searcher`, or a
+:class:`~bayesretrieval.queries.ShardedSearcher` over several directories), opened with
 ``auto_refresh=True``: a request that arrives after a build published a new version
-moves it there, and searches already running finish on the version they started with.
-Endpoints are plain functions, so FastAPI runs them in its thread pool.
+moves it (each shard on its own) there, and searches already running finish on the
+version they started with. The app reads both kinds of searcher alike: a snapshot's
+``readers`` are its shards, one for a single index. An item is named by its id and,
+when several directories are served, its ``shard`` (the directory's position), never by
+a path. Endpoints are plain functions, so FastAPI runs them in its thread pool.
 """
 
 import contextlib
@@ -31,7 +36,7 @@ from bayesretrieval.options import (
     AuditScore,
     ScoreName,
 )
-from bayesretrieval.service.items import StatsCache, item_record, thumbnail
+from bayesretrieval.service.items import StatsCache, items_router
 from bayesretrieval.service.schemas import service_schemas
 from bayesretrieval.service.security import token_matches
 
@@ -62,22 +67,23 @@ class ServiceLimits:
     max_thumbnail_px: int = 512
 
 
-def create_app(index_dir: str | Path, token: str | None = None, *, cors_origins: Sequence[str] = (),
-               limits: ServiceLimits | None = None, searcher=None, **open_options):
+def create_app(index_dir: str | Path | Sequence[str | Path], token: str | None = None, *,
+               cors_origins: Sequence[str] = (), limits: ServiceLimits | None = None, searcher=None, **open_options):
     """The service over ``index_dir``: a ``fastapi.FastAPI`` application.
 
     Args:
-        index_dir: an index built by ``bayesretrieval build-index``.
+        index_dir: an index built by ``bayesretrieval build-index``, or a list of them: the
+            shards of one collection (shard ``i`` is ``index_dir[i]``).
         token: when set, every endpoint but ``/api/health`` requires ``Authorization: Bearer <token>``.
         cors_origins: origins allowed to call the API from a browser (none: no CORS headers).
         limits: request limits.
-        searcher: an already opened searcher, left open at shutdown (default: ``Searcher.open(index_dir,
-            auto_refresh=True)``, closed at shutdown).
+        searcher: an already opened searcher or sharded searcher, left open at shutdown (default:
+            ``Searcher.open(index_dir, auto_refresh=True)``, closed at shutdown).
         **open_options: passed to :meth:`Searcher.open` (``device``, ``torch_threads``, ...).
 
     Raises:
         FileNotFoundError: if there is no index at ``index_dir``.
-        ValueError: if the index cannot be served (model or posterior mismatch).
+        ValueError: if the index cannot be served (model or posterior mismatch, or shards that differ in them).
     """
     from fastapi import Depends, FastAPI
     from fastapi.middleware.cors import CORSMiddleware
@@ -97,14 +103,17 @@ def create_app(index_dir: str | Path, token: str | None = None, *, cors_origins:
             searcher.close()
 
     app = FastAPI(title="bayesretrieval", version=__version__, lifespan=lifespan,
-                  description="Uncertainty-aware image search over one bayesretrieval index: every result has an "
-                              "expected cosine and its std under the Laplace posterior.",
+                  description="Uncertainty-aware image search over one bayesretrieval index, or several searched as "
+                              "one collection (shards): every result has an expected cosine and its std under the "
+                              "Laplace posterior.",
                   responses={400: {"model": schemas.ErrorResponse}, 401: {"model": schemas.ErrorResponse}})
     app.state.searcher, app.state.limits = searcher, limits
+    stats = StatsCache(searcher.form)
     guard = [Depends(_token_dependency(token))] if token is not None else []
     app.include_router(_health_router())
     _add_page(app)
-    app.include_router(_api_router(searcher, limits), dependencies=guard)
+    app.include_router(_api_router(searcher, limits, stats), dependencies=guard)
+    app.include_router(items_router(searcher, limits, stats), dependencies=guard)
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
@@ -115,10 +124,11 @@ def create_app(index_dir: str | Path, token: str | None = None, *, cors_origins:
 def app_from_environment():
     """The app ``$BAYESRETRIEVAL_SERVE_CONFIG`` describes: the factory each uvicorn worker process calls.
 
-    The JSON holds ``index_dir`` and optionally ``token_file``, ``cors_origins``,
-    ``device`` and ``torch_threads``; the token itself is read here (from the file or
-    ``$BAYESRETRIEVAL_TOKEN``), never passed through the environment by the command.
-    Workers share nothing but the index directory: each opens its own searcher.
+    The JSON holds ``index_dir`` (a path, or a list of them: the shards) and optionally
+    ``token_file``, ``cors_origins``, ``device`` and ``torch_threads``; the token itself
+    is read here (from the file or ``$BAYESRETRIEVAL_TOKEN``), never passed through the
+    environment by the command. Workers share nothing but the index directories: each
+    opens its own searcher.
 
     Raises:
         KeyError: if the variable is not set.
@@ -180,23 +190,24 @@ def _health_router():
     return router
 
 
-def _api_router(searcher, limits: ServiceLimits):
-    from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile
+def _api_router(searcher, limits: ServiceLimits, stats: StatsCache):
+    from fastapi import APIRouter, File, Form, Query, UploadFile
 
     schemas = service_schemas()
     router = APIRouter(prefix="/api")
-    stats = StatsCache(searcher.form)
 
-    def current_reader():
-        return searcher.snapshot().reader
-
-    @router.post("/search", response_model=schemas.SearchResponse, tags=["search"])
+    @router.post("/search", response_model=schemas.SearchResponse, response_model_exclude_unset=True, tags=["search"])
     def search(request: schemas.SearchRequest) -> dict:
-        """Text search with the parameters of ``Searcher.search``."""
+        """Text search with the parameters of ``Searcher.search``.
+
+        Over several index directories every shard is searched and each query keeps its best
+        ``k`` over all of them; each result then names its ``shard``.
+        """
         queries = [request.queries] if isinstance(request.queries, str) else list(request.queries)
         return run_search(searcher, queries, queries, request, stats)
 
-    @router.post(IMAGE_SEARCH_PATH.removeprefix("/api"), response_model=schemas.SearchResponse, tags=["search"])
+    @router.post(IMAGE_SEARCH_PATH.removeprefix("/api"), response_model=schemas.SearchResponse,
+                 response_model_exclude_unset=True, tags=["search"])
     def search_image(
         image: Annotated[UploadFile, File(description="one image file (decoded with build-index's limits)")],
         k: Annotated[int, Form(ge=1, le=MAX_RESULTS_PER_QUERY)] = 10,
@@ -205,38 +216,17 @@ def _api_router(searcher, limits: ServiceLimits):
         threshold: Annotated[Optional[float], Form(ge=0.0, le=1.0)] = None,
         path_prefix: Annotated[Optional[str], Form(max_length=MAX_QUERY_CHARS)] = None,
     ) -> dict:
-        """Find images like an uploaded one."""
+        """Find images like an uploaded one (over every shard, as a text search)."""
         options = schemas.SearchOptions(k=k, score=score, kappa=kappa, threshold=threshold, path_prefix=path_prefix)
         picture = decode_upload(image, limits)
         label = (image.filename or "upload")[:MAX_QUERY_CHARS]
         picture.filename = label
         return run_search(searcher, picture, [label], options, stats)
 
-    @router.get("/items/{item_id}", response_model=schemas.ItemResponse, tags=["items"])
-    def item(item_id: int) -> dict:
-        """One item's path, sizes and uncertainty."""
-        reader = current_reader()
-        record = item_record(reader, item_id, stats.get(reader))
-        if record is None:
-            raise HTTPException(404, f"no item {item_id} in index version {reader.manifest.version}")
-        return {**record, "thumbnail": f"/api/items/{item_id}/thumbnail"}
-
-    @router.get("/items/{item_id}/thumbnail", tags=["items"], response_class=Response,
-                responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": schemas.ErrorResponse}})
-    def item_thumbnail(item_id: int,
-                       size: Annotated[int, Query(ge=16, le=limits.max_thumbnail_px)] = limits.thumbnail_px
-                       ) -> Response:
-        """The item's image, downscaled; only files inside the indexed folder are served."""
-        found = thumbnail(current_reader(), item_id, size, limits.max_pixels)
-        if found is None:
-            raise HTTPException(404, f"no thumbnail for item {item_id}")
-        data, media_type = found
-        return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=300"})
-
-    @router.get("/audit", response_model=schemas.AuditResponse, tags=["items"])
+    @router.get("/audit", response_model=schemas.AuditResponse, response_model_exclude_unset=True, tags=["items"])
     def audit(k: Annotated[int, Query(ge=1, le=MAX_RESULTS_PER_QUERY)] = 50,
               by: Optional[AuditScore] = None) -> dict:
-        """The items the posterior is least sure of, most uncertain first."""
+        """The items the posterior is least sure of over every shard, most uncertain first."""
         with _bad_request():
             frame = searcher.audit(k, by.value if by is not None else None)
         return {**{key: frame.attrs[key] for key in ("version", "form", "by", "item_count")},
@@ -244,15 +234,19 @@ def _api_router(searcher, limits: ServiceLimits):
 
     @router.get("/version", response_model=schemas.VersionResponse, tags=["service"])
     def version() -> dict:
-        """The library, the index version being served and its size."""
-        reader = current_reader()
-        manifest = reader.manifest
-        return {"library_version": __version__, "index_version": manifest.version, "created_at": manifest.created_at,
-                "item_count": len(reader), "embed_dim": reader.embed_dim, "model": manifest.model,
+        """The library, the index versions being served (one per shard) and their sizes."""
+        snapshot = searcher.snapshot()
+        readers = snapshot.readers
+        shards = [{"shard": shard, "index_version": reader.manifest.version, "created_at": reader.manifest.created_at,
+                   "item_count": len(reader)} for shard, reader in enumerate(readers)]
+        return {"library_version": __version__, "index_version": snapshot.version,
+                "created_at": max(shard["created_at"] for shard in shards),
+                "item_count": sum(shard["item_count"] for shard in shards), "shards": shards,
+                "embed_dim": readers[0].embed_dim, "model": readers[0].manifest.model,
                 "estimator": searcher.estimator.value, "form": searcher.form.value,
                 "scores": [s.value for s in ScoreName],
                 "calibrated": {m: searcher.calibration(m) is not None for m in ("text", "image")},
-                "high_uncertainty": high_uncertainty(stats.get(reader)),
+                "high_uncertainty": high_uncertainty(stats.get(readers)),
                 "limits": {"max_query_chars": MAX_QUERY_CHARS, "max_results_per_query": MAX_RESULTS_PER_QUERY,
                            "max_queries_per_request": MAX_QUERIES_PER_REQUEST,
                            "max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels}}
@@ -285,7 +279,8 @@ def run_search(searcher, queries, labels: list[str], options, stats: StatsCache)
     """Search with ``options`` (a ``SearchOptions`` model) and shape the answer as a ``SearchResponse``.
 
     Each result also gets its item's audit percentile and the high-uncertainty mark,
-    read from the version the searcher holds once the search is done.
+    read from the versions the searcher holds once the search is done (a result without
+    a ``shard`` column comes from the one shard, 0).
     """
     from bayesretrieval.queries import ItemFilter
 
@@ -296,9 +291,9 @@ def run_search(searcher, queries, labels: list[str], options, stats: StatsCache)
                                 threshold=options.threshold, where=where)
     seconds = time.perf_counter() - start
     rows = [{key: _json_number(value) for key, value in row.items()} for row in frame.to_dict("records")]
-    reader = searcher.snapshot().reader
-    for row, (percentile, high) in zip(rows, stats.get(reader).marks(reader, frame["item_id"],
-                                                                       HIGH_UNCERTAINTY_PERCENTILE)):
+    readers = searcher.snapshot().readers
+    marks = stats.get(readers).marks(readers, frame.get("shard", 0), frame["item_id"], HIGH_UNCERTAINTY_PERCENTILE)
+    for row, (percentile, high) in zip(rows, marks):
         row["item_percentile"], row["high_uncertainty"] = percentile, high
     grouped: list[list] = [[] for _ in labels]
     for row in rows:

@@ -37,16 +37,24 @@ def service_schemas() -> SimpleNamespace:
         queries: Union[QueryText, QueryList] = Field(
             description=f"a query text or a list of at most {MAX_QUERIES_PER_REQUEST}", examples=["a red circle"])
 
+    Versions = Union[str, list[str]]
+    """An index version, or one per shard when several index directories are served."""
+    SHARD_DESCRIPTION = ("the item's index directory: its position among those served (only when several are; "
+                         "the item routes take it as ?shard=)")
+
     class ResultRow(BaseModel):
         """One result: the columns of :data:`bayesretrieval.queries.searcher.RESULT_COLUMNS`.
 
-        A number JSON cannot hold (NaN: no calibration, or a std split that is undefined) is null.
+        Over several index directories also ``shard``
+        (:data:`bayesretrieval.queries.sharded.SHARDED_RESULT_COLUMNS`). A number JSON
+        cannot hold (NaN: no calibration, or a std split that is undefined) is null.
         """
 
         query: str
         query_index: int
         rank: int
         item_id: int
+        shard: Optional[int] = Field(None, description=SHARD_DESCRIPTION)
         path: str
         score: float
         cosine_mean: float
@@ -76,7 +84,7 @@ def service_schemas() -> SimpleNamespace:
     class SearchResponse(BaseModel):
         """The answer to a search."""
 
-        version: str = Field(description="the index version that answered")
+        version: Versions = Field(description="the index version that answered (per shard: a list)")
         score: str
         estimator: str
         exact: bool = Field(description="every query's top-k equals a brute-force rerank of the whole collection")
@@ -92,7 +100,8 @@ def service_schemas() -> SimpleNamespace:
     class ItemResponse(BaseModel):
         """One indexed item: its file, sizes and per-item uncertainty."""
 
-        version: str
+        version: str = Field(description="the version of the item's shard")
+        shard: int = Field(description="the item's shard (0 when one index directory is served)")
         item_id: int
         path: str
         file_size: Optional[int]
@@ -102,8 +111,8 @@ def service_schemas() -> SimpleNamespace:
         scalars: dict[str, float] = Field(description="the stored per-item scalars (docs/math.md section 4)")
         uncertainty: float = Field(description="tr S / |mu|^2: total variance of the embedding over its squared norm")
         cosine_std: float = Field(description="typical std of the item's cosine to a random direction")
-        percentile: float = Field(description="percent of the collection at or below this item on the audit's "
-                                              "ranking score")
+        percentile: float = Field(description="percent of the collection (every shard) at or below this item on "
+                                              "the audit's ranking score")
         audit_by: str = Field(description="the audit's ranking score (scale or uncertainty)")
         thumbnail: str = Field(description="URL of the item's thumbnail")
 
@@ -111,6 +120,7 @@ def service_schemas() -> SimpleNamespace:
         """One row of the audit (:data:`bayesretrieval.queries.audit.AUDIT_COLUMNS`)."""
 
         rank: int
+        shard: Optional[int] = Field(None, description=SHARD_DESCRIPTION)
         item_id: int
         path: str
         uncertainty: float
@@ -119,12 +129,12 @@ def service_schemas() -> SimpleNamespace:
         cosine_std: float
 
     class AuditResponse(BaseModel):
-        """The items the posterior is least sure of, most uncertain first."""
+        """The items the posterior is least sure of (over every shard), most uncertain first."""
 
-        version: str
+        version: Versions
         form: str
         by: str
-        item_count: int
+        item_count: int = Field(description="items in the collection (every shard)")
         items: list[AuditRow]
 
     class HealthResponse(BaseModel):
@@ -132,13 +142,22 @@ def service_schemas() -> SimpleNamespace:
 
         status: str
 
+    class ShardInfo(BaseModel):
+        """One served index directory."""
+
+        shard: int = Field(description="its position among the served directories (an item's shard)")
+        index_version: str
+        created_at: str
+        item_count: int
+
     class VersionResponse(BaseModel):
         """What is being served."""
 
         library_version: str
-        index_version: str
-        created_at: str
-        item_count: int
+        index_version: Versions
+        created_at: str = Field(description="when the newest served version was published")
+        item_count: int = Field(description="items in the collection (every shard)")
+        shards: list[ShardInfo] = Field(description="each served index directory (one unless several are served)")
         embed_dim: int
         model: dict
         estimator: str
@@ -158,4 +177,4 @@ def service_schemas() -> SimpleNamespace:
 
     return SimpleNamespace(**{model.__name__: model for model in (
         SearchOptions, SearchRequest, ResultRow, QueryResults, SearchResponse, ItemResponse,
-        AuditRow, AuditResponse, HealthResponse, VersionResponse, ErrorResponse)})
+        AuditRow, AuditResponse, HealthResponse, ShardInfo, VersionResponse, ErrorResponse)})

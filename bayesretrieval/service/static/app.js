@@ -46,10 +46,13 @@ function element(tag, className, text) {
   return node;
 }
 
+// An answer's version: one index version, or one per shard when several index directories are served.
+const versions = (version) => [].concat(version).join(" + ");
+
 async function loadInfo() {
   page.info = await (await api("api/version")).json();
   const info = page.info;
-  $("served").textContent = `index ${info.index_version} · ${info.item_count} items · ` +
+  $("served").textContent = `index ${versions(info.index_version)} · ${info.item_count} items · ` +
     `${info.model.model_name} · posterior ${info.form}`;
   $("score").querySelector('option[value="probability"]').disabled = !info.calibrated.text;
   const mark = info.high_uncertainty;
@@ -87,9 +90,15 @@ function bar(mean, std) {
   return [track, ticks];
 }
 
-async function showThumbnail(img, itemId) {
+// A result or audit row names its item by id, and by shard when several index directories are served.
+function thumbnailUrl(row) {
+  const shard = row.shard ?? null;
+  return `api/items/${row.item_id}/thumbnail?size=256` + (shard === null ? "" : `&shard=${shard}`);
+}
+
+async function showThumbnail(img, row) {
   try {
-    const blob = await (await api(`api/items/${itemId}/thumbnail?size=256`)).blob();
+    const blob = await (await api(thumbnailUrl(row))).blob();
     const url = URL.createObjectURL(blob);
     page.thumbnails.push(url);
     img.src = url;
@@ -98,13 +107,14 @@ async function showThumbnail(img, itemId) {
   }
 }
 
-function card(itemId, path) {
+function card(row) {
   const node = element("article", "card");
-  node.dataset.itemId = itemId;
+  node.dataset.itemId = row.item_id;
+  if ((row.shard ?? null) !== null) node.dataset.shard = row.shard;
   const img = element("img", "thumb");
-  img.alt = path;
-  node.append(img, element("div", "path", path));
-  showThumbnail(img, itemId);
+  img.alt = row.path;
+  node.append(img, element("div", "path", row.path));
+  showThumbnail(img, row);
   return node;
 }
 
@@ -116,7 +126,7 @@ function clearGrid() {
 }
 
 function resultCard(row, score) {
-  const node = card(row.item_id, row.path);
+  const node = card(row);
   node.classList.add("result");
   const lines = [`#${row.rank} · ${score} ${row.score.toFixed(3)}`,
     `cosine ${row.cosine_mean.toFixed(3)} ± ${row.cosine_std.toFixed(3)}`];
@@ -138,7 +148,7 @@ function showResults(answer) {
     $("grid").append(...query.results.map((row) => resultCard(row, answer.score)));
   }
   const count = answer.queries.reduce((total, q) => total + q.results.length, 0);
-  setStatus(`${count} results from index ${answer.version} in ${(1000 * answer.seconds).toFixed(0)} ms` +
+  setStatus(`${count} results from index ${versions(answer.version)} in ${(1000 * answer.seconds).toFixed(0)} ms` +
     (answer.exact ? " · exact" : ""));
 }
 
@@ -186,7 +196,7 @@ function showAudit() {
     const audit = await (await api(`api/audit?k=${k}`)).json();
     clearGrid();
     for (const row of audit.items) {
-      const node = card(row.item_id, row.path);
+      const node = card(row);
       node.classList.add("audit-item");
       node.append(element("div", "numbers",
         `#${row.rank} · less certain than ${row.percentile.toFixed(1)}% of the collection · ` +
@@ -194,7 +204,7 @@ function showAudit() {
       $("grid").append(node);
     }
     setStatus(`the ${audit.items.length} least certain of ${audit.item_count} items (by ${audit.by}), ` +
-      `index ${audit.version}`);
+      `index ${versions(audit.version)}`);
   });
 }
 
