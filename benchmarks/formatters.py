@@ -238,7 +238,7 @@ def calibration_benchmark(result: Record) -> Blocks:
     """Every estimator's evaluation, after the run's own scalars (gallery, queries, model)."""
     figures = result["figures"]
     blocks = generic({key: value for key, value in figures.items()
-                      if key not in ("estimators", "task_prior", "lastblock")})
+                      if key not in ("estimators", "task_prior", "lastblock", "image_shift_detection", "aleatoric")})
     for name, summary in figures["estimators"].items():
         blocks.append(f"**{name}**")
         if name == TASK_PRIOR:
@@ -252,7 +252,28 @@ def calibration_benchmark(result: Record) -> Blocks:
                           f"{block['lambda']:.3g}); each item's embedding covariance stored as its diagonal, "
                           f"{1000 * block['seconds_per_item']:.1f} ms per item to compute.")
         blocks += evaluation(summary)
+    if "aleatoric" in figures:
+        head = figures["aleatoric"]
+        blocks.append(f"Aleatoric head, fitted on {head['pairs']} held-out pairs: temperature "
+                      f"{head['temperature']:.3g}, |w| {head['weight_norm']:.3g}, item std quartiles "
+                      + ", ".join(f"{q:.2g}" for q in head["item_std_quartiles"]) + ".")
+    if "image_shift_detection" in figures:
+        blocks += image_shift_blocks(figures["image_shift_detection"])
     return blocks
+
+
+def image_shift_blocks(detection: dict) -> Blocks:
+    """Per family, the AUROC of each per-image score for shifted (top severity) against clean images."""
+    rows = []
+    for family, entry in detection["strata"].items():
+        if not entry.get("signals"):
+            continue
+        rows.append({"family": family, "images": entry["queries"],
+                     **{name: _interval(signal) for name, signal in entry["signals"].items()},
+                     "useful": ", ".join(detection["useful"].get(family, [])) or "-"})
+    return [f"Image-side shift detection: AUROC of each per-image score for images at severity "
+            f"{detection['severity']} against clean ones (95% bootstrap intervals; the activation distances "
+            "are the baselines):", table(rows)]
 
 
 TASK_PRIOR = "second_order, task prior"

@@ -27,7 +27,17 @@ whole gallery through the search engine and report:
 - the held-out failures by kind: knowable (unseen query word, shifted top-1, only
   shifted relevant images) or in-distribution confusions (``evaluation.failures``);
 - calibration on held-out queries: ECE (15 bins), Brier and NLL of the probit match
-  probability of the top-10 pairs, against a logistic link on the plain cosine.
+  probability of the top-10 pairs, against a logistic link on the plain cosine;
+- the options of docs/math.md sections 13-15 in the same run: the posterior with ``n``
+  and ``lambda`` chosen by the held-out retrieval likelihood (``second_order, task
+  prior``), the last-block posterior's index with per-item diagonal covariances
+  (``second_order, last block``), and the aleatoric head's item std (signals
+  ``aleatoric_std``, ``total_std``), the head and the task prior fitted on the pairs of a
+  fresh training world;
+- precision@10 of ``lcb`` and ``lcb_item`` minus ``expected``, kappa chosen on held-in queries;
+- image-side shift detection: per family, the AUROC of each per-image score (``q``, the
+  last-block ``tr S / |mu|^2``, the aleatoric variance; the activation distances as
+  baselines) for its images at the top severity against the clean ones.
 
 Queries are split at random into a held-in half (fits the probit link, the logistic
 link and the softmax temperature) and a held-out half (every uncertainty number).
@@ -291,16 +301,20 @@ def aleatoric_variance(encoder: ClipEncoder, pairs: HeldOutPairs, item_activatio
     head = AleatoricHead.fit(pairs.image_activations, pairs.image_means, pairs.text_means, encoder.logit_scale)
     variance = head.variance(item_activations).numpy()
     return variance, {"pairs": len(pairs.image_means), "bias": head.bias, "weight_norm": float(head.weight.norm()),
+                      "temperature": head.temperature,
                       "item_std_quartiles": np.quantile(np.sqrt(variance), [0.25, 0.5, 0.75]).tolist()}
 
 
 def lastblock_index(encoder: ClipEncoder, posterior: PosteriorPair, images: np.ndarray, reader, work: Path,
-                    args: argparse.Namespace) -> dict:
+                    args: argparse.Namespace) -> tuple[dict, np.ndarray]:
     """Index the gallery with the last-block posterior's per-item diagonal embedding covariance.
 
     The means and ``diag`` columns (:func:`~bayesretrieval.posterior.lastblock_posterior.item_covariance`)
     go through the precomputed-embeddings path with the image index's ids and paths, so both
     indexes hold the same items under the same ids; the text side is the projection posterior's.
+
+    Returns:
+        ``(summary, relative_trace)``: the fit and cost, and every item's ``tr S / |mu|^2`` ``(nb,)``.
     """
     lastblock, fit_seconds = fit_lastblock(encoder, work, args, args.lastblock_scope)
     cfg = encoder.model.visual.preprocess_cfg
@@ -313,9 +327,35 @@ def lastblock_index(encoder: ClipEncoder, posterior: PosteriorPair, images: np.n
     pq.write_table(table, work / "lastblock-embeddings.parquet")
     build_index_from_embeddings(work / "lastblock-embeddings.parquet", work / "index-lastblock", posterior,
                                 encoder.identity, BuildConfig(rebuild=True))
-    return {"scope": args.lastblock_scope, "fit_seconds": fit_seconds, "seconds_per_item": seconds / len(images),
-            "lambda": next(iter(lastblock.layers.values())).prior_precision, "items": len(images),
-            "trace_quartiles": np.quantile(factors.variance_diag.sum(1), [0.25, 0.5, 0.75]).tolist()}
+    trace = factors.variance_diag.astype(np.float64).sum(1)
+    summary = {"scope": args.lastblock_scope, "fit_seconds": fit_seconds, "seconds_per_item": seconds / len(images),
+               "lambda": next(iter(lastblock.layers.values())).prior_precision, "items": len(images),
+               "trace_quartiles": np.quantile(trace, [0.25, 0.5, 0.75]).tolist()}
+    return summary, trace / np.square(means.numpy().astype(np.float64)).sum(1)
+
+
+def image_shift_detection(scores: dict, labels: Labels, severity: list, n_boot: int) -> dict:
+    """Per shift family, how well each per-image score tells its images at the top severity from clean ones.
+
+    Args:
+        scores: ``{name: (nb,)}`` per-item scores, higher meaning "less sure of this image".
+        labels: the item families.
+        severity: ``(nb,)`` each item's severity (``None`` for clean or unchanged images).
+        n_boot: bootstrap replicates.
+
+    Returns:
+        :func:`~bayesretrieval.evaluation.stratified_auroc`'s strata (one per family: its
+        images at the top severity and every clean image) and ``useful``, plus ``severity``.
+    """
+    top = max(s for s in severity if s is not None)
+    clean = np.array([f is None for f in labels.family])
+    shifted = np.array([s == top for s in severity])
+    strata = {family: clean | (shifted & (labels.family == family))
+              for family in sorted({f for f, s in zip(labels.family, shifted) if s})}
+    baselines = [name for name in scores if name in ("item_mahalanobis", "item_knn")]
+    result = stratified_auroc(scores, baselines, shifted, strata, n_boot)
+    return {"severity": top, "strata": result["strata"],
+            "useful": {name: signals for name, signals in result["useful"].items() if name != "pooled"}}
 
 
 def activation_baselines(encoder: ClipEncoder, work: Path, images: np.ndarray, texts: list[str], k: int) -> dict:
@@ -543,11 +583,15 @@ def main(argv: list[str] | None = None) -> dict:
         results["estimators"][formatters.TASK_PRIOR] = run_estimator(
             work / "index-task-prior", encoder, CosineEstimator.SECOND_ORDER.value, texts, labels, fit, item_ids,
             args.bootstrap)
+    shift_scores = {name: labels.item[name] for name in ("item_scale", "aleatoric_var", "item_mahalanobis", "item_knn")
+                    if name in labels.item}
     if args.lastblock_scope != "none":
-        results["lastblock"] = lastblock_index(encoder, posterior, images[order], reader, work, args)
+        results["lastblock"], shift_scores["lastblock_trace"] = lastblock_index(encoder, posterior, images[order],
+                                                                                reader, work, args)
         results["estimators"][formatters.LAST_BLOCK] = run_estimator(
             work / "index-lastblock", encoder, CosineEstimator.SECOND_ORDER.value, texts, labels, fit, item_ids,
             args.bootstrap)
+    results["image_shift_detection"] = image_shift_detection(shift_scores, labels, severity, args.bootstrap)
     results["seconds"] = time.perf_counter() - started
     path = record.save("retrieval_calibration", __file__, args, results, argv, args.output)
     print("\n\n".join(formatters.calibration_benchmark({"figures": results})))

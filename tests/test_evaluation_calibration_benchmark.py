@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from benchmark_scripts import benchmark_module
 
-ARGS = ["--size", "test", "--n-clean", "60", "--n-shift", "3", "--queries", "240", "--n-fit", "512",
-        "--estimators", "second_order", "--bootstrap", "100", "--held-out-pairs", "128"]
+ARGS = ["--size", "test", "--n-clean", "60", "--n-shift", "12", "--severities", "3", "5", "--queries", "240",
+        "--n-fit", "512", "--estimators", "second_order", "--bootstrap", "100", "--held-out-pairs", "128"]
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,11 @@ def test_the_last_block_index_holds_the_same_items_with_their_own_covariance(run
     assert lastblock["engine_check"]["agree"] == lastblock["engine_check"]["queries"]
     assert results["lastblock"]["items"] == results["gallery"]["items"]
     assert results["lastblock"]["trace_quartiles"][0] > 0 and results["aleatoric"]["pairs"] == 128
+    detection = results["image_shift_detection"]
+    assert detection["severity"] == 5 and "blur" in detection["strata"]
+    scored = [e for e in detection["strata"].values() if e["signals"]]
+    assert scored and all({"item_scale", "lastblock_trace", "aleatoric_var", "item_knn"} <= set(e["signals"])
+                          for e in scored)
     projection = results["estimators"]["second_order"]["retrieval"]["lcb(kappa=1)"]
     assert lastblock["retrieval"]["lcb(kappa=1)"] != projection  # another posterior ranks differently
 
@@ -85,6 +90,6 @@ def test_tables_render_from_the_record(run):
     assert "Failure AUROC, visible labels, query strata" in text and "pooled (weighted mean)" in text
     assert "Held-out failures by kind" in text
     assert "Precision@10 of the risk-averse scores minus `expected`" in text and "**second_order, task prior**" in text
-    assert "**second_order, last block**" in text
+    assert "**second_order, last block**" in text and "Image-side shift detection" in text
     summary = script.formatters.calibration_summary(saved)
     assert summary.startswith("| stratum | n | failures | std |") and "knowable" in summary
