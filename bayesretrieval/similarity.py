@@ -415,6 +415,48 @@ def probit_probabilities(logit_mean: torch.Tensor, logit_var: torch.Tensor, dim:
     return probit_log_probabilities(logit_mean, logit_var, dim).exp()
 
 
+def best_match_probabilities(groups: np.ndarray, logit_mean: np.ndarray, logit_var: np.ndarray,
+                             block: int = 1 << 22) -> np.ndarray:
+    """Per row, the chance it is its group's match: ``E[softmax]`` of Gaussian logits within each group.
+
+    Retrieval's analogue of BayesVLM's zero-shot probit, with a query's results as its
+    group, by the pairwise mean-field approximation (docs/math.md section 5)
+
+        p_i = 1 / sum_j exp(-(m_i - m_j) / sqrt(1 + pi/8 (v_i + v_j))),
+
+    normalised within the group. Unlike the per-logit probit (:func:`probit_probabilities`),
+    it is unchanged when every logit of a group moves by the same amount, as the softmax is.
+
+    Args:
+        groups: ``(n,)`` group labels, each group's rows contiguous (a query's results).
+        logit_mean: ``(n,)``.
+        logit_var: ``(n,)``.
+        block: most entries of the pairwise arrays held at once.
+
+    Returns:
+        ``(n,)`` float64 probabilities summing to 1 within each group.
+    """
+    groups = np.asarray(groups)
+    mean, var = np.asarray(logit_mean, np.float64), np.asarray(logit_var, np.float64)
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]]) if groups.size else np.zeros(0, np.int64)
+    sizes = np.diff(np.r_[starts, groups.size])
+    row = np.repeat(np.arange(starts.size), sizes)
+    column = np.arange(groups.size) - np.repeat(starts, sizes)
+    width = int(sizes.max()) if sizes.size else 0
+    means, variances = np.full((starts.size, width), np.nan), np.zeros((starts.size, width))
+    means[row, column], variances[row, column] = mean, var
+    out = np.empty_like(means)
+    step = max(1, block // max(1, width * width))
+    for lo in range(0, starts.size, step):
+        m, v = means[lo:lo + step], variances[lo:lo + step]
+        with np.errstate(over="ignore", divide="ignore"):  # a far better rival: p = 0; padding: dropped below
+            spread = np.sqrt(1 + math.pi / 8 * (v[:, :, None] + v[:, None, :]))
+            terms = np.exp(-(m[:, :, None] - m[:, None, :]) / spread)
+            p = 1.0 / np.nansum(terms, axis=2)
+        out[lo:lo + step] = p / np.nansum(np.where(np.isnan(m), np.nan, p), axis=1, keepdims=True)
+    return out[row, column]
+
+
 def probit_log_probabilities(logit_mean: torch.Tensor, logit_var: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """The log of :func:`probit_probabilities`, computed stably (for likelihoods)."""
     return torch.log_softmax(logit_mean / torch.sqrt(1 + math.pi / 8 * logit_var), dim=dim)

@@ -16,7 +16,7 @@ from bayesretrieval.queries import ItemFilter, ProbitCalibration, Searcher
 from bayesretrieval.queries.calibration import save_calibration
 from bayesretrieval.queries.searcher import RESULT_COLUMNS
 from bayesretrieval.queries.uncertainty import ModelCovariances, QuerySide, pair_moments
-from bayesretrieval.similarity import cosine_moment_parts
+from bayesretrieval.similarity import best_match_probabilities, cosine_moment_parts
 from bayesretrieval.store import IndexReader
 
 SCORE_RTOL = 1e-7
@@ -68,6 +68,12 @@ def test_search_equals_brute_force(flat_index, score, kappa):
     assert list(frame.columns) == list(RESULT_COLUMNS)
     if score == "lcb" and kappa == 3.0:
         assert max(frame.attrs["candidates"]) > 168  # the certificate needed a grown set
+    assert np.allclose(frame.groupby("query_index").best_match_probability.sum(), 1.0)
+    for qi, rows in frame.groupby("query_index"):
+        scale = searcher.logit_scale
+        want = best_match_probabilities(np.zeros(len(rows)), scale * rows.cosine_mean.to_numpy(),
+                                        (scale * rows.cosine_std.to_numpy()) ** 2)
+        np.testing.assert_allclose(rows.best_match_probability, want, rtol=1e-9)
 
 
 def test_search_reports_where_its_time_went(flat_index):

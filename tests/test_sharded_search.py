@@ -75,6 +75,7 @@ def test_shards_search_like_one_index_over_their_union(built, encoder, score, ka
         got = sharded.search(QUERIES, k=k, score=score, kappa=kappa)
     assert isinstance(sharded, ShardedSearcher) and list(got.columns) == list(SHARDED_RESULT_COLUMNS)
     assert_same_results(sharded, union, got, want)
+    np.testing.assert_allclose(got.best_match_probability, want.best_match_probability, rtol=1e-6, atol=1e-12)
     assert got.attrs["exact"] and want.attrs["exact"] and got.exact.all()
     assert got.attrs["shards"] == [str(d) for d in shard_dirs] and len(got.attrs["version"]) == len(shard_dirs)
     assert set(got.shard) <= {0, 1, 2} and (got.groupby("query_index")["rank"].max() == min(k, 26)).all()

@@ -4,15 +4,18 @@ import numpy as np
 import pytest
 import reference
 import torch
+from scipy.special import softmax
 
 from bayesretrieval import probabilistic_logits
 from bayesretrieval.posterior import KroneckerPosterior
 from bayesretrieval.similarity import (
     CosineEstimator,
     CovarianceConstants,
+    best_match_probabilities,
     cosine_moments,
     cosine_moments_from_statistics,
     pair_terms,
+    probit_probabilities,
     side_statistics,
 )
 
@@ -100,3 +103,31 @@ def test_probabilistic_logits_published_matches_bayesvlm_probcosine():
     )
     assert all(isinstance(a, np.ndarray) and a.shape == (5, 3) for a in as_numpy)
     np.testing.assert_allclose(as_numpy[1], var.numpy(), rtol=1e-12)
+
+
+def test_best_match_probabilities_sum_to_one_per_query_and_ignore_a_common_shift():
+    rng = np.random.default_rng(3)
+    groups = np.repeat([4, 0, 7], [5, 1, 3])  # contiguous, any labels, unequal sizes
+    mean, var = rng.normal(10, 3, groups.size), rng.uniform(0, 20, groups.size)
+    p = best_match_probabilities(groups, mean, var)
+    assert p[groups == 0] == pytest.approx([1.0])
+    for g in (4, 7):
+        assert p[groups == g].sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(best_match_probabilities(groups, mean - 25.0, var), p, rtol=1e-12)
+    np.testing.assert_allclose(best_match_probabilities(groups, mean, var, block=4), p, rtol=1e-12)
+    without_noise = best_match_probabilities(groups, mean, np.zeros_like(var))
+    np.testing.assert_allclose(without_noise[groups == 4], softmax(mean[groups == 4]), rtol=1e-12)
+    assert best_match_probabilities(np.zeros(0), np.zeros(0), np.zeros(0)).shape == (0,)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_best_match_probability_is_close_to_the_monte_carlo_softmax_of_gaussian_logits(seed):
+    rng = np.random.default_rng(seed)
+    mean, var = rng.normal(20.0, 1.5, 10), rng.uniform(0.0, 4.0, 10)  # cosine-like logits: far from zero
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.tensor(mean) + torch.tensor(var).sqrt() * torch.randn(200_000, 10, generator=g, dtype=torch.float64)
+    monte_carlo = torch.softmax(draws, dim=1).mean(0).numpy()
+    pairwise = best_match_probabilities(np.zeros(10), mean, var)
+    per_logit = probit_probabilities(torch.tensor(mean), torch.tensor(var)).numpy()
+    assert np.abs(pairwise - monte_carlo).max() < 0.1
+    assert np.abs(pairwise - monte_carlo).max() < np.abs(per_logit - monte_carlo).max()

@@ -31,7 +31,9 @@ Results are reranked exactly from the stored means; the `exact` column says whet
 query's top-k is certified equal to a brute-force rerank of the whole collection. The
 cosine's std splits by where the noise comes from (docs/math.md section 7): `std q/i`
 is the std due to the query's noise alone / the item's alone (JSON and CSV:
-cosine_std_query, cosine_std_item); the rest of the variance is joint.
+cosine_std_query, cosine_std_item); the rest of the variance is joint. `P(best)`
+(best_match_probability) is the probit softmax over the query's k results: the chance
+each is the match among them, as BayesVLM's zero-shot probit gives over classes.
 
 --image queries on an index built with --store-activations account for the image
 projection both images share (docs/math.md section 12): an indexed image found by itself
@@ -47,7 +49,7 @@ among the directories, listed under "shards")."""
 
 OUTPUT_FORMATS = ("table", "json", "csv")
 TABLE_COLUMNS = ["query", "rank", "score", "cosine_mean", "cosine_std", "cosine_std_query", "cosine_std_item",
-                 "probability", "path", "exact"]
+                 "probability", "best_match_probability", "path", "exact"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -198,7 +200,8 @@ def _results_table(results: pd.DataFrame) -> str:
                        for q, i in zip(view.cosine_std_query, view.cosine_std_item)]
     view["score"] = view.score.map(lambda v: f"{v:.4f}")
     view["probability"] = view.probability.map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
-    columns = ["query", "rank", "score", "cosine", "std q/i", "probability", "path", "exact"]
+    view["P(best)"] = view.best_match_probability.map(lambda v: f"{v:.2f}")
+    columns = ["query", "rank", "score", "cosine", "std q/i", "probability", "P(best)", "path", "exact"]
     if view.probability.eq("").all():
         columns.remove("probability")
     return view[columns].to_string(index=False)

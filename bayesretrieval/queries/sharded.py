@@ -32,7 +32,7 @@ from bayesretrieval.queries.calibration import ProbitCalibration
 from bayesretrieval.queries.filters import ItemFilter
 from bayesretrieval.queries.scorers import ScoreName
 from bayesretrieval.queries.searcher import RESULT_COLUMNS, Searcher, Snapshot
-from bayesretrieval.similarity import CosineEstimator
+from bayesretrieval.similarity import CosineEstimator, best_match_probabilities
 from bayesretrieval.store import CovarianceForm, IndexReader
 
 SHARDED_RESULT_COLUMNS = (*RESULT_COLUMNS[:4], "shard", *RESULT_COLUMNS[4:])
@@ -254,6 +254,9 @@ def merge_shard_results(frames: Sequence[pd.DataFrame], k: int, threshold: float
                                 kind="stable")
     merged = merged.groupby("query_index", sort=False).head(k).reset_index(drop=True)
     merged["rank"] = merged.groupby("query_index").cumcount() + 1
+    merged["best_match_probability"] = best_match_probabilities(
+        merged.query_index.to_numpy(), merged.logit_mean.to_numpy(np.float64),
+        np.square(merged.logit_std.to_numpy(np.float64)))
     exact = _query_exact(frames)
     merged["exact"] = exact[merged.query_index.to_numpy(np.int64)]
     if threshold is not None:

@@ -64,6 +64,8 @@ def service_schemas() -> SimpleNamespace:
         logit_mean: float
         logit_std: float
         probability: Optional[float] = Field(description="calibrated match probability; null without a calibration")
+        best_match_probability: float = Field(description="probit softmax over the query's k results: the chance "
+                                                           "this one is the match among them")
         exact: bool
         item_percentile: Optional[float] = Field(description="percent of the collection at or below this item on "
                                                              "the audit's ranking score (null: item since removed)")

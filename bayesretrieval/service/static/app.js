@@ -131,6 +131,7 @@ function resultCard(row, score) {
   const lines = [`#${row.rank} · ${score} ${row.score.toFixed(3)}`,
     `cosine ${row.cosine_mean.toFixed(3)} ± ${row.cosine_std.toFixed(3)}`];
   if (row.probability !== null) lines.push(`P(match) ${row.probability.toFixed(2)}`);
+  lines.push(`P(best of these) ${row.best_match_probability.toFixed(2)}`);
   node.append(...bar(row.cosine_mean, row.cosine_std), element("div", "numbers", lines.join("\n")));
   if (row.high_uncertainty) {
     node.classList.add("high-uncertainty");
