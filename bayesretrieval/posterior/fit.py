@@ -235,7 +235,39 @@ def read_encoded(path: str | Path, rows_per_batch: int = 4096) -> tuple[EncodedM
     return metadata, int(parquet.metadata.num_rows), batches
 
 
-class PosteriorFitter:
+class FitSettings:
+    """What every posterior fitter is configured with: chunks, prior, curvature batches, decoding, progress.
+
+    The arguments are documented on :class:`PosteriorFitter` and
+    :class:`~bayesretrieval.posterior.lastblock_fit.LastBlockFitter`.
+    """
+
+    def __init__(
+        self,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        pseudo_data_count: float | tuple[float, float] = 1.0,
+        prior_precision: float | tuple[float, float] | None = None,
+        objective: PriorObjective | str = PriorObjective.KRONECKER,
+        source_batch: int = DEFAULT_SOURCE_BATCH,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        progress_bar: bool = False,
+    ):
+        self.chunk_size = chunk_size
+        self.pseudo_data_count = pseudo_data_count
+        self.prior_precision = prior_precision
+        self.objective = objective
+        self.source_batch = source_batch
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.progress_bar = progress_bar
+
+    def _check_chunk_size(self) -> None:
+        if self.chunk_size < 2:
+            raise ValueError(f"chunk_size must be at least 2, got {self.chunk_size}")
+
+
+class PosteriorFitter(FitSettings):
     """Estimate the Kronecker Laplace posterior of both projections (docs/math.md section 2).
 
     Follows scikit-learn's fit contract: hyper-parameters here, :meth:`fit` or
@@ -261,29 +293,8 @@ class PosteriorFitter:
         metadata_: the :class:`EncodedMetadata` (model identity, scale, norms).
     """
 
-    def __init__(
-        self,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        pseudo_data_count: float | tuple[float, float] = 1.0,
-        prior_precision: float | tuple[float, float] | None = None,
-        objective: PriorObjective | str = PriorObjective.KRONECKER,
-        source_batch: int = DEFAULT_SOURCE_BATCH,
-        batch_size: int = 64,
-        num_workers: int = 2,
-        progress_bar: bool = False,
-    ):
-        self.chunk_size = chunk_size
-        self.pseudo_data_count = pseudo_data_count
-        self.prior_precision = prior_precision
-        self.objective = objective
-        self.source_batch = source_batch
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.progress_bar = progress_bar
-
     def _validate(self) -> tuple[tuple, tuple, PriorObjective]:
-        if self.chunk_size < 2:
-            raise ValueError(f"chunk_size must be at least 2, got {self.chunk_size}")
+        self._check_chunk_size()
         counts = _pair_values(self.pseudo_data_count, "pseudo_data_count")
         lambdas = _pair_values(self.prior_precision, "prior_precision")
         for name, values in (("pseudo_data_count", counts), ("prior_precision", lambdas)):

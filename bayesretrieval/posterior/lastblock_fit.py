@@ -23,8 +23,9 @@ import torch
 from tqdm.auto import tqdm
 
 from bayesretrieval.encoders import ClipEncoder
-from bayesretrieval.options import DEFAULT_CHUNK_SIZE, PriorObjective
+from bayesretrieval.options import PriorObjective
 from bayesretrieval.posterior.curvature import infonce_ggn
+from bayesretrieval.posterior.fit import FitSettings
 from bayesretrieval.posterior.lastblock import BlockScope, HeadInputs, LastBlockHead
 from bayesretrieval.posterior.lastblock_posterior import LastBlockPosterior
 from bayesretrieval.posterior.pairs import PairReader
@@ -72,19 +73,17 @@ def kfac_factors(sums: dict[str, tuple[torch.Tensor, torch.Tensor]],
     return {name: (scale * (outer + outer.T) / 2, scale * (ggn + ggn.T) / 2) for name, (outer, ggn) in sums.items()}
 
 
-class LastBlockFitter:
+class LastBlockFitter(FitSettings):
     """Estimate the last-block posterior (docs/math.md section 13), scikit-learn style.
 
     Args:
         scope: which layers (a :class:`BlockScope` or its name).
-        chunk_size: ``C``, pairs per InfoNCE chunk.
-        pseudo_data_count: ``n``.
-        prior_precision: ``lambda``, or ``None`` to maximise the summed evidence with ``objective``.
-        objective: a :class:`PriorObjective` or its name.
-        source_batch: images per Jacobian batch.
-        batch_size: pairs decoded per batch (:meth:`fit` only).
-        num_workers: image-decoding threads (:meth:`fit` only).
-        progress_bar: show a tqdm bar.
+        settings: :class:`~bayesretrieval.posterior.fit.FitSettings` arguments, here:
+            ``chunk_size`` (``C``, pairs per InfoNCE chunk), ``pseudo_data_count`` (``n``),
+            ``prior_precision`` (``lambda``, or ``None`` to maximise the summed evidence with
+            ``objective``, a :class:`PriorObjective` or its name), ``source_batch`` (images
+            per Jacobian batch), ``batch_size`` and ``num_workers`` (decoding, :meth:`fit`
+            only), ``progress_bar``.
 
     Attributes:
         posterior_: the fitted :class:`LastBlockPosterior`.
@@ -93,26 +92,14 @@ class LastBlockFitter:
         num_dropped_: pairs after the last full chunk, left out.
     """
 
-    def __init__(self, scope: BlockScope | str = BlockScope.MLP, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 pseudo_data_count: float = 1.0, prior_precision: float | None = None,
-                 objective: PriorObjective | str = PriorObjective.KRONECKER,
-                 source_batch: int = DEFAULT_SOURCE_BATCH, batch_size: int = 64, num_workers: int = 2,
-                 progress_bar: bool = False):
+    def __init__(self, scope: BlockScope | str = BlockScope.MLP, **settings):
+        super().__init__(**settings)
         self.scope = scope
-        self.chunk_size = chunk_size
-        self.pseudo_data_count = pseudo_data_count
-        self.prior_precision = prior_precision
-        self.objective = objective
-        self.source_batch = source_batch
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.progress_bar = progress_bar
 
     def _validate(self) -> None:
         BlockScope(self.scope)
         PriorObjective(self.objective)
-        if self.chunk_size < 2:
-            raise ValueError(f"chunk_size must be at least 2, got {self.chunk_size}")
+        self._check_chunk_size()
         if not self.pseudo_data_count > 0 or not (self.prior_precision is None or self.prior_precision > 0):
             raise ValueError(f"pseudo_data_count and prior_precision must be positive, got "
                              f"{self.pseudo_data_count} and {self.prior_precision}")
