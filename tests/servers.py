@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
+from bayesretrieval.indexing import BuildConfig, build_index
 from bayesretrieval.options import SERVE_TOKEN_ENV
 
 
@@ -73,3 +74,8 @@ def running_server(index, *options: str, token: str | None = None, startup_s: fl
     finally:
         served.process.terminate()
         served.out, served.err = served.process.communicate(timeout=30)
+
+
+def build(source, index, encoder, posterior):
+    """Index a small test folder in this process (small batches, no decode workers)."""
+    return build_index(source, index, encoder, posterior, BuildConfig(batch_size=4, workers=0))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import _png_header_only, random_posterior, save_tiny_checkpoint, write_images
 from PIL import Image
-from servers import http, running_server
+from servers import build, http, running_server
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
 pytest.importorskip("httpx", reason="the test extra lacks httpx")
@@ -54,10 +54,6 @@ def encoder(checkpoint):
 @pytest.fixture(scope="module")
 def posterior(encoder):
     return random_posterior(D, 64, model=encoder.identity)
-
-
-def build(source, index, encoder, posterior):
-    return build_index(source, index, encoder, posterior, BuildConfig(batch_size=4, workers=0))
 
 
 @pytest.fixture(scope="module")

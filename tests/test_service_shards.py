@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from conftest import random_posterior, save_tiny_checkpoint, write_images
 from PIL import Image
-from servers import http, running_server
+from servers import build, http, running_server
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
 pytest.importorskip("httpx", reason="the test extra lacks httpx")
@@ -23,7 +23,6 @@ from fastapi.testclient import TestClient  # noqa: E402
 from test_service import assert_json_error, write_crafted_index  # noqa: E402
 
 from bayesretrieval.encoders import ClipEncoder  # noqa: E402
-from bayesretrieval.indexing import BuildConfig, build_index  # noqa: E402
 from bayesretrieval.options import HIGH_UNCERTAINTY_PERCENTILE, TINY_MODEL  # noqa: E402
 from bayesretrieval.queries import SHARDED_RESULT_COLUMNS, Searcher, ShardedSearcher, audit_index  # noqa: E402
 from bayesretrieval.service.app import create_app  # noqa: E402
@@ -42,10 +41,6 @@ def encoder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def posterior(encoder):
     return random_posterior(D, 64, model=encoder.identity)
-
-
-def build(source, index, encoder, posterior):
-    return build_index(source, index, encoder, posterior, BuildConfig(batch_size=4, workers=0))
 
 
 @pytest.fixture(scope="module")
