@@ -98,6 +98,19 @@ def item_scores(reader: IndexReader, form: CovarianceForm) -> tuple[np.ndarray, 
     return uncertainty, cosine_std, scalars.scale
 
 
+def collection_scores(readers: Sequence[IndexReader], form: CovarianceForm
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`item_scores` over several shards, rows one shard after another.
+
+    Returns:
+        ``(uncertainty, cosine_std, scale, offsets)``: three ``(N,)`` arrays over every
+        shard's items and ``offsets`` ``(S + 1,)``, each shard's first row, then ``N``.
+    """
+    uncertainty, cosine_std, scale = (np.concatenate(parts) for parts in
+                                      zip(*(item_scores(reader, form) for reader in readers)))
+    return uncertainty, cosine_std, scale, np.cumsum([0, *(len(reader) for reader in readers)])
+
+
 def default_ranking(scale: np.ndarray) -> AuditScore:
     """The audit's default ranking score: the scale ``q``, unless no item has one (precomputed embeddings)."""
     return AuditScore.SCALE if np.any(scale > 0) else AuditScore.UNCERTAINTY
@@ -158,11 +171,10 @@ def audit_shards(readers: Sequence[IndexReader], k: int | None = None, form: Cov
     form = _form(readers[0], form)
     for reader in readers[1:]:
         _form(reader, form)
-    uncertainty, cosine_std, scale = (np.concatenate(parts) for parts in
-                                      zip(*(item_scores(reader, form) for reader in readers)))
+    uncertainty, cosine_std, scale, offsets = collection_scores(readers, form)
     by = AuditScore(by) if by is not None else default_ranking(scale)
     rows, above = top_rows(scale if by is AuditScore.SCALE else uncertainty, k)
-    shards, ids, paths = _shard_items(readers, rows)
+    shards, ids, paths = _shard_items(readers, offsets, rows)
     frame = pd.DataFrame({
         "rank": np.arange(1, len(rows) + 1),
         "shard": shards,
@@ -178,9 +190,9 @@ def audit_shards(readers: Sequence[IndexReader], k: int | None = None, form: Cov
     return frame
 
 
-def _shard_items(readers: Sequence[IndexReader], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """``(shard, item_id, path)`` of rows numbered over the shards one after another, each ``(k,)``."""
-    offsets = np.cumsum([0, *(len(reader) for reader in readers)])
+def _shard_items(readers: Sequence[IndexReader], offsets: np.ndarray,
+                 rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(shard, item_id, path)`` of rows numbered over the shards (``offsets``: their first rows), each ``(k,)``."""
     shards = np.searchsorted(offsets, rows, side="right") - 1
     ids = np.empty(len(rows), np.int64)
     paths = np.empty(len(rows), object)

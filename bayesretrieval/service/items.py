@@ -11,7 +11,7 @@ from PIL import Image
 
 from bayesretrieval.indexing.decode import ImageSkipped, decode_image
 from bayesretrieval.options import DEFAULT_MAX_PIXELS, AuditScore
-from bayesretrieval.queries.audit import default_ranking, item_scores
+from bayesretrieval.queries.audit import collection_scores, default_ranking
 from bayesretrieval.service.security import resolve_item_file
 from bayesretrieval.store import CovarianceForm, IndexReader
 from bayesretrieval.store.format import SCALAR_COLUMNS
@@ -51,12 +51,10 @@ class CollectionStats:
     @classmethod
     def compute(cls, readers: Sequence[IndexReader], form: CovarianceForm) -> "CollectionStats":
         """One vectorised pass over each shard's scalars (as :func:`~bayesretrieval.queries.audit.audit_shards`)."""
-        uncertainty, cosine_std, scale = (np.concatenate(parts) for parts in
-                                          zip(*(item_scores(reader, form) for reader in readers)))
+        uncertainty, cosine_std, scale, offsets = collection_scores(readers, form)
         by = default_ranking(scale)
         ranking = scale if by is AuditScore.SCALE else uncertainty
-        return cls(_versions(readers), np.cumsum([0, *(len(reader) for reader in readers)]), uncertainty, cosine_std,
-                   ranking, np.sort(ranking), by)
+        return cls(_versions(readers), offsets, uncertainty, cosine_std, ranking, np.sort(ranking), by)
 
     def rows(self, shard: int, positions) -> np.ndarray:
         """The rows here of ``shard``'s item positions (``-1`` stays ``-1``: an unknown item)."""
