@@ -87,10 +87,11 @@ from bayesretrieval.indexing.embeddings_input import build_index_from_embeddings
 from bayesretrieval.indexing.pipeline import BuildConfig, build_index
 from bayesretrieval.posterior import PairReader, PosteriorFitter, PosteriorPair
 from bayesretrieval.posterior.aleatoric import AleatoricHead
+from bayesretrieval.posterior.fit import EncodedPairs
 from bayesretrieval.posterior.lastblock import BlockScope
 from bayesretrieval.posterior.lastblock_fit import LastBlockFitter
 from bayesretrieval.posterior.lastblock_posterior import LastBlockPosterior, item_covariance
-from bayesretrieval.posterior.task_prior import HeldOutPairs, tune_prior
+from bayesretrieval.posterior.task_prior import tune_prior
 from bayesretrieval.queries import Searcher
 from bayesretrieval.queries.calibration import ProbitCalibration
 from bayesretrieval.queries.uncertainty import QuerySide
@@ -267,16 +268,16 @@ def fitting_activations(encoder: ClipEncoder, work: Path) -> tuple[torch.Tensor,
     return image, text, world.captions
 
 
-def held_out_pairs(encoder: ClipEncoder, args: argparse.Namespace) -> HeldOutPairs:
+def held_out_pairs(encoder: ClipEncoder, args: argparse.Namespace) -> EncodedPairs:
     """Encoded pairs of a fresh training world, unseen by the posterior fit."""
     world = make_world(args.held_out_pairs, seed=args.seed + 9, part="train")
     cfg = encoder.model.visual.preprocess_cfg
     images = encoder.encode_images(images_to_tensor(world.images, cfg["mean"], cfg["std"]))
     texts = encoder.encode_texts(world.captions)
-    return HeldOutPairs(images.embeds, images.activations, texts.embeds, texts.activations)
+    return EncodedPairs(images.activations, images.embeds, texts.activations, texts.embeds)
 
 
-def task_prior_index(encoder: ClipEncoder, posterior: PosteriorPair, pairs: HeldOutPairs, work: Path,
+def task_prior_index(encoder: ClipEncoder, posterior: PosteriorPair, pairs: EncodedPairs, work: Path,
                      args: argparse.Namespace) -> dict:
     """Choose ``(n, lambda)`` on held-out pairs by the retrieval likelihood, and index the gallery with it.
 
@@ -295,12 +296,12 @@ def task_prior_index(encoder: ClipEncoder, posterior: PosteriorPair, pairs: Held
             "n": [tuned.image.pseudo_data_count, tuned.text.pseudo_data_count]}
 
 
-def aleatoric_variance(encoder: ClipEncoder, pairs: HeldOutPairs, item_activations: torch.Tensor
+def aleatoric_variance(encoder: ClipEncoder, pairs: EncodedPairs, item_activations: torch.Tensor
                        ) -> tuple[np.ndarray, dict]:
     """Fit the aleatoric head on held-out pairs; returns the gallery items' variances ``(nb,)`` and a summary."""
-    head = AleatoricHead.fit(pairs.image_activations, pairs.image_means, pairs.text_means, encoder.logit_scale)
+    head = AleatoricHead.fit(pairs.image_activations, pairs.image_embeds, pairs.text_embeds, encoder.logit_scale)
     variance = head.variance(item_activations).numpy()
-    return variance, {"pairs": len(pairs.image_means), "bias": head.bias, "weight_norm": float(head.weight.norm()),
+    return variance, {"pairs": len(pairs.image_embeds), "bias": head.bias, "weight_norm": float(head.weight.norm()),
                       "temperature": head.temperature,
                       "item_std_quartiles": np.quantile(np.sqrt(variance), [0.25, 0.5, 0.75]).tolist()}
 

@@ -24,7 +24,12 @@ paths start from --image-root, default the table's folder) or a folder of images
 a .txt caption beside each (img2dataset's layout). Missing or unreadable images are skipped and
 counted. Pairs are used in chunks of --chunk-size (the InfoNCE classes); the pairs after
 the last full chunk are left out. Encoding and curvature can run separately:
---save-encoded FILE.parquet [--encode-only], then --encoded FILE.parquet."""
+--save-encoded FILE.parquet [--encode-only], then --encoded FILE.parquet.
+
+--task-prior HELD_OUT chooses n and lambda (one factor each, shared by both towers) on
+held-out pairs by the retrieval likelihood instead of the evidence (docs/math.md
+section 14): a pairs table or folder as for --pairs, or an encoded-pairs file. The
+written posterior carries the chosen prior."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,6 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=PriorObjective.KRONECKER.value,
         help="evidence maximised for lambda",
     )
+    parser.add_argument("--task-prior", type=Path, metavar="HELD_OUT",
+                        help="choose n and lambda on these held-out pairs (table, folder or encoded .parquet)")
     parser.add_argument("--batch-size", type=int, default=64, help="pairs encoded per batch")
     parser.add_argument("--workers", type=int, default=2, help="image-decoding threads")
     parser.add_argument("--source-batch", type=int, default=DEFAULT_SOURCE_BATCH)
@@ -85,6 +92,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
         raise CommandError("--output is required (or --encode-only with --save-encoded)")
     if args.encoded is not None and args.save_encoded is not None:
         raise CommandError("--save-encoded needs --pairs, not --encoded")
+    if args.task_prior is not None and (args.encode_only or not args.task_prior.exists()):
+        raise CommandError(f"--task-prior: {args.task_prior} not found" if not args.encode_only
+                           else "--task-prior fits a posterior; it cannot go with --encode-only")
     outputs = [p for p in (args.output, args.bayesvlm_output, args.save_encoded) if p is not None]
     if len({p.resolve() for p in outputs}) != len(outputs):
         raise CommandError("--output, --bayesvlm-output and --save-encoded must be different paths")
@@ -100,18 +110,15 @@ def _skip_summary(counts: dict[str, int]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fit-posterior``."""
-    from bayesretrieval.encoders import ClipEncoder
     from bayesretrieval.posterior.fit import PosteriorFitter, encode_pairs
+    from bayesretrieval.posterior.io import save_bayesvlm_directory
     from bayesretrieval.posterior.pairs import PairReader
 
     _check_outputs(args)
     reader = None
     if args.pairs is not None:
         reader = PairReader(args.pairs, args.image_column, args.caption_column, args.separator, args.image_root)
-    encoder = None
-    if reader is not None:
-        pretrained = None if args.pretrained.lower() == "none" else args.pretrained
-        encoder = ClipEncoder.from_pretrained(args.model, pretrained, device=args.device)
+    encoder = _encoder(args) if reader is not None else None
     if args.encode_only:
         encode_pairs(encoder, reader, args.save_encoded, args.batch_size, args.workers, progress_bar=True)
         print(f"wrote {args.save_encoded} (encoded pairs); {_skip_summary(reader.skip_counts())}")
@@ -130,13 +137,18 @@ def run(args: argparse.Namespace) -> int:
         fitter.fit(encoder, reader, encoded_out=args.save_encoded)
     else:
         fitter.fit_encoded(args.encoded)
-    fitter.save(args.output, args.bayesvlm_output)
     lam_image, lam_text = fitter.prior_precision_
     print(
         f"fitted on {fitter.num_pairs_} pairs in chunks of {args.chunk_size} "
         f"({fitter.num_dropped_} after the last full chunk left out; {_skip_summary(fitter.skip_counts_)})"
     )
     print(f"lambda image {lam_image:.6g}, text {lam_text:.6g}")
+    posterior = fitter.posterior_
+    if args.task_prior is not None:
+        posterior = _task_prior(args, posterior, fitter.metadata_, encoder)
+    if args.bayesvlm_output is not None:
+        save_bayesvlm_directory(posterior, args.bayesvlm_output)
+    posterior.save(args.output)
     written = [f"{args.output} (project format)"]
     if args.bayesvlm_output is not None:
         written.append(f"{args.bayesvlm_output} (BayesVLM format)")
@@ -144,3 +156,37 @@ def run(args: argparse.Namespace) -> int:
         written.append(f"{args.save_encoded} (encoded pairs)")
     print(f"wrote {', '.join(written)}")
     return 0
+
+
+def _encoder(args: argparse.Namespace):
+    from bayesretrieval.encoders import ClipEncoder
+
+    pretrained = None if args.pretrained.lower() == "none" else args.pretrained
+    return ClipEncoder.from_pretrained(args.model, pretrained, device=args.device)
+
+
+def _task_prior(args: argparse.Namespace, posterior, metadata, encoder):
+    """The posterior with ``n`` and ``lambda`` chosen on ``--task-prior``'s pairs; prints the choice."""
+    from bayesretrieval.posterior.fit import is_encoded_pairs, load_pairs
+    from bayesretrieval.posterior.pairs import PairReader
+    from bayesretrieval.posterior.task_prior import tune_prior
+
+    held_out = args.task_prior
+    if not is_encoded_pairs(held_out):
+        encoder = encoder or _encoder(args)
+        held_out = PairReader(held_out, args.image_column, args.caption_column, args.separator)
+    try:
+        held_metadata, pairs = load_pairs(held_out, encoder, args.batch_size, args.workers)
+        if held_metadata.model != metadata.model:
+            raise CommandError(f"--task-prior pairs were encoded with {held_metadata.model.to_dict()}, the posterior "
+                               f"was fitted for {metadata.model.to_dict()}")
+        tuned, report = tune_prior(posterior, pairs, metadata.logit_scale)
+    except ValueError as err:
+        raise CommandError(f"--task-prior: {err}") from None
+    n_image, n_text = (side.pseudo_data_count for side in tuned)
+    lam_image, lam_text = (side.prior_precision for side in tuned)
+    print(f"task prior on {len(pairs)} held-out pairs: n x {report['n_factor']:.3g}, lambda x "
+          f"{report['lambda_factor']:.3g} (retrieval log-likelihood {report['log_likelihood']:.4f}, "
+          f"{report['evidence_log_likelihood']:.4f} with the evidence's prior)")
+    print(f"n image {n_image:.6g}, text {n_text:.6g}; lambda image {lam_image:.6g}, text {lam_text:.6g}")
+    return tuned

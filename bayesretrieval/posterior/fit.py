@@ -110,12 +110,21 @@ class ReferenceSample:
         """Per modality, the 0th-100th percentiles of the sample's relative variance (``None`` if empty)."""
         if self._pairs is None or len(self._pairs) == 0:
             return None
-        sides = {Modality.IMAGE: (self._pairs.image_embeds, self._pairs.image_activations),
-                 Modality.TEXT: (self._pairs.text_embeds, self._pairs.text_activations)}
-        levels = torch.linspace(0, 1, 101, dtype=torch.float64)
-        reference = {p.modality.value: torch.quantile(p.relative_variance(*sides[p.modality]), levels).tolist()
-                     for p in posteriors}
-        return {**reference, "pairs": len(self._pairs)}
+        return reference_percentiles(self._pairs, posteriors)
+
+
+def reference_percentiles(pairs: EncodedPairs, posteriors: Sequence[KroneckerPosterior]) -> dict:
+    """Per modality, the 0th-100th percentiles of the pairs' relative variance, and the pair count.
+
+    The query warning's reference (:attr:`PosteriorPair.reference`): where a query's
+    relative variance falls among typical pairs of the data the posterior describes.
+    """
+    sides = {Modality.IMAGE: (pairs.image_embeds, pairs.image_activations),
+             Modality.TEXT: (pairs.text_embeds, pairs.text_activations)}
+    levels = torch.linspace(0, 1, 101, dtype=torch.float64)
+    reference = {p.modality.value: torch.quantile(p.relative_variance(*sides[p.modality]), levels).tolist()
+                 for p in posteriors}
+    return {**reference, "pairs": len(pairs)}
 
 
 @dataclass(frozen=True)
@@ -233,6 +242,39 @@ def read_encoded(path: str | Path, rows_per_batch: int = 4096) -> tuple[EncodedM
         for batch in parquet.iter_batches(batch_size=rows_per_batch, columns=list(ENCODED_COLUMNS))
     )
     return metadata, int(parquet.metadata.num_rows), batches
+
+
+def is_encoded_pairs(path: str | Path) -> bool:
+    """Whether ``path`` is an encoded-pairs Parquet file (:func:`encode_pairs`), not a pairs table or folder."""
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() != ".parquet":
+        return False
+    return ENCODED_METADATA_KEY in (pq.read_schema(path).metadata or {})
+
+
+def load_pairs(pairs: PairReader | str | Path, encoder: ClipEncoder | None = None, batch_size: int = 64,
+               num_workers: int = 2) -> tuple[EncodedMetadata, EncodedPairs]:
+    """All pairs of an encoded-pairs file, or of a pairs table or folder encoded with ``encoder``, in memory.
+
+    For held-out pairs (thousands), not for fitting sets: everything is held at once.
+
+    Raises:
+        ValueError: if pairs need encoding and no encoder is given, or no pair is readable.
+    """
+    if not isinstance(pairs, PairReader) and is_encoded_pairs(pairs):
+        metadata, _, batches = read_encoded(pairs)
+        parts = list(batches)
+        name = str(pairs)
+    else:
+        if encoder is None:
+            raise ValueError(f"{pairs}: image-caption pairs need an encoder (or pass an encoded-pairs file)")
+        reader = _as_reader(pairs)
+        metadata = EncodedMetadata.from_encoder(encoder, reader.name)
+        parts = list(iter_encoded(encoder, reader, batch_size, num_workers))
+        name = f"{reader.path} ({_skip_note(reader)})"
+    if not parts or sum(len(p) for p in parts) == 0:
+        raise ValueError(f"{name}: no readable pairs")
+    return metadata, EncodedPairs.concat(parts)
 
 
 class FitSettings:

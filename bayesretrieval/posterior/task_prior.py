@@ -12,46 +12,50 @@ task-level fit of two numbers, the Bayesian analogue of temperature scaling.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 
+from bayesretrieval.posterior.fit import REFERENCE_PAIRS, EncodedPairs, reference_percentiles
 from bayesretrieval.posterior.io import PosteriorPair
 from bayesretrieval.similarity import DEFAULT_ESTIMATOR, CosineEstimator, cosine_moments, probit_log_probabilities
 
 DEFAULT_FACTORS = tuple(float(f) for f in np.geomspace(1e-4, 1e4, 17))
 """Multipliers of the posterior's own ``n`` and ``lambda`` searched (each axis)."""
+DEFAULT_BATCH = 2048
+"""Pairs per softmax batch: the likelihood is averaged over consecutive batches of this many pairs."""
 
 
-@dataclass(frozen=True)
-class HeldOutPairs:
-    """Encoded image-caption pairs the prior is chosen on: row ``i`` of each side belongs together.
+def retrieval_log_likelihood(posterior: PosteriorPair, pairs: EncodedPairs, logit_scale: float,
+                             estimator: CosineEstimator | str = DEFAULT_ESTIMATOR,
+                             batch_size: int = DEFAULT_BATCH) -> float:
+    """Mean log probability, under the probit softmax over the batch's images, of each caption's own image.
 
-    Attributes:
-        image_means: ``(N, D)`` image embeddings.
-        image_activations: ``(N, h_I)`` their pre-projection activations.
-        text_means: ``(N, D)`` caption embeddings.
-        text_activations: ``(N, h_T)`` likewise.
+    Args:
+        posterior: the posterior pair.
+        pairs: matched held-out pairs (row ``i`` of each side belongs together).
+        logit_scale: ``s``.
+        estimator: how ``E[cos]`` and ``Var[cos]`` are computed.
+        batch_size: pairs per softmax (the last batch may be smaller); bounds memory to
+            ``batch_size^2`` moments.
     """
+    totals = [len(part) * _batch_log_likelihood(posterior, part, logit_scale, estimator)
+              for part in (pairs.take(torch.arange(start, min(start + batch_size, len(pairs))))
+                           for start in range(0, len(pairs), batch_size))]
+    return float(sum(totals) / len(pairs))
 
-    image_means: torch.Tensor
-    image_activations: torch.Tensor
-    text_means: torch.Tensor
-    text_activations: torch.Tensor
 
-
-def retrieval_log_likelihood(posterior: PosteriorPair, pairs: HeldOutPairs, logit_scale: float,
-                             estimator: CosineEstimator | str = DEFAULT_ESTIMATOR) -> float:
-    """Mean log probability, under the probit softmax over the batch's images, of each caption's own image."""
-    mean, var = cosine_moments(pairs.image_means.double(), posterior.image.activation_scale(pairs.image_activations),
-                               posterior.image.output_cov, pairs.text_means.double(),
+def _batch_log_likelihood(posterior: PosteriorPair, pairs: EncodedPairs, logit_scale: float,
+                          estimator: CosineEstimator | str) -> float:
+    mean, var = cosine_moments(pairs.image_embeds.double(), posterior.image.activation_scale(pairs.image_activations),
+                               posterior.image.output_cov, pairs.text_embeds.double(),
                                posterior.text.activation_scale(pairs.text_activations), posterior.text.output_cov,
                                estimator)  # (images, captions)
     return float(probit_log_probabilities(logit_scale * mean, logit_scale**2 * var, dim=0).diagonal().mean())
 
 
-def tune_prior(posterior: PosteriorPair, pairs: HeldOutPairs, logit_scale: float,
+def tune_prior(posterior: PosteriorPair, pairs: EncodedPairs, logit_scale: float,
                factors: tuple[float, ...] = DEFAULT_FACTORS,
                estimator: CosineEstimator | str = DEFAULT_ESTIMATOR) -> tuple[PosteriorPair, dict]:
     """The posterior rebuilt with the ``(n, lambda)`` of the best retrieval likelihood on ``pairs``.
@@ -59,14 +63,25 @@ def tune_prior(posterior: PosteriorPair, pairs: HeldOutPairs, logit_scale: float
     Searches ``n' = f_n n`` and ``lambda' = f_l lambda`` over ``factors`` on both axes (each
     tower keeps its own evidence ``lambda`` times the common factor).
 
+    Args:
+        posterior: the fitted pair, with its raw curvature factors.
+        pairs: matched held-out pairs the posterior was not fitted on.
+        logit_scale: ``s`` of the model.
+        factors: the grid of multipliers.
+        estimator: how ``E[cos]`` and ``Var[cos]`` are computed.
+
     Returns:
         ``(posterior, report)``: the rebuilt pair (source marked ``task-prior``; its query
-        warning reference dropped, as it described the old prior) and ``{"n_factor",
-        "lambda_factor", "log_likelihood", "evidence_log_likelihood", "grid"}``.
+        warning reference recomputed on up to :data:`REFERENCE_PAIRS` of ``pairs``, as the
+        old one described the old prior) and ``{"n_factor", "lambda_factor",
+        "log_likelihood", "evidence_log_likelihood", "grid"}``.
 
     Raises:
-        ValueError: if the posterior has no raw curvature factors (BayesVLM-Base files).
+        ValueError: if the posterior has no raw curvature factors (BayesVLM-Base files) or
+            ``pairs`` is empty.
     """
+    if len(pairs) == 0:
+        raise ValueError("no held-out pairs to choose the prior on")
     for side in posterior:
         if side.factors is None:
             raise ValueError(f"the {side.modality.value} posterior has no raw curvature factors (a BayesVLM-Base "
@@ -76,8 +91,9 @@ def tune_prior(posterior: PosteriorPair, pairs: HeldOutPairs, logit_scale: float
              "log_likelihood": retrieval_log_likelihood(_scaled(posterior, fn, fl), pairs, logit_scale, estimator)}
             for fn in factors for fl in factors]
     best = max(grid, key=lambda cell: cell["log_likelihood"])
-    tuned = replace(_scaled(posterior, best["n_factor"], best["lambda_factor"]),
-                    source=f"{posterior.source} + task-prior", reference=None)
+    tuned = _scaled(posterior, best["n_factor"], best["lambda_factor"])
+    reference = reference_percentiles(pairs.take(torch.arange(min(len(pairs), REFERENCE_PAIRS))), tuned)
+    tuned = replace(tuned, source=f"{posterior.source} + task-prior", reference=reference)
     return tuned, {**best, "evidence_log_likelihood": evidence, "grid": grid}
 
 
