@@ -171,6 +171,21 @@ class PriorObjective(str, Enum):
         return OBJECTIVES[self]
 
 
+class BlockScope(str, Enum):
+    """Which layers of the image tower the last-block posterior covers."""
+
+    MLP = "mlp"
+    """The last block's ``mlp.c_fc`` and ``mlp.c_proj``, and the image projection ``proj``."""
+    MLP_ATTENTION = "mlp_attention"
+    """As :attr:`MLP`, plus the last block's attention output projection ``attn.out_proj``."""
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The covered layers' names, from the input side to the projection."""
+        mlp = ("mlp.c_fc", "mlp.c_proj", "proj")
+        return ("attn.out_proj", *mlp) if self is BlockScope.MLP_ATTENTION else mlp
+
+
 DEFAULT_ROWS_PER_FILE = 1_000_000
 
 

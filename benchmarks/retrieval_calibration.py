@@ -320,7 +320,7 @@ def lastblock_index(encoder: ClipEncoder, posterior: PosteriorPair, images: np.n
     lastblock, fit_seconds = fit_lastblock(encoder, work, args, args.lastblock_scope)
     cfg = encoder.model.visual.preprocess_cfg
     started = time.perf_counter()
-    means, factors = item_covariance(encoder, lastblock, images_to_tensor(images, cfg["mean"], cfg["std"]), "diag")
+    means, _, factors = item_covariance(encoder, lastblock, images_to_tensor(images, cfg["mean"], cfg["std"]), "diag")
     seconds = time.perf_counter() - started
     item_ids = np.asarray(reader.item_ids, dtype=np.int64)
     table = pa.table({"item_id": item_ids, "path": list(reader.paths(item_ids)), "embedding": list(means.numpy()),

@@ -35,6 +35,15 @@ def second_order_pair(a, cov_x, b, cov_y):
     return mean, var
 
 
+def second_order_item_variance(a, cov_x, b, cov_y):
+    """The terms of :func:`second_order_pair`'s variance with only the item's (x side's) noise."""
+    rx2 = a @ a + torch.trace(cov_x)
+    ry2 = b @ b + torch.trace(cov_y)
+    mean = (a @ b) / torch.sqrt(rx2 * ry2)
+    g_x = (b - (a @ b / rx2) * a) / torch.sqrt(rx2 * ry2)
+    return g_x @ cov_x @ g_x + 0.5 * mean**2 * torch.trace(cov_x @ cov_x) / rx2**2
+
+
 def monte_carlo_cosine(a, chol_x, b, chol_y, num_draws: int, generator: torch.Generator, chunk: int = 20_000):
     """Mean and std of cos(x, y) with x = a + chol_x z, y = b + chol_y z' (float64 draws)."""
     total, total_sq, count = 0.0, 0.0, 0

@@ -14,6 +14,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import PROJECT_ROOT, make_bad_corpus, random_posterior, save_tiny_checkpoint, write_images
 
 from bayesretrieval.cli import main
@@ -21,6 +22,7 @@ from bayesretrieval.encoders import ClipEncoder
 from bayesretrieval.indexing import BuildConfig, build_index, build_index_from_embeddings
 from bayesretrieval.indexing.ray_engine import INSTALL_HINT, RayUnavailableError
 from bayesretrieval.options import TINY_MODEL
+from bayesretrieval.posterior.lastblock_fit import LastBlockFitter
 from bayesretrieval.store import IndexReader
 
 IMAGES = 240
@@ -98,6 +100,22 @@ def test_ray_build_equals_the_local_build_then_updates_like_it(ray_address, setu
     assert_same_index(tmp_path / "ray", tmp_path / "local")
     counts = lambda r: (r.encoded, r.removed, r.reused, r.skipped)  # noqa: E731
     assert counts(report) == counts(want) and report.removed == 1 and report.encoded >= 7
+
+
+def test_a_last_block_build_on_ray_equals_the_local_one(ray_address, setup, tmp_path):
+    root, encoder, posterior = setup
+    pixels = torch.rand(32, 3, 64, 64)
+    captions = [f"a photo number {i}" for i in range(32)]
+    lastblock = LastBlockFitter(chunk_size=16).fit_batches(encoder, [(pixels, captions)]).posterior_
+    images = tmp_path / "img"
+    write_images(images, [f"im {i:02d}.png" for i in range(24)])
+    build_index(images, tmp_path / "ray", encoder, posterior, ray_config(variance="diag"), lastblock=lastblock)
+    build_index(images, tmp_path / "local", encoder, posterior, BuildConfig(batch_size=8, workers=0,
+                                                                            variance="diag"), lastblock=lastblock)
+    assert_same_index(tmp_path / "ray", tmp_path / "local")
+    got, want = IndexReader.open(tmp_path / "ray"), IndexReader.open(tmp_path / "local")
+    np.testing.assert_allclose(got.variance_diag, want.variance_diag, rtol=1e-4, atol=1e-9)
+    assert got.manifest.lastblock == want.manifest.lastblock and got.manifest.lastblock["scope"] == "mlp"
 
 
 def test_a_killed_encoder_worker_is_retried_and_the_index_is_complete(ray_address, setup, tmp_path):

@@ -212,8 +212,10 @@ def test_fit_on_the_trained_model(trained):
     encoder, fitter, images = trained
     assert fitter.num_pairs_ == 256 and fitter.num_dropped_ == 0 and fitter.prior_precision_ > 0
     assert fitter.posterior_.model == encoder.identity
-    means, factors = item_covariance(encoder, fitter.posterior_, images, "lowrank:4", batch_size=50)
-    torch.testing.assert_close(means, encoder.encode_image_batch(images).embeds)
+    means, activations, factors = item_covariance(encoder, fitter.posterior_, images, "lowrank:4", batch_size=50)
+    encoded = encoder.encode_image_batch(images)
+    torch.testing.assert_close(means, encoded.embeds)
+    torch.testing.assert_close(activations, encoded.activations)
     assert factors.variance_lowrank.shape == (120, 4, encoder.embed_dim) and np.all(factors.variance_diag >= 0)
 
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from bayesretrieval.posterior import PosteriorPair
 
 BAYESVLM = "bayesvlm"
+NONE = "none"
 
 DESCRIPTION = """\
 Encode every image under SOURCE (recursively) with an open_clip model, compute each
@@ -36,6 +37,12 @@ verify`) is repaired: intact stored rows are reused, the rest is encoded again.
 A posterior must have been fitted for the weights it is used with; one without an
 identity (BayesVLM's formats) is accepted for ViT-B-32/laion2b_s34b_b79k only, unless
 --force-posterior. A SOURCE folder without images is an error unless --allow-empty.
+
+--lastblock DIR takes each image's covariance from a last-block posterior (the last
+transformer block's MLP, or MLP and attention output, with the projection; fitted by
+`bayesretrieval fit-posterior --lastblock`, docs/math.md section 13) and stores it as
+the --variance columns (default diag); --posterior still gives the query side. It costs
+about twice the image tower's time per item. Image folders only; 'none' drops it.
 
 --posterior bayesvlm fetches BayesVLM's published factors for ViT-B-32/laion2b_s34b_b79k
 (sha256-verified, cached); offline, pass the folder holding them instead.
@@ -74,6 +81,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="FAISS factory string (default: Flat up to 100k items, then IVF)")
     parser.add_argument("--variance", help="per-item covariance columns: kfac (none beyond the posterior "
                                            "scalars), diag, lowrank:R (default: the index's, else kfac)")
+    parser.add_argument("--lastblock", metavar="DIR",
+                        help="last-block posterior for the items' covariance, or 'none' (default: the index's, "
+                             "else none)")
     parser.add_argument("--store-activations", action=argparse.BooleanOptionalAction, default=None,
                         help="store each image's pre-projection activation (activations.npy, h float32 per "
                              "item: 3 KB for ViT-B-32) so that image queries score near-duplicates right "
@@ -106,12 +116,13 @@ def resolve_posterior(spec: str, model_name: str, pretrained: str | None, n, lam
 
 
 def fill_recorded_settings(args: argparse.Namespace) -> None:
-    """Fill ``--model``, ``--pretrained``, ``--posterior``, ``--variance`` and ``--store-activations`` left out.
+    """Fill ``--model``, ``--pretrained``, ``--posterior``, ``--lastblock``, ``--variance`` and ``--store-activations``.
 
     Each comes from the existing index, else from the defaults.
 
     Re-running ``build-index SRC INDEX`` thus updates the index with what built it (the
-    posterior stored in its current version), with no download and no mismatch.
+    posteriors stored in its current version), with no download and no mismatch. With a
+    last-block posterior and no ``--variance``, the variance columns default to ``diag``.
     """
     from bayesretrieval.indexing.existing import published_version
     from bayesretrieval.store import format as fmt
@@ -126,12 +137,16 @@ def fill_recorded_settings(args: argparse.Namespace) -> None:
             folder, manifest, _ = published
             recorded = {"model": manifest.model["model_name"], "pretrained": manifest.model.get("pretrained") or "none",
                         "posterior": str(folder / fmt.POSTERIOR_DIR), "variance": manifest.variance,
-                        "store_activations": manifest.has_activations}
-    defaults = {"model": DEFAULT_MODEL, "pretrained": DEFAULT_PRETRAINED, "posterior": BAYESVLM, "variance": "kfac",
-                "store_activations": False}
+                        "store_activations": manifest.has_activations,
+                        "lastblock": str(folder / fmt.LASTBLOCK_DIR) if manifest.lastblock else NONE}
+    defaults = {"model": DEFAULT_MODEL, "pretrained": DEFAULT_PRETRAINED, "posterior": BAYESVLM, "lastblock": NONE,
+                "variance": "kfac", "store_activations": False}
+    variance_given = args.variance is not None
     for name, default in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, recorded.get(name, default))
+    if not variance_given and str(args.lastblock).lower() != NONE and args.variance == "kfac":
+        args.variance = "diag"  # a last-block covariance lives in variance columns
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
     fill_recorded_settings(args)
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
     posterior = resolve_posterior(args.posterior, args.model, pretrained, n, lam)
+    lastblock = _load_lastblock(args)
     config = BuildConfig(batch_size=args.batch_size, workers=args.workers, faiss_factory=args.faiss_factory,
                          variance=args.variance, rebuild=args.rebuild, max_pixels=args.max_pixels,
                          force_posterior=args.force_posterior, allow_empty=args.allow_empty,
@@ -155,20 +171,34 @@ def run(args: argparse.Namespace) -> int:
                          ray_address=args.ray_address, ray_actors=args.ray_actors)
     try:
         if args.source.is_file():
+            if lastblock is not None:
+                raise CommandError("--lastblock needs an image folder: precomputed embeddings carry their own "
+                                   "variance columns")
             sha = file_sha256(pretrained) if pretrained and Path(pretrained).is_file() else None
             report = build_index_from_embeddings(
                 args.source, args.index_dir, posterior, ModelIdentity(args.model, pretrained, sha), config
             )
         else:
             encoder = ClipEncoder.from_pretrained(args.model, pretrained, device=args.device)
-            report = _build_with_progress(args, encoder, posterior, config)
+            report = _build_with_progress(args, encoder, posterior, config, lastblock)
     except (IndexBusyError, RayUnavailableError) as err:
         raise CommandError(str(err)) from None
     print(summary(report))
     return 0
 
 
-def _build_with_progress(args, encoder, posterior, config) -> BuildReport:
+def _load_lastblock(args: argparse.Namespace):
+    """The ``--lastblock`` posterior, or ``None`` for ``none``."""
+    from bayesretrieval.posterior.lastblock_posterior import LastBlockPosterior
+
+    if str(args.lastblock).lower() == NONE:
+        return None
+    if not Path(args.lastblock).is_dir():
+        raise CommandError(f"--lastblock: no last-block posterior folder at {args.lastblock}")
+    return LastBlockPosterior.load(args.lastblock)
+
+
+def _build_with_progress(args, encoder, posterior, config, lastblock) -> BuildReport:
     from bayesretrieval.indexing import build_index
 
     bar = tqdm(unit="img", dynamic_ncols=True, disable=args.no_progress, desc="encoding")
@@ -182,7 +212,8 @@ def _build_with_progress(args, encoder, posterior, config) -> BuildReport:
         bar.set_postfix(skipped=progress.skipped, refresh=False)
 
     try:
-        return build_index(args.source, args.index_dir, encoder, posterior, config, on_progress=update)
+        return build_index(args.source, args.index_dir, encoder, posterior, config, on_progress=update,
+                           lastblock=lastblock)
     finally:
         bar.close()
 

@@ -11,6 +11,7 @@ from bayesretrieval.options import (
     DEFAULT_MODEL,
     DEFAULT_PRETRAINED,
     DEFAULT_SOURCE_BATCH,
+    BlockScope,
     PriorObjective,
 )
 
@@ -29,7 +30,13 @@ the last full chunk are left out. Encoding and curvature can run separately:
 --task-prior HELD_OUT chooses n and lambda (one factor each, shared by both towers) on
 held-out pairs by the retrieval likelihood instead of the evidence (docs/math.md
 section 14): a pairs table or folder as for --pairs, or an encoded-pairs file. The
-written posterior carries the chosen prior."""
+written posterior carries the chosen prior.
+
+--lastblock mlp|mlp_attention fits, instead, a Kronecker-factored posterior over the
+image tower's last transformer block (its MLP, or MLP and attention output projection)
+and the image projection (docs/math.md section 13), for `build-index --lastblock`. It
+needs --pairs (the block's inputs come from the images) and one n and lambda for all
+its layers."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,6 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--task-prior", type=Path, metavar="HELD_OUT",
                         help="choose n and lambda on these held-out pairs (table, folder or encoded .parquet)")
+    parser.add_argument("--lastblock", choices=[scope.value for scope in BlockScope], metavar="SCOPE",
+                        help="fit the image tower's last-block posterior instead: mlp or mlp_attention")
     parser.add_argument("--batch-size", type=int, default=64, help="pairs encoded per batch")
     parser.add_argument("--workers", type=int, default=2, help="image-decoding threads")
     parser.add_argument("--source-batch", type=int, default=DEFAULT_SOURCE_BATCH)
@@ -92,6 +101,13 @@ def _check_outputs(args: argparse.Namespace) -> None:
         raise CommandError("--output is required (or --encode-only with --save-encoded)")
     if args.encoded is not None and args.save_encoded is not None:
         raise CommandError("--save-encoded needs --pairs, not --encoded")
+    if args.lastblock is not None:
+        given = [flag for flag, value in (("--encoded", args.encoded), ("--save-encoded", args.save_encoded),
+                                          ("--bayesvlm-output", args.bayesvlm_output),
+                                          ("--task-prior", args.task_prior)) if value is not None]
+        if given or args.encode_only:
+            raise CommandError(f"--lastblock fits from --pairs into --output only; drop "
+                               f"{', '.join(given) or '--encode-only'}")
     if args.task_prior is not None and (args.encode_only or not args.task_prior.exists()):
         raise CommandError(f"--task-prior: {args.task_prior} not found" if not args.encode_only
                            else "--task-prior fits a posterior; it cannot go with --encode-only")
@@ -119,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
     if args.pairs is not None:
         reader = PairReader(args.pairs, args.image_column, args.caption_column, args.separator, args.image_root)
     encoder = _encoder(args) if reader is not None else None
+    if args.lastblock is not None:
+        return _fit_lastblock(args, encoder, reader)
     if args.encode_only:
         encode_pairs(encoder, reader, args.save_encoded, args.batch_size, args.workers, progress_bar=True)
         print(f"wrote {args.save_encoded} (encoded pairs); {_skip_summary(reader.skip_counts())}")
@@ -155,6 +173,25 @@ def run(args: argparse.Namespace) -> int:
     if args.save_encoded is not None:
         written.append(f"{args.save_encoded} (encoded pairs)")
     print(f"wrote {', '.join(written)}")
+    return 0
+
+
+def _fit_lastblock(args: argparse.Namespace, encoder, reader) -> int:
+    from bayesretrieval.posterior.lastblock_fit import LastBlockFitter
+
+    values = {"--pseudo-data-count": args.pseudo_data_count, "--prior-precision": args.prior_precision or [None]}
+    for flag, given in values.items():
+        if len(given) != 1:
+            raise CommandError(f"{flag} takes one value with --lastblock (all its layers share it), got {len(given)}")
+    fitter = LastBlockFitter(args.lastblock, chunk_size=args.chunk_size, pseudo_data_count=args.pseudo_data_count[0],
+                             prior_precision=values["--prior-precision"][0], objective=args.objective,
+                             source_batch=args.source_batch, batch_size=args.batch_size, num_workers=args.workers,
+                             progress_bar=True).fit(encoder, reader)
+    fitter.posterior_.save(args.output)
+    print(f"fitted the last block ({args.lastblock}) on {fitter.num_pairs_} pairs in chunks of {args.chunk_size} "
+          f"({fitter.num_dropped_} after the last full chunk left out; {_skip_summary(reader.skip_counts())})")
+    print(f"lambda {fitter.prior_precision_:.6g}")
+    print(f"wrote {args.output} (last-block posterior)")
     return 0
 
 

@@ -112,9 +112,7 @@ def encode_samples(
     dim = computer.embed_dim
     columns = {name: [] for name in schema.names}
     if good:
-        encoded = encoder.encode_image_batch(torch.stack([s.pixels for s in good]))
-        embeds, activations = encoded.embeds.cpu(), encoded.activations.cpu()  # the posterior lives on the CPU
-        uncertainty = computer.from_activations(embeds, activations)
+        embeds, activations, uncertainty = computer.encode(encoder, torch.stack([s.pixels for s in good]))
         means = embeds.float().numpy()
         extras = {"variance_diag": uncertainty.variance_diag, "variance_lowrank": uncertainty.variance_lowrank,
                   "activation": activations.float().numpy()}

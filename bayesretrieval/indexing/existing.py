@@ -13,6 +13,7 @@ from bayesretrieval.encoders import ModelIdentity
 from bayesretrieval.indexing.plan import PreviousItems
 from bayesretrieval.posterior import PosteriorPair
 from bayesretrieval.posterior.identity import describe_model
+from bayesretrieval.posterior.lastblock_posterior import LastBlockPosterior
 from bayesretrieval.store import IndexDamagedError, IndexReader, VarianceSpec
 from bayesretrieval.store import format as fmt
 from bayesretrieval.store.reader import current_version, damaged_files, read_manifest
@@ -56,6 +57,7 @@ def previous_items(
     source_kind: str,
     rebuild: bool,
     store_activations: bool = False,
+    lastblock: LastBlockPosterior | None = None,
 ) -> PreviousItems:
     """Open the published version, if any, check it was made the same way, and check its files.
 
@@ -79,7 +81,7 @@ def previous_items(
         return PreviousItems.empty()
     version_dir, manifest, problem = published
     if not rebuild:
-        check_compatible(manifest, model, posterior, variance, source_kind, store_activations)
+        check_compatible(manifest, model, posterior, variance, source_kind, store_activations, lastblock)
     damaged = damaged_files(version_dir, manifest)
     if problem:
         damaged = {**damaged, str(Path(index_dir) / fmt.MANIFEST_FILE): problem}
@@ -127,6 +129,7 @@ def check_compatible(
     variance: VarianceSpec,
     source_kind: str,
     store_activations: bool = False,
+    lastblock: LastBlockPosterior | None = None,
 ) -> None:
     """Raise :class:`IndexMismatchError` if the index differs in anything that changes results.
 
@@ -146,6 +149,10 @@ def check_compatible(
             f"posterior: index has {manifest.posterior.get('source')} ({str(fingerprint)[:12]}), "
             f"command uses {posterior.source} ({posterior.fingerprint[:12]})"
         )
+    recorded = manifest.lastblock.get("fingerprint")
+    if recorded != (lastblock.fingerprint if lastblock else None):
+        problems.append(f"last-block posterior: index has {_describe_lastblock(manifest.lastblock or None)}, "
+                        f"command uses {_describe_lastblock(lastblock and lastblock.identity())}")
     if manifest.variance_spec != variance:
         problems.append(f"variance columns: index has {manifest.variance}, command asks for {variance}")
     if manifest.has_activations != bool(store_activations):
@@ -158,3 +165,9 @@ def check_compatible(
             f"existing index at version {manifest.version} does not match: " + "; ".join(problems)
             + " (pass --rebuild to replace it)"
         )
+
+
+def _describe_lastblock(identity: dict | None) -> str:
+    if not identity:
+        return "none"
+    return f"{identity['source']} ({identity['scope']}, {identity['fingerprint'][:12]})"

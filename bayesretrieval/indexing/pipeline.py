@@ -29,6 +29,9 @@ from bayesretrieval.indexing.sources import SourceFile, walk_images
 from bayesretrieval.indexing.work import WorkFolder, result_schema
 from bayesretrieval.options import BuildEngine, default_workers
 from bayesretrieval.posterior import PosteriorPair, posterior_for_model
+from bayesretrieval.posterior.identity import lastblock_for_model
+from bayesretrieval.posterior.lastblock import LastBlockHead
+from bayesretrieval.posterior.lastblock_posterior import LastBlockPosterior
 from bayesretrieval.store import Manifest, VarianceSpec, VersionInfo, default_faiss_factory, write_version
 from bayesretrieval.store.format import FORMAT_VERSION
 from bayesretrieval.store.writer import empty_faiss_index
@@ -144,6 +147,7 @@ def build_index(
     posterior: PosteriorPair,
     config: BuildConfig | None = None,
     on_progress: Callable[[BuildProgress], None] | None = None,
+    lastblock: LastBlockPosterior | None = None,
 ) -> BuildReport:
     """Index the images under ``image_dir`` into ``index_dir`` (create or update).
 
@@ -159,6 +163,10 @@ def build_index(
         posterior: the posterior pair for the encoder's projections.
         config: build settings.
         on_progress: called after every batch.
+        lastblock: a last-block posterior of the image tower (docs/math.md section 13):
+            the variance columns (``config.variance`` ``diag`` or ``lowrank:R``) then hold
+            each item's covariance under it; ``posterior`` still gives the text side and
+            the scalars. Stored in the index and recorded in its manifest.
 
     Returns:
         The :class:`BuildReport`.
@@ -167,14 +175,19 @@ def build_index(
         IndexMismatchError: the existing index was made differently (unless ``rebuild``).
         IndexBusyError: another build holds the lock.
         EmptySourceError: ``image_dir`` holds no files to index (unless ``allow_empty``).
-        PosteriorMismatchError: the posterior was fitted for other weights (unless forced).
-        ValueError: the posterior does not fit the encoder.
+        PosteriorMismatchError: a posterior was fitted for other weights (unless forced).
+        ValueError: a posterior does not fit the encoder, or ``lastblock`` comes with
+            variance ``kfac``.
     """
     config = config or BuildConfig()
     started = time.perf_counter()
     image_dir, index_dir = Path(image_dir), Path(index_dir)
     posterior.check_encoder(encoder)
     posterior = posterior_for_model(posterior, encoder.identity, config.force_posterior)
+    if lastblock is not None:
+        lastblock.check_head(LastBlockHead(encoder, lastblock.scope))
+        lastblock = lastblock_for_model(lastblock, encoder.identity, config.force_posterior)
+    computer = ScalarComputer(posterior, config.variance, lastblock)
     if config.engine is BuildEngine.RAY:
         from bayesretrieval.indexing.ray_engine import check_ray_build
 
@@ -187,16 +200,15 @@ def build_index(
                                "publish an empty index")
     with index_lock(index_dir):
         previous = previous_items(index_dir, encoder.identity, posterior, config.variance, "images", config.rebuild,
-                                  config.store_activations)
+                                  config.store_activations, lastblock)
         plan = plan_build(files, previous, reuse_items=not config.rebuild)
         walk_skips = [{"path": p.path, "reason": p.reason, "detail": p.detail} for p in problems]
-        work = WorkFolder(index_dir, _work_settings(encoder, posterior, config))
+        work = WorkFolder(index_dir, _work_settings(encoder, posterior, config, lastblock))
         if not config.rebuild and _unchanged(previous, plan, walk_skips, config):
             work.clear()  # left by a build killed between publishing and cleaning up
             manifest = previous.manifest
             return BuildReport(manifest, False, 0, 0, len(plan.keep_positions), 0,
                                _count_reasons(previous.skipped), time.perf_counter() - started)
-        computer = ScalarComputer(posterior, config.variance)
         activation_dim = posterior.image.in_features if config.store_activations else 0
         schema = result_schema(computer.embed_dim, config.variance, activation_dim)
         work.open()
@@ -210,7 +222,7 @@ def build_index(
         kept = items_from_previous(previous, plan.keep_positions) if len(plan.keep_positions) else None
         skip_rows = walk_skips + plan.kept_skips + encode_skips
         info = VersionInfo("images", str(image_dir.resolve()), encoder.identity.to_dict(), config.variance,
-                           config.faiss_factory or _previous_factory(previous), plan.next_item_id)
+                           config.faiss_factory or _previous_factory(previous), plan.next_item_id, lastblock)
         manifest = write_version(index_dir, concat_items([p for p in (kept, items) if p is not None]),
                                  skipped_table(skip_rows), posterior, info)
         work.clear()
@@ -236,11 +248,13 @@ def _previous_factory(previous: PreviousItems) -> str | None:
     return manifest.faiss_factory if chosen else None
 
 
-def _work_settings(encoder: ClipEncoder, posterior: PosteriorPair, config: BuildConfig) -> dict:
+def _work_settings(encoder: ClipEncoder, posterior: PosteriorPair, config: BuildConfig,
+                   lastblock: LastBlockPosterior | None) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "model": encoder.identity.to_dict(),
         "posterior": posterior.fingerprint,
+        "lastblock": lastblock.fingerprint if lastblock else None,
         "variance": str(config.variance),
         "activations": bool(config.store_activations),
         "max_pixels": int(config.max_pixels),

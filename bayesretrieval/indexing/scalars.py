@@ -1,13 +1,15 @@
-"""Per-item posterior scalars and optional variance columns for a batch (docs/math.md section 4)."""
+"""Per-item posterior scalars and optional variance columns for a batch (docs/math.md sections 4 and 13)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from bayesretrieval.encoders import ClipEncoder
 from bayesretrieval.posterior import PosteriorPair
+from bayesretrieval.posterior.lastblock_posterior import LastBlockPosterior, item_covariance
 from bayesretrieval.similarity import side_statistics
 from bayesretrieval.store.format import VarianceSpec
 
@@ -32,16 +34,28 @@ class ScalarComputer:
     """Computes the per-item scalars of image embeddings under a Kronecker posterior.
 
     The covariances are converted to float64 once; each batch then costs a few
-    ``(B, D) x (D, D)`` products, small next to the image tower.
+    ``(B, D) x (D, D)`` products, small next to the image tower. With a last-block
+    posterior the variance columns hold each item's linearised covariance under it
+    instead (:func:`~bayesretrieval.posterior.lastblock_posterior.item_covariance`); the
+    scalars stay the projection posterior's, which the text side and the ``kfac`` form use.
 
     Args:
         posterior: the image/text posterior pair.
         variance: which optional variance columns to produce.
+        lastblock: the image tower's last-block posterior, or ``None``.
+
+    Raises:
+        ValueError: for a last-block posterior without variance columns (``kfac``).
     """
 
-    def __init__(self, posterior: PosteriorPair, variance: VarianceSpec = VarianceSpec()):
+    def __init__(self, posterior: PosteriorPair, variance: VarianceSpec = VarianceSpec(),
+                 lastblock: LastBlockPosterior | None = None):
+        if lastblock is not None and not variance.has_diag:
+            raise ValueError("a last-block posterior's item covariance is stored as variance columns; "
+                             "use variance diag or lowrank:R, not kfac")
         self.posterior = posterior
         self.variance = variance
+        self.lastblock = lastblock
         self._sigma_image = posterior.image.output_cov.to(torch.float64)
         self._sigma_text = posterior.text.output_cov.to(torch.float64)
         self._var_image = torch.diagonal(self._sigma_image).clone()
@@ -55,6 +69,22 @@ class ScalarComputer:
     def embed_dim(self) -> int:
         """``D``."""
         return int(self._sigma_image.shape[0])
+
+    def encode(self, encoder: ClipEncoder, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, BatchUncertainty]:
+        """Encode preprocessed images ``(B, 3, H, W)``.
+
+        Returns:
+            ``(means (B, D), activations (B, h), uncertainty)`` on the CPU, where the posterior lives.
+        """
+        if self.lastblock is not None:
+            means, activations, factors = item_covariance(encoder, self.lastblock, pixels, self.variance)
+            means, activations = means.cpu(), activations.cpu()
+            uncertainty = self.from_activations(means, activations)
+            return means, activations, replace(uncertainty, variance_diag=factors.variance_diag,
+                                               variance_lowrank=factors.variance_lowrank)
+        encoded = encoder.encode_image_batch(pixels)
+        means, activations = encoded.embeds.cpu(), encoded.activations.cpu()
+        return means, activations, self.from_activations(means, activations)
 
     def from_scales(self, means: torch.Tensor, scales: torch.Tensor) -> BatchUncertainty:
         """Scalars for means ``(B, D)`` and known scales ``q`` ``(B,)``."""

@@ -16,6 +16,7 @@ import logging
 from bayesretrieval.encoders import ModelIdentity
 from bayesretrieval.posterior.hub import PUBLISHED
 from bayesretrieval.posterior.io import PosteriorPair
+from bayesretrieval.posterior.lastblock_posterior import LastBlockPosterior
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,25 @@ def posterior_for_model(posterior: PosteriorPair, model: ModelIdentity, force: b
                                      f"(`bayesretrieval fit-posterior`) or {FORCE_HINT}")
     logger.warning("%s; used anyway because it was forced", problem)
     return dataclasses.replace(posterior, model=model, source=f"{posterior.source} (forced)")
+
+
+def lastblock_for_model(lastblock: LastBlockPosterior, model: ModelIdentity,
+                        force: bool = False) -> LastBlockPosterior:
+    """:func:`posterior_for_model` for a last-block posterior, which names its weights when fitted.
+
+    Raises:
+        PosteriorMismatchError: if it names other weights or none, unless ``force``.
+    """
+    if lastblock.model is not None and lastblock.model.matches(model):
+        return dataclasses.replace(lastblock, model=model)
+    fitted_for = describe_model(lastblock.model) if lastblock.model is not None else "unknown weights"
+    problem = (f"last-block posterior {lastblock.source} was fitted for {fitted_for}, "
+               f"the model is {describe_model(model)}")
+    if not force:
+        raise PosteriorMismatchError(f"{problem}; fit one for these weights (`bayesretrieval fit-posterior "
+                                     f"--lastblock`) or {FORCE_HINT}")
+    logger.warning("%s; used anyway because it was forced", problem)
+    return dataclasses.replace(lastblock, model=model, source=f"{lastblock.source} (forced)")
 
 
 def _problem(posterior: PosteriorPair, model: ModelIdentity) -> str | None:

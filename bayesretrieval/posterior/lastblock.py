@@ -21,7 +21,6 @@ for given ``(r, c)`` the embedding, every layer's input ``a~`` and the Jacobians
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -29,21 +28,7 @@ from torch import nn
 from torch.func import jacrev, vmap
 
 from bayesretrieval.encoders import ClipEncoder, UnsupportedModelError
-
-
-class BlockScope(str, Enum):
-    """Which layers of the image tower the last-block posterior covers."""
-
-    MLP = "mlp"
-    """The last block's ``mlp.c_fc`` and ``mlp.c_proj``, and the image projection ``proj``."""
-    MLP_ATTENTION = "mlp_attention"
-    """As :attr:`MLP`, plus the last block's attention output projection ``attn.out_proj``."""
-
-    @property
-    def layers(self) -> tuple[str, ...]:
-        """The covered layers' names, from the input side to the projection."""
-        mlp = ("mlp.c_fc", "mlp.c_proj", "proj")
-        return ("attn.out_proj", *mlp) if self is BlockScope.MLP_ATTENTION else mlp
+from bayesretrieval.options import BlockScope
 
 
 @dataclass

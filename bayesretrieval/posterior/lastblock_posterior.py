@@ -17,6 +17,7 @@ posterior's ``q Sigma_B``. The index stores ``S`` as ``diag`` or ``lowrank:R`` c
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,23 @@ class LastBlockPosterior:
     def prior_precision(self) -> float:
         """``lambda``, shared by all layers."""
         return next(iter(self.layers.values())).prior_precision
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the scope, every layer's covariance factors and the prior (content identity)."""
+        digest = hashlib.sha256(self.scope.value.encode())
+        for name, layer in self.layers.items():
+            digest.update(name.encode())
+            for matrix in (layer.a_inv, layer.output_cov):
+                digest.update(matrix.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(repr((self.pseudo_data_count, self.prior_precision)).encode())
+        return digest.hexdigest()
+
+    def identity(self) -> dict:
+        """JSON-ready description: scope, source, fingerprint, ``n``, ``lambda``, pairs and model."""
+        return {"scope": self.scope.value, "source": self.source, "fingerprint": self.fingerprint,
+                "pseudo_data_count": self.pseudo_data_count, "prior_precision": self.prior_precision,
+                "num_pairs": self.num_pairs, "model": self.model.to_dict() if self.model else None}
 
     def check_head(self, head: LastBlockHead) -> None:
         """Raise ``ValueError`` if the head's scope or layer shapes differ from the posterior's."""
@@ -190,7 +208,8 @@ def covariance_factors(covariance: torch.Tensor, variance: VarianceSpec | str) -
 
 
 def item_covariance(encoder: ClipEncoder, posterior: LastBlockPosterior, images: torch.Tensor,
-                    variance: VarianceSpec | str, batch_size: int = 64) -> tuple[torch.Tensor, CovarianceFactors]:
+                    variance: VarianceSpec | str, batch_size: int = 64
+                    ) -> tuple[torch.Tensor, torch.Tensor, CovarianceFactors]:
     """Mean embeddings and covariance columns of preprocessed images under the last-block posterior.
 
     The entry point for index building and benchmarks: one tower pass, then the head's
@@ -204,15 +223,19 @@ def item_covariance(encoder: ClipEncoder, posterior: LastBlockPosterior, images:
         batch_size: images per Jacobian batch (memory ``O(batch_size D (w + 4w))``).
 
     Returns:
-        ``(means, factors)``: the unnormalised MAP embeddings ``(N, D)`` float32 (the
-        linearised model's mean) and the :class:`CovarianceFactors`.
+        ``(means, activations, factors)``: the unnormalised MAP embeddings ``(N, D)``
+        float32 (the linearised model's mean), the pre-projection activations ``(N, h)``
+        float32 (the projection's input, what the projection posterior's scalars need) and
+        the :class:`CovarianceFactors`.
     """
     head = LastBlockHead(encoder, posterior.scope)
     posterior.check_head(head)
-    means, parts = [], []
+    means, activations, parts = [], [], []
     for batch in images.split(batch_size):
         linearisation = head.linearise(head.inputs(batch))
         means.append(linearisation.embeds.float())
+        activations.append(linearisation.inputs["proj"].float())
         parts.append(covariance_factors(embedding_covariance(posterior, linearisation), variance))
     lowrank = None if parts[0].variance_lowrank is None else np.concatenate([p.variance_lowrank for p in parts])
-    return torch.cat(means), CovarianceFactors(np.concatenate([p.variance_diag for p in parts]), lowrank)
+    factors = CovarianceFactors(np.concatenate([p.variance_diag for p in parts]), lowrank)
+    return torch.cat(means), torch.cat(activations), factors

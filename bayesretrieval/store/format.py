@@ -29,6 +29,7 @@ VARIANCE_LOWRANK_FILE = "variance_lowrank.npy"
 ACTIVATIONS_FILE = "activations.npy"
 FAISS_FILE = "index.faiss"
 POSTERIOR_DIR = "posterior"
+LASTBLOCK_DIR = "lastblock"
 SKIPPED_FILE = "skipped.parquet"
 
 PARQUET_METADATA_KEY = b"bayesretrieval.manifest"
@@ -176,6 +177,8 @@ class Manifest:
         activation_dim: ``h`` when the version stores each item's pre-projection activation
             (``activations.npy``, ``build-index --store-activations``), else 0 (and 0 in
             manifests written before activations could be stored).
+        lastblock: :meth:`LastBlockPosterior.identity` of the last-block posterior the
+            variance columns were computed with (stored in ``lastblock/``), else empty.
     """
 
     format_version: int
@@ -198,6 +201,7 @@ class Manifest:
     files: dict = field(default_factory=dict)
     file_sizes: dict = field(default_factory=dict)
     activation_dim: int = 0
+    lastblock: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """Return a JSON-ready dict."""

@@ -17,6 +17,7 @@ from bayesretrieval import __version__
 from bayesretrieval.atomic import publish_directory, write_text_atomic
 from bayesretrieval.encoders import file_sha256
 from bayesretrieval.posterior import PosteriorPair
+from bayesretrieval.posterior.lastblock_posterior import LastBlockPosterior
 from bayesretrieval.store import format as fmt
 from bayesretrieval.store.extremes import extremes_by_form
 from bayesretrieval.store.format import ItemScalars, Manifest, VarianceSpec
@@ -94,6 +95,7 @@ class VersionInfo:
         variance: the variance columns carried.
         faiss_factory: factory string, or ``None`` for :func:`default_faiss_factory`.
         next_item_id: the next unused id (at least ``max(item_ids) + 1``).
+        lastblock: the last-block posterior the variance columns come from, or ``None``.
     """
 
     source_kind: str
@@ -102,6 +104,7 @@ class VersionInfo:
     variance: VarianceSpec
     faiss_factory: str | None
     next_item_id: int
+    lastblock: LastBlockPosterior | None = None
 
 
 def default_faiss_factory(num_items: int) -> str:
@@ -219,6 +222,7 @@ def _write_staging(staging, name, items, skipped, posterior, info) -> Manifest:
         traces={"trace_image": trace_image, "trace_text": float(posterior.text.output_cov.trace())},
         extremes=extremes_by_form(items.scalars, trace_image, items.variance_diag, items.variance_lowrank),
         activation_dim=0 if items.activations is None else int(items.activations.shape[1]),
+        lastblock=info.lastblock.identity() if info.lastblock is not None else {},
     )
     _write_items_parquet(staging / fmt.ITEMS_FILE, items, manifest)
     np.save(staging / fmt.ITEM_IDS_FILE, items.item_ids.astype(np.int64))
@@ -238,6 +242,8 @@ def _write_staging(staging, name, items, skipped, posterior, info) -> Manifest:
     faiss.write_index(build_faiss_index(faiss_vectors(items.means, norms), items.item_ids, factory),
                       str(staging / fmt.FAISS_FILE))
     posterior.save(staging / fmt.POSTERIOR_DIR)
+    if info.lastblock is not None:
+        info.lastblock.save(staging / fmt.LASTBLOCK_DIR)
     pq.write_table(skipped.cast(fmt.SKIPPED_SCHEMA), staging / fmt.SKIPPED_FILE, write_page_checksum=True)
     written = [p for p in sorted(staging.rglob("*")) if p.is_file()]
     files = {p.relative_to(staging).as_posix(): file_sha256(p) for p in written}
