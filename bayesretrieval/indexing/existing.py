@@ -7,16 +7,18 @@ import fcntl
 import logging
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from bayesretrieval.encoders import ModelIdentity
 from bayesretrieval.indexing.plan import PreviousItems
 from bayesretrieval.posterior import PosteriorPair
 from bayesretrieval.posterior.identity import describe_model
-from bayesretrieval.posterior.lastblock_posterior import LastBlockPosterior
 from bayesretrieval.store import IndexDamagedError, IndexReader, VarianceSpec
 from bayesretrieval.store import format as fmt
 from bayesretrieval.store.reader import current_version, damaged_files, read_manifest
+
+if TYPE_CHECKING:
+    from bayesretrieval.posterior.lastblock_posterior import LastBlockPosterior
 
 logger = logging.getLogger(__name__)
 

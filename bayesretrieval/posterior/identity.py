@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import TYPE_CHECKING
 
 from bayesretrieval.encoders import ModelIdentity
 from bayesretrieval.posterior.hub import PUBLISHED
 from bayesretrieval.posterior.io import PosteriorPair
-from bayesretrieval.posterior.lastblock_posterior import LastBlockPosterior
+
+if TYPE_CHECKING:
+    from bayesretrieval.posterior.lastblock_posterior import LastBlockPosterior
 
 logger = logging.getLogger(__name__)
 

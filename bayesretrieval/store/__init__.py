@@ -30,7 +30,9 @@ A version folder holds:
   :mod:`bayesretrieval.store.extremes`), ``files`` (sha256 per file, checked by
   ``bayesretrieval verify``), ``file_sizes`` (bytes per file, checked on every open) and
   ``activation_dim`` (``h`` when ``activations.npy`` is stored, else 0; absent, read as 0,
-  in manifests written before it existed).
+  in manifests written before it existed) and ``lastblock`` (scope, source, fingerprint,
+  ``n``, ``lambda``, pairs and model of the last-block posterior the variance columns were
+  computed with; empty, or absent in older manifests, when there is none).
 - ``items.parquet``: one row per item, sorted by ``item_id``: ``item_id`` int64 (explicit,
   stable per path across rebuilds), ``path`` (POSIX, relative to the indexed folder; for
   precomputed input the given path or the id as text), ``file_size``, ``mtime_ns``,
@@ -66,6 +68,8 @@ A version folder holds:
   so FAISS's raw top-k is the ranking by expected cosine to an expected-norm-scaled query.
   The rerank reads candidate means from ``means.npy``, never from FAISS.
 - ``posterior/``: the :class:`~bayesretrieval.posterior.PosteriorPair` in the project format.
+- ``lastblock/`` (with a last-block posterior only): the
+  :class:`~bayesretrieval.posterior.lastblock_posterior.LastBlockPosterior` (safetensors + JSON).
 - ``skipped.parquet``: ``path``, ``reason`` (a
   :class:`~bayesretrieval.skips.SkipReason` value), ``detail``, ``file_size``,
   ``mtime_ns``.

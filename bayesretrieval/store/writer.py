@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -17,12 +18,14 @@ from bayesretrieval import __version__
 from bayesretrieval.atomic import publish_directory, write_text_atomic
 from bayesretrieval.encoders import file_sha256
 from bayesretrieval.posterior import PosteriorPair
-from bayesretrieval.posterior.lastblock_posterior import LastBlockPosterior
 from bayesretrieval.store import format as fmt
 from bayesretrieval.store.extremes import extremes_by_form
 from bayesretrieval.store.format import ItemScalars, Manifest, VarianceSpec
 from bayesretrieval.store.leases import collect_garbage
 from bayesretrieval.store.vectors import expected_norm, faiss_vectors
+
+if TYPE_CHECKING:
+    from bayesretrieval.posterior.lastblock_posterior import LastBlockPosterior
 
 ROW_GROUP_ROWS = 65536
 FLAT_MAX_ITEMS = 100_000
