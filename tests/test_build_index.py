@@ -135,7 +135,8 @@ def test_mismatches_name_both_sides_unless_rebuild(tmp_path, encoder, posterior,
     assert {p: v[0] for p, v in by_path(IndexReader.open(tmp_path / "idx")).items()} == ids
     manifest = tmp_path / "idx" / "manifest.json"
     manifest.write_text(manifest.read_text().replace(f'"format_version": {FORMAT_VERSION}', '"format_version": 1'))
-    with pytest.raises(IndexMismatchError, match="index format version 1, this library reads version 2; rebuild"):
+    with pytest.raises(IndexMismatchError, match=r"index format version 1, this library reads version 2 \(and 3 "
+                                                 r"with a last-block posterior\); rebuild"):
         build_index(img, tmp_path / "idx", encoder, other, fast())
     assert build_index(img, tmp_path / "idx", encoder, other, fast(rebuild=True)).manifest.format_version == 2
 

@@ -138,6 +138,13 @@ def test_updates_keep_the_last_block_and_refuse_to_drop_it_silently(fitted, caps
         assert "processed 1 files" in capsys.readouterr().out
         reader = IndexReader.open(root / "index")
         assert len(reader) == 31 and reader.manifest.lastblock["scope"] == "mlp"
+        assert reader.manifest.format_version == fmt.LASTBLOCK_FORMAT_VERSION
+        encoder = ClipEncoder.from_pretrained("bayes-tiny", str(checkpoint))
+        _, _, factors = item_covariance(encoder, LastBlockPosterior.load(root / "lastblock"),
+                                        encoder.preprocess(Image.open(gallery / "extra.png").convert("RGB"))[None],
+                                        "diag")
+        row = list(reader.paths(reader.item_ids)).index("extra.png")
+        np.testing.assert_allclose(reader.variance_diag[row:row + 1], factors.variance_diag, rtol=1e-4, atol=1e-9)
         assert _build(root, gallery, model, "--lastblock", "none") == 2
         err = capsys.readouterr().err
         assert "last-block posterior: index has" in err and "command uses none" in err
@@ -146,6 +153,17 @@ def test_updates_keep_the_last_block_and_refuse_to_drop_it_silently(fitted, caps
         assert manifest["lastblock"] == {} and manifest["variance"] == "kfac"  # --rebuild starts from the defaults
     finally:
         (gallery / "extra.png").unlink()
+
+
+def test_shards_with_and_without_a_last_block_are_not_searched_together(fitted, tmp_path):
+    root, checkpoint, gallery, model = fitted
+    common = [*model, "--workers", "0", "--no-progress", "--posterior", str(root / "projection"), "--variance", "diag"]
+    assert cli.main(["build-index", str(gallery), str(tmp_path / "a"), *common, "--lastblock",
+                     str(root / "lastblock")]) == 0
+    assert cli.main(["build-index", str(gallery), str(tmp_path / "b"), *common]) == 0
+    encoder = ClipEncoder.from_pretrained("bayes-tiny", str(checkpoint))
+    with pytest.raises(ValueError, match="has last-block posterior None, shard .* has [0-9a-f]{64}"):
+        Searcher.open([tmp_path / "a", tmp_path / "b"], encoder=encoder)
 
 
 def test_bad_last_block_requests_are_refused(fitted, tmp_path, capsys):
@@ -160,7 +178,7 @@ def test_bad_last_block_requests_are_refused(fitted, tmp_path, capsys):
     assert build(checkpoint, *lastblock, "--variance", "kfac") == 2
     assert "use variance diag or lowrank:R" in capsys.readouterr().err
     assert build(checkpoint, "--lastblock", str(tmp_path / "missing")) == 2
-    assert "no last-block posterior folder" in capsys.readouterr().err
+    assert "no last-block posterior at" in capsys.readouterr().err
     other = save_tiny_checkpoint(tmp_path / "other.pt", seed=4)
     assert build(other, *lastblock, "--rebuild") == 0  # forced: warns
     assert IndexReader.open(tmp_path / "i").manifest.lastblock["source"].endswith("(forced)")

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import PROJECT_ROOT, make_bad_corpus, random_posterior, save_tiny_checkpoint, write_images
+from PIL import Image
 
 from bayesretrieval.cli import main
 from bayesretrieval.encoders import ClipEncoder
@@ -23,6 +24,7 @@ from bayesretrieval.indexing import BuildConfig, build_index, build_index_from_e
 from bayesretrieval.indexing.ray_engine import INSTALL_HINT, RayUnavailableError
 from bayesretrieval.options import TINY_MODEL
 from bayesretrieval.posterior.lastblock_fit import LastBlockFitter
+from bayesretrieval.posterior.lastblock_posterior import item_covariance
 from bayesretrieval.store import IndexReader
 
 IMAGES = 240
@@ -116,6 +118,9 @@ def test_a_last_block_build_on_ray_equals_the_local_one(ray_address, setup, tmp_
     got, want = IndexReader.open(tmp_path / "ray"), IndexReader.open(tmp_path / "local")
     np.testing.assert_allclose(got.variance_diag, want.variance_diag, rtol=1e-4, atol=1e-9)
     assert got.manifest.lastblock == want.manifest.lastblock and got.manifest.lastblock["scope"] == "mlp"
+    files = torch.stack([encoder.preprocess(Image.open(images / p).convert("RGB")) for p in got.paths(got.item_ids)])
+    _, _, factors = item_covariance(encoder, lastblock, files, "diag")
+    np.testing.assert_allclose(got.variance_diag, factors.variance_diag, rtol=1e-4, atol=1e-9)
 
 
 def test_a_killed_encoder_worker_is_retried_and_the_index_is_complete(ray_address, setup, tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from benchmark_scripts import BENCHMARKS  # noqa: F401  (puts benchmarks/ on sys.path for its scripts' imports)
 from PIL import Image
 
 from bayesretrieval import cli

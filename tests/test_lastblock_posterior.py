@@ -7,6 +7,7 @@ the InfoNCE Gauss-Newton matrix from the logits' Jacobian and the cross-entropy 
 """
 
 import copy
+import dataclasses
 
 import numpy as np
 import open_clip
@@ -191,6 +192,25 @@ def test_save_load_and_prior_change(tmp_path, random_posterior):
         torch.testing.assert_close(loaded.layers[name].output_cov, layer.output_cov)
     sharper = loaded.with_prior(prior_precision=20.0)
     assert torch.trace(sharper.layers["proj"].output_cov) < torch.trace(loaded.layers["proj"].output_cov)
+    assert loaded.fingerprint == random_posterior.fingerprint != sharper.fingerprint
+
+
+def test_the_fingerprint_does_not_depend_on_how_the_inverses_round(tmp_path, random_posterior):
+    """The inverses are rebuilt on every load; an index records the fingerprint and compares it on update."""
+    saved = random_posterior.save(tmp_path / "lastblock")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = LastBlockPosterior.load(saved)
+        torch.set_num_threads(max(2, threads))
+        several = LastBlockPosterior.load(saved)
+    finally:
+        torch.set_num_threads(threads)
+    assert single.fingerprint == several.fingerprint == random_posterior.fingerprint
+    rounded = LastBlockPosterior(
+        {name: dataclasses.replace(layer, a_inv=layer.a_inv * (1 + 1e-12)) for name, layer in single.layers.items()},
+        single.scope, single.num_pairs, single.source, single.model)
+    assert rounded.fingerprint == single.fingerprint
 
 
 @pytest.fixture(scope="module")

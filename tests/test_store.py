@@ -156,8 +156,9 @@ def test_empty_index_and_errors(tmp_path):
     data = json.loads((tmp_path / "manifest.json").read_text())
     for old in (1, 99):
         (tmp_path / "manifest.json").write_text(json.dumps({**data, "format_version": old}))
-        with pytest.raises(ValueError, match=f"index format version {old}, this library reads version 2; "
-                                             "rebuild the index with .*--rebuild"):
+        with pytest.raises(ValueError, match=f"index format version {old}, this library reads version 2 "
+                                             r"\(and 3 with a last-block posterior\); rebuild the index "
+                                             "with .*--rebuild"):
             IndexReader.open(tmp_path)
 
 

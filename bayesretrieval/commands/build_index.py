@@ -160,10 +160,12 @@ def run(args: argparse.Namespace) -> int:
     lam = image_text_values(args.prior_precision, "--prior-precision")
     if not args.source.exists():
         raise CommandError(f"source not found: {args.source}")
+    if args.source.is_file() and str(args.lastblock or NONE).lower() != NONE:
+        raise CommandError("--lastblock needs an image folder: precomputed embeddings carry their own variance columns")
     fill_recorded_settings(args)
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
     posterior = resolve_posterior(args.posterior, args.model, pretrained, n, lam)
-    lastblock = _load_lastblock(args)
+    lastblock = None if args.source.is_file() else _load_lastblock(args)
     config = BuildConfig(batch_size=args.batch_size, workers=args.workers, faiss_factory=args.faiss_factory,
                          variance=args.variance, rebuild=args.rebuild, max_pixels=args.max_pixels,
                          force_posterior=args.force_posterior, allow_empty=args.allow_empty,
@@ -171,9 +173,6 @@ def run(args: argparse.Namespace) -> int:
                          ray_address=args.ray_address, ray_actors=args.ray_actors)
     try:
         if args.source.is_file():
-            if lastblock is not None:
-                raise CommandError("--lastblock needs an image folder: precomputed embeddings carry their own "
-                                   "variance columns")
             sha = file_sha256(pretrained) if pretrained and Path(pretrained).is_file() else None
             report = build_index_from_embeddings(
                 args.source, args.index_dir, posterior, ModelIdentity(args.model, pretrained, sha), config
@@ -189,12 +188,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _load_lastblock(args: argparse.Namespace):
     """The ``--lastblock`` posterior, or ``None`` for ``none``."""
-    from bayesretrieval.posterior.lastblock_posterior import LastBlockPosterior
+    from bayesretrieval.posterior.lastblock_posterior import METADATA_FILE, LastBlockPosterior
 
     if str(args.lastblock).lower() == NONE:
         return None
-    if not Path(args.lastblock).is_dir():
-        raise CommandError(f"--lastblock: no last-block posterior folder at {args.lastblock}")
+    if not (Path(args.lastblock) / METADATA_FILE).is_file():
+        raise CommandError(f"--lastblock: no last-block posterior at {args.lastblock} (no {METADATA_FILE}; "
+                           "write one with `bayesretrieval fit-posterior --lastblock`)")
     return LastBlockPosterior.load(args.lastblock)
 
 

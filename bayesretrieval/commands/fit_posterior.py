@@ -29,8 +29,10 @@ the last full chunk are left out. Encoding and curvature can run separately:
 
 --task-prior HELD_OUT chooses n and lambda (one factor each, shared by both towers) on
 held-out pairs by the retrieval likelihood instead of the evidence (docs/math.md
-section 14): a pairs table or folder as for --pairs, or an encoded-pairs file. The
-written posterior carries the chosen prior.
+section 14): a pairs table or folder as for --pairs (relative paths start from the
+table's own folder; the column options apply), or an encoded-pairs file. Pairs that need
+encoding are encoded with the model the posterior is fitted for. The written posterior
+carries the chosen prior.
 
 --lastblock mlp|mlp_attention fits, instead, a Kronecker-factored posterior over the
 image tower's last transformer block (its MLP, or MLP and attention output projection)
@@ -105,9 +107,10 @@ def _check_outputs(args: argparse.Namespace) -> None:
         given = [flag for flag, value in (("--encoded", args.encoded), ("--save-encoded", args.save_encoded),
                                           ("--bayesvlm-output", args.bayesvlm_output),
                                           ("--task-prior", args.task_prior)) if value is not None]
-        if given or args.encode_only:
-            raise CommandError(f"--lastblock fits from --pairs into --output only; drop "
-                               f"{', '.join(given) or '--encode-only'}")
+        if args.encode_only:
+            given.append("--encode-only")
+        if given:
+            raise CommandError(f"--lastblock fits from --pairs into --output only; drop {', '.join(given)}")
     if args.task_prior is not None and (args.encode_only or not args.task_prior.exists()):
         raise CommandError(f"--task-prior: {args.task_prior} not found" if not args.encode_only
                            else "--task-prior fits a posterior; it cannot go with --encode-only")
@@ -204,17 +207,19 @@ def _encoder(args: argparse.Namespace):
 
 def _task_prior(args: argparse.Namespace, posterior, metadata, encoder):
     """The posterior with ``n`` and ``lambda`` chosen on ``--task-prior``'s pairs; prints the choice."""
+    from bayesretrieval.encoders import ClipEncoder
     from bayesretrieval.posterior.fit import is_encoded_pairs, load_pairs
     from bayesretrieval.posterior.pairs import PairReader
     from bayesretrieval.posterior.task_prior import tune_prior
 
     held_out = args.task_prior
     if not is_encoded_pairs(held_out):
-        encoder = encoder or _encoder(args)
+        encoder = encoder or ClipEncoder.from_pretrained(metadata.model.model_name, metadata.model.pretrained,
+                                                         device=args.device)
         held_out = PairReader(held_out, args.image_column, args.caption_column, args.separator)
     try:
         held_metadata, pairs = load_pairs(held_out, encoder, args.batch_size, args.workers)
-        if held_metadata.model != metadata.model:
+        if not held_metadata.model.matches(metadata.model):
             raise CommandError(f"--task-prior pairs were encoded with {held_metadata.model.to_dict()}, the posterior "
                                f"was fitted for {metadata.model.to_dict()}")
         tuned, report = tune_prior(posterior, pairs, metadata.logit_scale)

@@ -78,7 +78,6 @@ class ScalarComputer:
         """
         if self.lastblock is not None:
             means, activations, factors = item_covariance(encoder, self.lastblock, pixels, self.variance)
-            means, activations = means.cpu(), activations.cpu()
             uncertainty = self.from_activations(means, activations)
             return means, activations, replace(uncertainty, variance_diag=factors.variance_diag,
                                                variance_lowrank=factors.variance_lowrank)

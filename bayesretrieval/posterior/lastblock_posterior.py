@@ -17,6 +17,7 @@ posterior's ``q Sigma_B``. The index stores ``S`` as ``diag`` or ``lowrank:R`` c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -94,14 +95,18 @@ class LastBlockPosterior:
         """``lambda``, shared by all layers."""
         return next(iter(self.layers.values())).prior_precision
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """sha256 over the scope, every layer's covariance factors and the prior (content identity)."""
+        """sha256 over what :meth:`save` writes: scope, raw factors, ``n`` and ``lambda`` (content identity).
+
+        The inverses are rebuilt on every load (their float rounding depends on threads and
+        device), so they are not hashed.
+        """
         digest = hashlib.sha256(self.scope.value.encode())
-        for name, layer in self.layers.items():
+        for name, (A, B) in self.raw_factors().items():
             digest.update(name.encode())
-            for matrix in (layer.a_inv, layer.output_cov):
-                digest.update(matrix.detach().cpu().contiguous().numpy().tobytes())
+            for factor in (A, B):
+                digest.update(factor.detach().cpu().contiguous().numpy().tobytes())
         digest.update(repr((self.pseudo_data_count, self.prior_precision)).encode())
         return digest.hexdigest()
 
@@ -154,7 +159,7 @@ def embedding_covariance(posterior: LastBlockPosterior, linearisation: HeadLinea
     total = None
     for name, layer in posterior.layers.items():
         scales = layer.activation_scale(linearisation.inputs[name])
-        jacobian = linearisation.jacobians[name].to(torch.float64)
+        jacobian = linearisation.jacobians[name].to(layer.output_cov.device, torch.float64)
         term = scales[:, None, None] * (jacobian @ layer.output_cov @ jacobian.transpose(1, 2))
         total = term if total is None else total + term
     return (total + total.transpose(1, 2)) / 2
@@ -233,8 +238,8 @@ def item_covariance(encoder: ClipEncoder, posterior: LastBlockPosterior, images:
     means, activations, parts = [], [], []
     for batch in images.split(batch_size):
         linearisation = head.linearise(head.inputs(batch))
-        means.append(linearisation.embeds.float())
-        activations.append(linearisation.inputs["proj"].float())
+        means.append(linearisation.embeds.float().cpu())
+        activations.append(linearisation.inputs["proj"].float().cpu())
         parts.append(covariance_factors(embedding_covariance(posterior, linearisation), variance))
     lowrank = None if parts[0].variance_lowrank is None else np.concatenate([p.variance_lowrank for p in parts])
     factors = CovarianceFactors(np.concatenate([p.variance_diag for p in parts]), lowrank)

@@ -12,6 +12,7 @@ task-level fit of two numbers, the Bayesian analogue of temperature scaling.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -37,12 +38,12 @@ def retrieval_log_likelihood(posterior: PosteriorPair, pairs: EncodedPairs, logi
         pairs: matched held-out pairs (row ``i`` of each side belongs together).
         logit_scale: ``s``.
         estimator: how ``E[cos]`` and ``Var[cos]`` are computed.
-        batch_size: pairs per softmax (the last batch may be smaller); bounds memory to
+        batch_size: most pairs per softmax; more pairs are split into the fewest
+            consecutive batches of near-equal size, which bounds memory to
             ``batch_size^2`` moments.
     """
-    totals = [len(part) * _batch_log_likelihood(posterior, part, logit_scale, estimator)
-              for part in (pairs.take(torch.arange(start, min(start + batch_size, len(pairs))))
-                           for start in range(0, len(pairs), batch_size))]
+    rows = torch.arange(len(pairs)).chunk(math.ceil(len(pairs) / batch_size))
+    totals = [len(part) * _batch_log_likelihood(posterior, pairs.take(part), logit_scale, estimator) for part in rows]
     return float(sum(totals) / len(pairs))
 
 
@@ -72,9 +73,9 @@ def tune_prior(posterior: PosteriorPair, pairs: EncodedPairs, logit_scale: float
 
     Returns:
         ``(posterior, report)``: the rebuilt pair (source marked ``task-prior``; its query
-        warning reference recomputed on up to :data:`REFERENCE_PAIRS` of ``pairs``, as the
-        old one described the old prior) and ``{"n_factor", "lambda_factor",
-        "log_likelihood", "evidence_log_likelihood", "grid"}``.
+        warning reference recomputed on a seeded uniform sample of at most
+        :data:`REFERENCE_PAIRS` of ``pairs``, as the old one described the old prior) and
+        ``{"n_factor", "lambda_factor", "log_likelihood", "evidence_log_likelihood", "grid"}``.
 
     Raises:
         ValueError: if the posterior has no raw curvature factors (BayesVLM-Base files) or
@@ -92,7 +93,8 @@ def tune_prior(posterior: PosteriorPair, pairs: EncodedPairs, logit_scale: float
             for fn in factors for fl in factors]
     best = max(grid, key=lambda cell: cell["log_likelihood"])
     tuned = _scaled(posterior, best["n_factor"], best["lambda_factor"])
-    reference = reference_percentiles(pairs.take(torch.arange(min(len(pairs), REFERENCE_PAIRS))), tuned)
+    sample = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))[:REFERENCE_PAIRS]
+    reference = reference_percentiles(pairs.take(sample), tuned)
     tuned = replace(tuned, source=f"{posterior.source} + task-prior", reference=reference)
     return tuned, {**best, "evidence_log_likelihood": evidence, "grid": grid}
 

@@ -301,6 +301,8 @@ def _check_same_collection(first: Searcher, other: Searcher) -> None:
     pairs = {
         "model": (first.reader.model.to_dict(), other.reader.model.to_dict()),
         "posterior": (first.posterior_fingerprint, other.posterior_fingerprint),
+        "last-block posterior": (first.reader.manifest.lastblock.get("fingerprint"),
+                                 other.reader.manifest.lastblock.get("fingerprint")),
         "estimator": (first.estimator.value, other.estimator.value),
         "covariance form": (first.form.value, other.form.value),
         "embedding dim": (first.reader.embed_dim, other.reader.embed_dim),

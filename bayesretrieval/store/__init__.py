@@ -1,6 +1,7 @@
 """The index directory: an on-disk contract that other tools and later versions read.
 
-Layout (``FORMAT_VERSION = 2``; other versions are refused with a hint to rebuild)::
+Layout (``FORMAT_VERSION = 2``, or ``LASTBLOCK_FORMAT_VERSION = 3`` when a last-block posterior
+gives the variance columns; other versions are refused with a hint to rebuild)::
 
     INDEX_DIR/
       manifest.json            points at the current version (replaced atomically)

@@ -13,6 +13,11 @@ import numpy as np
 import pyarrow as pa
 
 FORMAT_VERSION = 2
+LASTBLOCK_FORMAT_VERSION = 3
+"""Written instead of :data:`FORMAT_VERSION` when the variance columns come from a last-block
+posterior: a library that reads only version 2 would update such an index with the
+projection posterior's covariances and drop the record, so it must refuse it instead."""
+READ_FORMAT_VERSIONS = (FORMAT_VERSION, LASTBLOCK_FORMAT_VERSION)
 MANIFEST_FILE = "manifest.json"
 VERSIONS_DIR = "versions"
 WORK_DIR = "work"
@@ -219,9 +224,10 @@ class Manifest:
             ValueError: naming the found and the supported format version.
         """
         found = data.get("format_version")
-        if found != FORMAT_VERSION:
+        if found not in READ_FORMAT_VERSIONS:
             raise ValueError(
-                f"index format version {found}, this library reads version {FORMAT_VERSION}; "
+                f"index format version {found}, this library reads version {FORMAT_VERSION} "
+                f"(and {LASTBLOCK_FORMAT_VERSION} with a last-block posterior); "
                 "rebuild the index with `bayesretrieval build-index SRC INDEX --rebuild`"
             )
         names = cls.__dataclass_fields__

@@ -207,7 +207,7 @@ def _write_staging(staging, name, items, skipped, posterior, info) -> Manifest:
     norms = expected_norm(ItemScalars.from_table(items.scalars), trace_image)
     factory = info.faiss_factory or default_faiss_factory(len(items))
     manifest = Manifest(
-        format_version=fmt.FORMAT_VERSION,
+        format_version=fmt.FORMAT_VERSION if info.lastblock is None else fmt.LASTBLOCK_FORMAT_VERSION,
         library_version=__version__,
         version=name,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
