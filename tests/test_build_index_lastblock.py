@@ -155,6 +155,18 @@ def test_updates_keep_the_last_block_and_refuse_to_drop_it_silently(fitted, caps
         (gallery / "extra.png").unlink()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_last_block_build_on_the_gpu_equals_the_cpu_build(fitted, tmp_path):
+    root, _, gallery, model = fitted
+    common = [*model, "--workers", "0", "--no-progress", "--posterior", str(root / "projection"),
+              "--lastblock", str(root / "lastblock")]
+    assert cli.main(["build-index", str(gallery), str(tmp_path / "cpu"), *common]) == 0
+    assert cli.main(["build-index", str(gallery), str(tmp_path / "gpu"), *common, "--device", "cuda"]) == 0
+    cpu, gpu = IndexReader.open(tmp_path / "cpu"), IndexReader.open(tmp_path / "gpu")
+    np.testing.assert_allclose(gpu.means, cpu.means, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(gpu.variance_diag, cpu.variance_diag, rtol=1e-3, atol=1e-8)
+
+
 def test_shards_with_and_without_a_last_block_are_not_searched_together(fitted, tmp_path):
     root, checkpoint, gallery, model = fitted
     common = [*model, "--workers", "0", "--no-progress", "--posterior", str(root / "projection"), "--variance", "diag"]
