@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from reference import random_spd
 
-from bayesretrieval.encoders import Encoded, ModelIdentity, register_model_configs
+from bayesretrieval.encoders import ClipEncoder, Encoded, ModelIdentity, register_model_configs
 from bayesretrieval.indexing.scalars import ScalarComputer
 from bayesretrieval.options import TINY_MODEL
 from bayesretrieval.posterior import KroneckerPosterior, PosteriorPair
@@ -64,6 +64,24 @@ def save_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     torch.save(open_clip.create_model(TINY_MODEL).state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A module's tiny checkpoint on disk (servers in other processes load the same weights)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def encoder(checkpoint) -> ClipEncoder:
+    """The tiny model of :func:`checkpoint` (a module needing another model defines its own ``encoder``)."""
+    return ClipEncoder.from_pretrained(TINY_MODEL, checkpoint)
+
+
+@pytest.fixture(scope="module")
+def posterior(encoder) -> PosteriorPair:
+    """A random posterior for :func:`encoder`'s 64-dimensional projections, naming its weights."""
+    return random_posterior(64, 64, model=encoder.identity)
 
 
 RED, BLUE = (220, 20, 20), (20, 20, 220)

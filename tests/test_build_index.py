@@ -3,14 +3,13 @@
 import argparse
 import os
 from dataclasses import replace
-from pathlib import Path
 
 import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import make_bad_corpus, random_posterior, save_tiny_checkpoint, write_images
+from conftest import make_bad_corpus, random_posterior, write_images
 from PIL import Image
 
 from bayesretrieval.encoders import ClipEncoder
@@ -20,21 +19,6 @@ from bayesretrieval.similarity import side_statistics
 from bayesretrieval.store import FORMAT_VERSION, SCALAR_COLUMNS, IndexReader
 
 D = 64
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
-
-
-@pytest.fixture(scope="module")
-def encoder(checkpoint) -> ClipEncoder:
-    return ClipEncoder.from_pretrained(TINY_MODEL, checkpoint)
-
-
-@pytest.fixture(scope="module")
-def posterior(encoder):
-    return random_posterior(D, 64, model=encoder.identity)
 
 
 def fast(**kwargs) -> BuildConfig:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import _png_header_only, random_posterior, save_tiny_checkpoint, write_images
+from conftest import _png_header_only, write_images
 from PIL import Image
 from servers import build, http, running_server
 
@@ -24,10 +24,9 @@ pytest.importorskip("httpx", reason="the test extra lacks httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from bayesretrieval.cli import main  # noqa: E402
-from bayesretrieval.encoders import ClipEncoder  # noqa: E402
 from bayesretrieval.indexing import BuildConfig, build_index  # noqa: E402
 from bayesretrieval.indexing.scalars import ScalarComputer  # noqa: E402
-from bayesretrieval.options import MAX_UPLOAD_BYTES, SERVE_TOKEN_ENV, TINY_MODEL  # noqa: E402
+from bayesretrieval.options import MAX_UPLOAD_BYTES, SERVE_TOKEN_ENV  # noqa: E402
 from bayesretrieval.queries import ItemFilter, Searcher  # noqa: E402
 from bayesretrieval.queries.audit import audit_index  # noqa: E402
 from bayesretrieval.queries.searcher import RESULT_COLUMNS  # noqa: E402
@@ -39,21 +38,6 @@ from bayesretrieval.store.format import SKIPPED_SCHEMA  # noqa: E402
 D = 64
 TOKEN = "s3cret-token-for-tests-0123456789"
 NAMES = [f"{folder}/img{i}.png" for folder in ("cats", "dogs") for i in range(4)]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
-
-
-@pytest.fixture(scope="module")
-def encoder(checkpoint):
-    return ClipEncoder.from_pretrained(TINY_MODEL, checkpoint)
-
-
-@pytest.fixture(scope="module")
-def posterior(encoder):
-    return random_posterior(D, 64, model=encoder.identity)
 
 
 @pytest.fixture(scope="module")

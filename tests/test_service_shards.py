@@ -12,7 +12,7 @@ import urllib.request
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import random_posterior, save_tiny_checkpoint, write_images
+from conftest import write_images
 from PIL import Image
 from servers import build, http, running_server
 
@@ -22,8 +22,7 @@ pytest.importorskip("httpx", reason="the test extra lacks httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 from test_service import assert_json_error, write_crafted_index  # noqa: E402
 
-from bayesretrieval.encoders import ClipEncoder  # noqa: E402
-from bayesretrieval.options import HIGH_UNCERTAINTY_PERCENTILE, TINY_MODEL  # noqa: E402
+from bayesretrieval.options import HIGH_UNCERTAINTY_PERCENTILE  # noqa: E402
 from bayesretrieval.queries import SHARDED_RESULT_COLUMNS, Searcher, ShardedSearcher, audit_index  # noqa: E402
 from bayesretrieval.service.app import create_app  # noqa: E402
 
@@ -31,16 +30,6 @@ D = 64
 SHARD_NAMES = [[f"{folder}/a{i}.png" for folder in ("cats", "dogs") for i in range(3)],
                [f"birds/b{i}.png" for i in range(4)]]
 QUERIES = ["a red circle", "a dog"]
-
-
-@pytest.fixture(scope="module")
-def encoder(tmp_path_factory):
-    return ClipEncoder.from_pretrained(TINY_MODEL, save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt"))
-
-
-@pytest.fixture(scope="module")
-def posterior(encoder):
-    return random_posterior(D, 64, model=encoder.identity)
 
 
 @pytest.fixture(scope="module")

@@ -23,16 +23,6 @@ SCORE_RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory) -> ClipEncoder:
-    return ClipEncoder.from_pretrained(TINY_MODEL, save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "t.pt"))
-
-
-@pytest.fixture(scope="module")
-def posterior(encoder):
-    return random_posterior(D, 64, model=encoder.identity)
-
-
-@pytest.fixture(scope="module")
 def built(tmp_path_factory, encoder, posterior):
     """``(union_index, [shard_index, ...], image_root)``: one build per folder, one over all of them."""
     root = tmp_path_factory.mktemp("sharded")
