@@ -43,6 +43,11 @@ def image_text_values(values: list[float] | None, name: str) -> float | tuple[fl
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def pretrained_tag(value: str) -> str | None:
+    """``--pretrained``'s value for open_clip: ``None`` (random weights) for ``none``, else the tag or path."""
+    return None if str(value).lower() == "none" else value
+
+
 def format_frame(frame, output_format: str, header: dict, records: str, table: Callable, empty: str) -> str:
     """A command's result table as JSON (``{**header, records: [...]}``), CSV, or readable text.
 

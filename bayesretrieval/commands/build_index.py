@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from bayesretrieval.cli import CommandError, image_text_values
+from bayesretrieval.cli import CommandError, image_text_values, pretrained_tag
 from bayesretrieval.options import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRETRAINED, BuildEngine, default_workers
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ def fill_recorded_settings(args: argparse.Namespace) -> None:
             published = None  # another format version: the build reports it
         if published is not None:
             folder, manifest, _ = published
-            recorded = {"model": manifest.model["model_name"], "pretrained": manifest.model.get("pretrained") or "none",
+            recorded = {"model": manifest.model["model_name"], "pretrained": manifest.model.get("pretrained") or NONE,
                         "posterior": str(folder / fmt.POSTERIOR_DIR), "variance": manifest.variance,
                         "store_activations": manifest.has_activations,
                         "lastblock": str(folder / fmt.LASTBLOCK_DIR) if manifest.lastblock else NONE}
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     if args.source.is_file() and str(args.lastblock or NONE).lower() != NONE:
         raise CommandError("--lastblock needs an image folder: precomputed embeddings carry their own variance columns")
     fill_recorded_settings(args)
-    pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
+    pretrained = pretrained_tag(args.pretrained)
     posterior = resolve_posterior(args.posterior, args.model, pretrained, n, lam)
     lastblock = None if args.source.is_file() else _load_lastblock(args)
     config = BuildConfig(batch_size=args.batch_size, workers=args.workers, faiss_factory=args.faiss_factory,

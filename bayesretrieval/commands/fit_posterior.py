@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bayesretrieval.cli import CommandError, image_text_values
+from bayesretrieval.cli import CommandError, image_text_values, pretrained_tag
 from bayesretrieval.options import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MODEL,
@@ -201,8 +201,7 @@ def _fit_lastblock(args: argparse.Namespace, encoder, reader) -> int:
 def _encoder(args: argparse.Namespace):
     from bayesretrieval.encoders import ClipEncoder
 
-    pretrained = None if args.pretrained.lower() == "none" else args.pretrained
-    return ClipEncoder.from_pretrained(args.model, pretrained, device=args.device)
+    return ClipEncoder.from_pretrained(args.model, pretrained_tag(args.pretrained), device=args.device)
 
 
 def _task_prior(args: argparse.Namespace, posterior, metadata, encoder):

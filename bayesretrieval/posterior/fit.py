@@ -272,7 +272,7 @@ def load_pairs(pairs: PairReader | str | Path, encoder: ClipEncoder | None = Non
         metadata = EncodedMetadata.from_encoder(encoder, reader.name)
         parts = list(iter_encoded(encoder, reader, batch_size, num_workers))
         name = f"{reader.path} ({_skip_note(reader)})"
-    if not parts or sum(len(p) for p in parts) == 0:
+    if sum(len(p) for p in parts) == 0:
         raise ValueError(f"{name}: no readable pairs")
     return metadata, EncodedPairs.concat(parts)
 

@@ -53,14 +53,7 @@ def posterior_for_model(posterior: PosteriorPair, model: ModelIdentity, force: b
     Raises:
         PosteriorMismatchError: naming both identities, unless ``force``.
     """
-    problem = _problem(posterior, model)
-    if problem is None:
-        return dataclasses.replace(posterior, model=model)
-    if not force:
-        raise PosteriorMismatchError(f"{problem}; fit a posterior for these weights "
-                                     f"(`bayesretrieval fit-posterior`) or {FORCE_HINT}")
-    logger.warning("%s; used anyway because it was forced", problem)
-    return dataclasses.replace(posterior, model=model, source=f"{posterior.source} (forced)")
+    return _bound(posterior, _problem(posterior, model), model, force, "`bayesretrieval fit-posterior`")
 
 
 def lastblock_for_model(lastblock: LastBlockPosterior, model: ModelIdentity,
@@ -70,16 +63,26 @@ def lastblock_for_model(lastblock: LastBlockPosterior, model: ModelIdentity,
     Raises:
         PosteriorMismatchError: if it names other weights or none, unless ``force``.
     """
-    if lastblock.model is not None and lastblock.model.matches(model):
-        return dataclasses.replace(lastblock, model=model)
-    fitted_for = describe_model(lastblock.model) if lastblock.model is not None else "unknown weights"
-    problem = (f"last-block posterior {lastblock.source} was fitted for {fitted_for}, "
-               f"the model is {describe_model(model)}")
+    problem = None
+    if lastblock.model is None or not lastblock.model.matches(model):
+        fitted_for = describe_model(lastblock.model) if lastblock.model is not None else "unknown weights"
+        problem = (f"last-block posterior {lastblock.source} was fitted for {fitted_for}, "
+                   f"the model is {describe_model(model)}")
+    return _bound(lastblock, problem, model, force, "`bayesretrieval fit-posterior --lastblock`")
+
+
+def _bound(fitted, problem: str | None, model: ModelIdentity, force: bool, fit_command: str):
+    """``fitted`` (a posterior with ``model`` and ``source`` fields) bound to ``model``, or refused.
+
+    Raises:
+        PosteriorMismatchError: naming ``problem`` and how to fit one, unless ``force``.
+    """
+    if problem is None:
+        return dataclasses.replace(fitted, model=model)
     if not force:
-        raise PosteriorMismatchError(f"{problem}; fit one for these weights (`bayesretrieval fit-posterior "
-                                     f"--lastblock`) or {FORCE_HINT}")
+        raise PosteriorMismatchError(f"{problem}; fit a posterior for these weights ({fit_command}) or {FORCE_HINT}")
     logger.warning("%s; used anyway because it was forced", problem)
-    return dataclasses.replace(lastblock, model=model, source=f"{lastblock.source} (forced)")
+    return dataclasses.replace(fitted, model=model, source=f"{fitted.source} (forced)")
 
 
 def _problem(posterior: PosteriorPair, model: ModelIdentity) -> str | None:

@@ -25,7 +25,7 @@ from bayesretrieval.similarity import DEFAULT_ESTIMATOR, CosineEstimator, cosine
 DEFAULT_FACTORS = tuple(float(f) for f in np.geomspace(1e-4, 1e4, 17))
 """Multipliers of the posterior's own ``n`` and ``lambda`` searched (each axis)."""
 DEFAULT_BATCH = 2048
-"""Pairs per softmax batch: the likelihood is averaged over consecutive batches of this many pairs."""
+"""Most pairs per softmax batch: more pairs are split into the fewest near-equal consecutive batches."""
 
 
 def retrieval_log_likelihood(posterior: PosteriorPair, pairs: EncodedPairs, logit_scale: float,
